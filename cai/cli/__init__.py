@@ -1,0 +1,19 @@
+"""The `cai` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from cai.cli import constitution, generate
+
+app = typer.Typer(
+    help="Constitutional AI: constitutions -> critique/revision SFT data, AI-judged preferences, trained models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(constitution.app, name="constitution")
+app.add_typer(generate.app, name="generate")
+
+
+def main() -> None:
+    app()

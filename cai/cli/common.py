@@ -1,0 +1,53 @@
+"""Options and error handling shared by the CLI commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cai.constitution import ConstitutionError
+from cai.recipe import EngineSpec
+from cai.sources import SourceError
+from cai.store import JobError
+
+err_console = Console(stderr=True)
+
+ConstitutionOpt = Annotated[
+    str, typer.Option(help="constitution YAML file, FILE@GIT_REV, or a name under constitutions/")
+]
+EngineOpt = Annotated[
+    str, typer.Option(help="auto (vllm if installed, else transformers), vllm, transformers, openai")
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(help="model folder or served model name; default: embedded SmolLM2-135M-Instruct"),
+]
+
+
+def engine_spec(backend: str, model: str | None, options: list[str] | None) -> EngineSpec:
+    """Build an EngineSpec from CLI flags; `--engine-option k=v` values are parsed as JSON when they can be."""
+    parsed: dict[str, object] = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--engine-option {item!r}: expected KEY=VALUE, e.g. base_url=http://127.0.0.1:8000/v1")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return EngineSpec(backend=backend, model=model, options=parsed)
+
+
+@contextmanager
+def fail_on_user_error() -> Iterator[None]:
+    """Turn errors caused by input into a one-line message and exit code 2, without a traceback."""
+    try:
+        yield
+    except (ConstitutionError, SourceError, JobError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None

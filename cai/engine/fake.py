@@ -1,0 +1,71 @@
+"""A scripted engine for unit tests only. It is never a default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from cai.engine.base import ChoiceScores
+from cai.records import Chat, Completion, ModelRef, SamplingParams
+
+Responder = Callable[[Chat, SamplingParams], "str | Completion"]
+Chooser = Callable[[Chat, Sequence[str], str], "dict[str, float] | ChoiceScores"]
+
+
+def echo_responder(chat: Chat, params: SamplingParams) -> str:
+    return f"reply to: {chat[-1].content[:40]}"
+
+
+class FakeEngine:
+    """Answers with `responder(chat, params)`; records every batch it was handed."""
+
+    backend = "fake"
+
+    def __init__(
+        self,
+        responder: Responder = echo_responder,
+        chooser: Chooser | None = None,
+        model_id: str = "fake-model",
+    ):
+        self.responder = responder
+        self.chooser = chooser
+        self.model = ModelRef(id=model_id, revision="0", engine=self.backend)
+        self.batches: list[list[Chat]] = []
+        self.choice_batches: list[list[Chat]] = []
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
+        self.batches.append(list(chats))
+        return [self._complete(chat, params) for chat in chats]
+
+    def _complete(self, chat: Chat, params: SamplingParams) -> Completion:
+        out = self.responder(chat, params)
+        if isinstance(out, Completion):
+            return out
+        words = out.split()
+        if len(words) > params.max_tokens:
+            return Completion(
+                text=" ".join(words[: params.max_tokens]),
+                finish_reason="length",
+                prompt_tokens=sum(len(m.content.split()) for m in chat),
+                completion_tokens=params.max_tokens,
+            )
+        return Completion(
+            text=out,
+            finish_reason="stop",
+            prompt_tokens=sum(len(m.content.split()) for m in chat),
+            completion_tokens=len(words),
+        )
+
+    def choice_logprobs(
+        self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
+    ) -> list[ChoiceScores]:
+        if self.chooser is None:
+            raise NotImplementedError("FakeEngine needs a chooser to score options")
+        self.choice_batches.append(list(chats))
+        results = []
+        for chat in chats:
+            out = self.chooser(chat, options, prefix)
+            results.append(out if isinstance(out, ChoiceScores) else ChoiceScores(logprobs=out))
+        return results
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,141 @@
+"""The job directory: manifest, append-only shards, resume.
+
+    DIR/manifest.json         resolved recipe + fingerprint of everything that changes output
+    DIR/shards/STAGE-N.jsonl  one line per input id per stage, written to a temp name then renamed
+    DIR/.lock                 held while a process works on the job
+
+A shard becomes visible only whole (rename is atomic), so a killed process loses
+at most the batch it was generating and never leaves a half record behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from cai import __version__
+from cai.records import sha256_text, utc_now
+
+
+class JobError(RuntimeError):
+    """A job directory cannot be used as asked; the message says what to do."""
+
+
+class Manifest(BaseModel):
+    stage: str
+    fingerprint: str
+    fingerprint_inputs: dict[str, Any]
+    recipe: dict[str, Any]
+    cai_version: str = __version__
+    created_at: str = Field(default_factory=utc_now)
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    return sha256_text(json.dumps(inputs, sort_keys=True, default=str))[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_lines(path, [text])
+
+
+def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Write to a temp file beside `path`, fsync, rename. Errors (disk full...) propagate."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+class JobStore:
+    """One job directory. Use `JobStore.open(...)` as a context manager."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+        self.shards = root / "shards"
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def open(cls, root: str | Path, manifest: Manifest) -> JobStore:
+        """Create the job, or reopen it to resume. A different fingerprint is refused."""
+        root = Path(root)
+        path = root / "manifest.json"
+        if path.exists():
+            existing = Manifest.model_validate_json(path.read_text())
+            if existing.fingerprint != manifest.fingerprint:
+                changed = _changed_keys(existing.fingerprint_inputs, manifest.fingerprint_inputs)
+                raise JobError(
+                    f"{root} holds a job made with different settings (changed: {', '.join(changed)}). "
+                    "Rows of two settings are never mixed: choose another --out, or pass --new-job "
+                    "to start a fresh job directory beside it."
+                )
+            manifest = existing
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")
+        store = cls(root, manifest)
+        store.shards.mkdir(exist_ok=True)
+        return store
+
+    def __enter__(self) -> JobStore:
+        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise JobError(f"{self.root} is being worked on by another process; wait for it or stop it")
+        for stale in self.shards.glob(".*.tmp-*"):
+            stale.unlink()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def shard_paths(self, stage: str) -> list[Path]:
+        return sorted(self.shards.glob(f"{stage}-*.jsonl"))
+
+    def read(self, stage: str) -> Iterator[dict[str, Any]]:
+        """Every record of a stage, streamed shard by shard."""
+        for shard in self.shard_paths(stage):
+            with open(shard, encoding="utf-8") as f:
+                for line in f:
+                    yield json.loads(line)
+
+    def done_ids(self, stage: str) -> set[str]:
+        return {row["id"] for row in self.read(stage)}
+
+    def append(self, stage: str, records: Iterable[BaseModel]) -> Path:
+        """Write one shard for a finished batch; visible only once complete."""
+        existing = self.shard_paths(stage)
+        index = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
+        path = self.shards / f"{stage}-{index:06d}.jsonl"
+        atomic_write_lines(path, (r.model_dump_json() + "\n" for r in records))
+        return path
