@@ -21,6 +21,8 @@ from pydantic_core import PydanticCustomError
 
 from cai.records import ConstitutionRef, sha256_text
 
+CONSTITUTIONS_DIR = Path(__file__).resolve().parents[1] / "constitutions"
+
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Slug = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")]
 SemVer = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)){2}$")]
@@ -148,9 +150,19 @@ def _git_commit_of_working_file(path: Path) -> str | None:
 def _split_spec(spec: str | Path) -> tuple[Path, str | None]:
     text = str(spec)
     if isinstance(spec, Path) or Path(text).exists() or "@" not in text:
-        return Path(text), None
+        return _named(Path(text)), None
     path, rev = text.rsplit("@", 1)
     return Path(path), rev
+
+
+def _named(path: Path) -> Path:
+    """A bare name like `harmless` means constitutions/harmless.yaml (here, or in cai's checkout)."""
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    for folder in (Path.cwd() / "constitutions", CONSTITUTIONS_DIR):
+        if (folder / f"{path}.yaml").is_file():
+            return folder / f"{path}.yaml"
+    return path
 
 
 # --- reading
@@ -394,77 +406,3 @@ def sample_principle(constitution: Constitution | LoadedConstitution, seed: int,
 
 
 # --- diff
-
-class FieldChange(BaseModel):
-    field: str
-    old: str
-    new: str
-
-
-class PrincipleChange(BaseModel):
-    id: str
-    changes: list[FieldChange]
-
-
-class TagChange(BaseModel):
-    id: str
-    added: list[str]
-    removed: list[str]
-
-
-class ConstitutionDiff(BaseModel):
-    old: ConstitutionRef
-    new: ConstitutionRef
-    added: list[str] = []
-    removed: list[str] = []
-    reworded: list[PrincipleChange] = []
-    retagged: list[TagChange] = []
-    metadata: list[FieldChange] = []  # name / description changes
-    reordered: bool = False
-
-    @property
-    def empty(self) -> bool:
-        return self.old.sha256 == self.new.sha256
-
-
-_WORDING = ("critique_request", "revision_request", "comparison_question")
-
-
-def _change(old: BaseModel, new: BaseModel, field: str) -> FieldChange:
-    def text(model: BaseModel) -> str:
-        value = getattr(model, field)
-        return value if isinstance(value, str) else json.dumps([v.model_dump() for v in value], ensure_ascii=False)
-    return FieldChange(field=field, old=text(old), new=text(new))
-
-
-def _principle_changes(old: Principle, new: Principle) -> list[FieldChange]:
-    changes = [_change(old, new, f) for f in _WORDING if getattr(old, f) != getattr(new, f)]
-    if old.examples != new.examples:
-        changes.append(_change(old, new, "examples"))
-    return changes
-
-
-def diff_constitutions(old: LoadedConstitution, new: LoadedConstitution) -> ConstitutionDiff:
-    """Principle-level diff: added / removed ids, reworded fields, tag changes, metadata."""
-    a, b = old.constitution, new.constitution
-    old_by_id, new_by_id = {p.id: p for p in a.principles}, {p.id: p for p in b.principles}
-    diff = ConstitutionDiff(
-        old=old.ref,
-        new=new.ref,
-        added=[i for i in b.ids if i not in old_by_id],
-        removed=[i for i in a.ids if i not in new_by_id],
-        metadata=[_change(a, b, f) for f in ("name", "description") if getattr(a, f) != getattr(b, f)],
-    )
-    common = [i for i in b.ids if i in old_by_id]
-    diff.reordered = common != [i for i in a.ids if i in new_by_id]
-    for pid in common:
-        before, after = old_by_id[pid], new_by_id[pid]
-        if changes := _principle_changes(before, after):
-            diff.reworded.append(PrincipleChange(id=pid, changes=changes))
-        if before.tags != after.tags:
-            diff.retagged.append(TagChange(
-                id=pid,
-                added=[t for t in after.tags if t not in before.tags],
-                removed=[t for t in before.tags if t not in after.tags],
-            ))
-    return diff

@@ -15,11 +15,11 @@ import yaml
 from typer.testing import CliRunner
 
 from cai.cli.constitution import app as constitution_app
+from cai.constitution_diff import diff_constitutions
 from cai.constitution import (
     Constitution,
     ConstitutionError,
     Principle,
-    diff_constitutions,
     load_constitution,
     sample_principle,
     validate_constitution,

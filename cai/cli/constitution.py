@@ -9,14 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cai.constitution import (
-    ConstitutionDiff,
-    ConstitutionError,
-    LoadedConstitution,
-    diff_constitutions,
-    load_constitution,
-    validate_constitution,
-)
+from cai.constitution import ConstitutionError, LoadedConstitution, load_constitution, validate_constitution
+from cai.constitution_diff import ConstitutionDiff, diff_constitutions
 
 app = typer.Typer(
     help="Check, inspect and compare constitution files. FILE may be a path or path@REV (a git revision).",
