@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -18,11 +19,24 @@ from cai.engine.models import model_display_id, model_revision, resolve_model
 from cai.export import SFTExportStats, export_sft
 from cai.prompts import PHASE1_TEMPLATE_HASH
 from cai.recipe import EngineSpec, SFTJob
-from cai.records import ModelRef, SourcePrompt
+from cai.records import ErrorCode, ErrorInfo, ModelRef, SFTRecord, SourcePrompt
 from cai.sources import BUNDLED, BUNDLED_DIR, read_prompts
-from cai.store import JobStore, Manifest, fingerprint
+from cai.store import JobError, JobStore, Manifest, fingerprint
 
 PHASE1_CODE_VERSION = "1"
+T = TypeVar("T")
+
+
+class JobRecord(Protocol):
+    """What the batch runner needs of a stage's record (SFTRecord, PreferenceRecord, ...)."""
+
+    id: str
+    error: ErrorInfo | None
+
+    @property
+    def generated_tokens(self) -> int: ...
+
+    def model_dump_json(self) -> str: ...
 
 
 class Phase1Summary(BaseModel):
@@ -72,19 +86,64 @@ def build_engine(spec: EngineSpec) -> Engine:
     return make_engine(spec.backend, spec.model, **spec.options)
 
 
-def _unique_new(
-    prompts: Iterator[SourcePrompt], done: set[str], counts: dict[str, int]
-) -> Iterator[SourcePrompt]:
-    """Drop exact duplicates (same conversation -> same record id) and finished prompts."""
+class EngineDown(RuntimeError):
+    """Every request of a batch failed for the backend: the job stops instead of writing error rows."""
+
+
+class BatchRun(BaseModel):
+    done_before: int = 0
+    done_now: int = 0
+    duplicates: int = 0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+
+def _unique(items: Iterable[T], key: Callable[[T], str], run: BatchRun | None = None) -> Iterator[tuple[str, T]]:
+    """(id, item) for each first occurrence; exact duplicates (same id) are merged and counted."""
     seen: set[str] = set()
-    for prompt in prompts:
-        record_id = phase1_id(prompt)
-        if record_id in seen:
-            counts["duplicates"] += 1
+    for item in items:
+        item_id = key(item)
+        if item_id in seen:
+            if run is not None:
+                run.duplicates += 1
             continue
-        seen.add(record_id)
-        if record_id not in done:
-            yield prompt
+        seen.add(item_id)
+        yield item_id, item
+
+
+def run_batches(
+    store: JobStore,
+    stage: str,
+    items: Callable[[], Iterable[T]],
+    key: Callable[[T], str],
+    process: Callable[[list[T]], Sequence[JobRecord]],
+    batch_size: int,
+    progress: ProgressHook | None = None,
+) -> BatchRun:
+    """Stream items in batches, skip ids already in the store, process, append one shard per batch.
+
+    `items` is called twice (a counting pass for progress, then the work), so nothing
+    holds the whole input in memory. A batch whose every row is BACKEND_UNAVAILABLE
+    raises EngineDown and is not written, so a rerun does it again.
+    """
+    done = store.done_ids(stage)
+    run = BatchRun(done_before=len(done))
+    if progress:
+        progress("total", sum(1 for item_id, _ in _unique(items(), key) if item_id not in done))
+    todo = (item for item_id, item in _unique(items(), key, run) if item_id not in done)
+    while batch := list(itertools.islice(todo, batch_size)):
+        t0 = time.perf_counter()
+        records = process(batch)
+        run.generation_seconds += time.perf_counter() - t0
+        codes = {r.error.code if r.error else None for r in records}
+        if codes == {ErrorCode.BACKEND_UNAVAILABLE}:
+            raise EngineDown(f"every request of a batch failed: {records[0].error.message}")
+        store.append(stage, records)
+        run.done_now += len(records)
+        run.generated_tokens += sum(r.generated_tokens for r in records)
+        if progress:
+            progress("done", len(records))
+    return run
 
 
 def phase1_manifest(job: SFTJob, constitution_ref, model: ModelRef) -> Manifest:
@@ -117,34 +176,45 @@ def generate_sft(
     constitution = load_constitution(job.constitution)
     model = engine.model if engine is not None else engine_model_ref(job.engine)
     manifest = phase1_manifest(job, constitution.ref, model)
-    counts = {"duplicates": 0, "done": 0, "tokens": 0}
-    generation_seconds = 0.0
-    with _open_store(job, manifest) as store:
-        done = store.done_ids("sft")
-        todo = list(_unique_new(read_prompts(job.prompts, limit=job.limit), done, counts))
-        if progress:
-            progress("total", len(todo))
-        if todo and engine is None:
-            engine = build_engine(job.engine)
+    engines: list[Engine] = [engine] if engine is not None else []
+
+    def process(batch: list[SourcePrompt]) -> list[SFTRecord]:
+        if not engines:
+            engines.append(build_engine(job.engine))
         hook = (lambda name, n: progress(f"step {name}", n)) if progress else None
-        for start in range(0, len(todo), job.batch_size):
-            batch = todo[start : start + job.batch_size]
-            t0 = time.perf_counter()
-            records = run_phase1(batch, constitution, engine, job.phase1, on_step=hook)
-            generation_seconds += time.perf_counter() - t0
-            store.append("sft", records)
-            counts["done"] += len(records)
-            counts["tokens"] += sum(s.completion_tokens for r in records for s in r.trajectory)
-            if progress:
-                progress("done", len(records))
+        return run_phase1(batch, constitution, engines[0], job.phase1, on_step=hook)
+
+    with _open_store(job, manifest) as store:
+        prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
+        run = run_batches(store, "sft", prompts, phase1_id, process, job.batch_size, progress)
         stats = export_sft(store)
     return Phase1Summary(
         out=str(store.root),
-        done_before=len(done),
-        done_now=counts["done"],
-        duplicates_merged=counts["duplicates"],
+        done_before=run.done_before,
+        done_now=run.done_now,
+        duplicates_merged=run.duplicates,
         export=stats,
-        generated_tokens_now=counts["tokens"],
-        generation_seconds=generation_seconds,
+        generated_tokens_now=run.generated_tokens,
+        generation_seconds=run.generation_seconds,
         wall_seconds=time.perf_counter() - started,
     )
+
+
+def read_manifest(job_dir: str | Path) -> Manifest:
+    path = Path(job_dir) / "manifest.json"
+    if not path.is_file():
+        raise JobError(f"{job_dir} is not a job directory (no manifest.json)")
+    return Manifest.model_validate_json(path.read_text())
+
+
+def retry_errors(
+    job_dir: str | Path, engine: Engine | None = None, progress: ProgressHook | None = None
+) -> tuple[dict[str, int], Phase1Summary]:
+    """Drop a job's error rows and resume it, so only those inputs are generated again."""
+    manifest = read_manifest(job_dir)
+    if manifest.stage != "sft":
+        raise JobError(f"{job_dir}: retry-errors does not handle stage {manifest.stage!r} yet")
+    job = SFTJob.model_validate({**manifest.recipe, "out": str(job_dir), "new_job": False})
+    with JobStore.open(job_dir, manifest) as store:
+        dropped = store.drop_errors(manifest.stage)
+    return dropped, generate_sft(job, engine=engine, progress=progress)

@@ -122,8 +122,8 @@ class SFTRecord(BaseModel):
     error: ErrorInfo | None = None
 
     @property
-    def ok(self) -> bool:
-        return self.error is None
+    def generated_tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.trajectory)
 
 
 def utc_now() -> str:

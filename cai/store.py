@@ -132,6 +132,26 @@ class JobStore:
     def done_ids(self, stage: str) -> set[str]:
         return {row["id"] for row in self.read(stage)}
 
+    def drop_errors(self, stage: str) -> dict[str, int]:
+        """Remove error rows from the shards (each shard rewritten atomically), so a resume redoes them.
+
+        A kill between two shard rewrites only leaves some error rows in place for the next call.
+        """
+        dropped: dict[str, int] = {}
+        for shard in self.shard_paths(stage):
+            lines = shard.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep = [line for line in lines if json.loads(line).get("error") is None]
+            if len(keep) == len(lines):
+                continue
+            for line in lines:
+                if (error := json.loads(line).get("error")) is not None:
+                    dropped[error["code"]] = dropped.get(error["code"], 0) + 1
+            if keep:
+                atomic_write_lines(shard, keep)
+            else:
+                shard.unlink()
+        return dropped
+
     def append(self, stage: str, records: Iterable[BaseModel]) -> Path:
         """Write one shard for a finished batch; visible only once complete."""
         existing = self.shard_paths(stage)

@@ -162,3 +162,52 @@ def test_max_tokens_is_set_on_every_request(tmp_path):
     generate_sft(make_job(tmp_path, prompts), engine=FakeEngine(responder))
     assert seen and all(p.max_tokens >= 1 for p in seen)
     assert {p.max_tokens for p in seen} == {256, 192}
+
+
+def test_retry_errors_redoes_only_error_rows(tmp_path):
+    from cai.pipeline import retry_errors
+
+    prompts = write_prompts(tmp_path / "p.jsonl", ["ok1", "flaky", "ok2"])
+
+    def flaky(chat, params):
+        if chat[0].content == "flaky" and len(chat) == 1:
+            return Completion(finish_reason="error", error={"code": "backend_unavailable", "message": "503"})
+        return scripted(chat, params)
+
+    first = generate_sft(make_job(tmp_path, prompts), engine=FakeEngine(flaky))
+    assert first.export.errors == {"backend_unavailable": 1}
+    engine = FakeEngine(scripted)
+    dropped, second = retry_errors(first.out, engine=engine)
+    assert dropped == {"backend_unavailable": 1}
+    assert len(engine.batches[0]) == 1 and engine.batches[0][0][0].content == "flaky"
+    assert second.export.rows == 3 and second.export.errors == {}
+    rows = [json.loads(l) for p in (Path(first.out) / "shards").glob("*.jsonl") for l in p.open()]
+    assert sorted(r["prompt"][0]["content"] for r in rows) == ["flaky", "ok1", "ok2"]
+
+
+def test_dead_engine_stops_the_job_without_writing_error_rows(tmp_path):
+    from cai.pipeline import EngineDown
+
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a", "b"])
+    dead = FakeEngine(
+        lambda chat, params: Completion(
+            finish_reason="error", error={"code": "backend_unavailable", "message": "connection refused"}
+        )
+    )
+    with pytest.raises(EngineDown, match="connection refused"):
+        generate_sft(make_job(tmp_path, prompts), engine=dead)
+    assert list((tmp_path / "job" / "shards").glob("*.jsonl")) == []
+    summary = generate_sft(make_job(tmp_path, prompts), engine=FakeEngine(scripted))
+    assert summary.done_now == 2
+
+
+def test_cli_validate_generate_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"oops": 1}\n')
+    result = CliRunner().invoke(app, ["generate", "sft", "--prompts", str(bad), "--out", str(tmp_path / "j")])
+    assert result.exit_code == 2
+    assert "bad.jsonl:2" in result.output and "Traceback" not in result.output
