@@ -1,0 +1,139 @@
+"""Job directory safety: kill -9 at random points, disk errors, fingerprints, locking."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cai.engine.fake import FakeEngine
+from cai.pipeline import generate_sft
+from cai.recipe import SFTJob
+from cai.store import JobError, JobStore, Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from cai.engine.fake import FakeEngine
+    from cai.pipeline import generate_sft
+    from cai.recipe import SFTJob
+
+    def slow(chat, params):
+        time.sleep(0.02)
+        return "reply " + chat[-1].content[:20]
+
+    job = SFTJob(constitution=sys.argv[1], prompts=sys.argv[2], out=sys.argv[3], batch_size=4)
+    generate_sft(job, engine=FakeEngine(slow))
+    print("FINISHED")
+    """
+)
+
+
+def shard_rows(job_dir: Path) -> list[dict]:
+    rows = []
+    for shard in sorted((job_dir / "shards").glob("sft-*.jsonl")):
+        text = shard.read_text()
+        assert text.endswith("\n"), f"{shard} is truncated"
+        rows += [json.loads(line) for line in text.splitlines()]
+    return rows
+
+
+def export_ids(job_dir: Path) -> list[str]:
+    return [json.loads(line)["metadata"]["id"] for line in (job_dir / "sft.jsonl").open()]
+
+
+def test_kill_at_random_points_then_resume_is_exactly_once(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(60)))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    job_dir = tmp_path / "job"
+    cmd = [sys.executable, str(script), HARMLESS, str(prompts), str(job_dir)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rng = random.Random(1234)
+    kills_mid_job = 0
+    for _ in range(8):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.8, 2.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            written = len(shard_rows(job_dir)) if (job_dir / "shards").exists() else 0
+            kills_mid_job += 0 < written < 60
+        proc.wait()
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert "FINISHED" in final.stdout, final.stderr
+    assert kills_mid_job >= 1, "no kill landed while the job was half done"
+    rows = shard_rows(job_dir)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 60
+    assert not list((job_dir / "shards").glob(".*tmp*"))
+
+    clean = tmp_path / "clean"
+    subprocess.run([*cmd[:-1], str(clean)], env=env, check=True, capture_output=True, timeout=120)
+    assert sorted(export_ids(job_dir)) == sorted(export_ids(clean))
+
+
+def _manifest(fp: str = "f1") -> Manifest:
+    return Manifest(stage="sft", fingerprint=fp, fingerprint_inputs={"model": fp}, recipe={})
+
+
+def test_disk_full_fails_loudly_and_keeps_earlier_shards(tmp_path, monkeypatch):
+    store = JobStore.open(tmp_path / "job", _manifest())
+    job_rows = [_manifest("a")]  # any pydantic model serialises
+    with store:
+        first = store.append("sft", job_rows)
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match="No space left"):
+            store.append("sft", job_rows)
+    assert store.shard_paths("sft") == [first]
+    assert first.read_text().endswith("\n")
+    assert not [p for p in store.shards.iterdir() if p.name.startswith(".")]
+
+
+def test_fingerprint_mismatch_names_what_changed(tmp_path):
+    JobStore.open(tmp_path / "job", _manifest("f1"))
+    with pytest.raises(JobError, match="changed: model"):
+        JobStore.open(tmp_path / "job", _manifest("f2"))
+
+
+def test_one_process_at_a_time(tmp_path):
+    store = JobStore.open(tmp_path / "job", _manifest())
+    with store:
+        with pytest.raises(JobError, match="another process"):
+            with JobStore.open(tmp_path / "job", _manifest()):
+                pass
+
+
+def test_killed_export_is_redone(tmp_path, monkeypatch):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
+    job = SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"))
+    import cai.pipeline as pipeline
+
+    def crash(store):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "export_sft", crash)
+    with pytest.raises(KeyboardInterrupt):
+        generate_sft(job, engine=FakeEngine())
+    monkeypatch.undo()
+    engine = FakeEngine()
+    summary = generate_sft(job, engine=engine)
+    assert engine.batches == [] and summary.export.rows == 5
