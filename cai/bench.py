@@ -1,0 +1,126 @@
+"""`cai bench`: generated tokens/s of the bare engine, of phase 1 through cai, and of a
+one-prompt-at-a-time loop, on the same prompts and model in one process.
+
+- cai: `run_phase1` over all prompts (each step is one batched engine call).
+- bare engine: the exact engine calls cai made (recorded), replayed straight into the
+  engine, so the ratio is cai's own overhead.
+- naive loop: what tutorial code does, answer -> critique -> revise for one prompt
+  at a time; measured on the first `naive_prompts` prompts (tokens/s is a rate).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+
+from cai.constitution import LoadedConstitution
+from cai.critique import run_phase1
+from cai.engine.base import ChoiceScores, Engine
+from cai.recipe import Phase1Config
+from cai.records import Chat, Completion, SamplingParams, SourcePrompt
+
+
+class Throughput(BaseModel):
+    prompts: int
+    calls: int
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class BenchReport(BaseModel):
+    model: str
+    backend: str
+    rounds: int
+    max_tokens: int
+    bare_engine: Throughput
+    cai: Throughput
+    naive_loop: Throughput
+
+    @property
+    def cai_vs_bare(self) -> float:
+        return self.cai.tokens_per_second / self.bare_engine.tokens_per_second
+
+    @property
+    def cai_vs_naive(self) -> float:
+        return self.cai.tokens_per_second / self.naive_loop.tokens_per_second
+
+
+class RecordingEngine:
+    """Passes calls through to an engine and keeps them, so they can be replayed."""
+
+    def __init__(self, engine: Engine):
+        self.inner = engine
+        self.backend = engine.backend
+        self.model = engine.model
+        self.calls: list[tuple[list[Chat], SamplingParams]] = []
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
+        self.calls.append((list(chats), params))
+        return self.inner.generate(chats, params)
+
+    def choice_logprobs(self, chats, options, prefix: str = "") -> list[ChoiceScores]:
+        return self.inner.choice_logprobs(chats, options, prefix)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _timed_phase1(
+    engine: Engine, sources: Sequence[SourcePrompt], constitution: LoadedConstitution, config: Phase1Config
+) -> tuple[Throughput, RecordingEngine]:
+    recorder = RecordingEngine(engine)
+    started = time.perf_counter()
+    records = run_phase1(sources, constitution, recorder, config)
+    seconds = time.perf_counter() - started
+    tokens = sum(r.generated_tokens for r in records)
+    return Throughput(prompts=len(sources), calls=len(recorder.calls), generated_tokens=tokens, seconds=seconds), recorder
+
+
+def _replay(engine: Engine, calls: list[tuple[list[Chat], SamplingParams]], prompts: int) -> Throughput:
+    started = time.perf_counter()
+    tokens = 0
+    for chats, params in calls:
+        tokens += sum(c.completion_tokens for c in engine.generate(chats, params))
+    return Throughput(prompts=prompts, calls=len(calls), generated_tokens=tokens, seconds=time.perf_counter() - started)
+
+
+def _naive(
+    engine: Engine, sources: Sequence[SourcePrompt], constitution: LoadedConstitution, config: Phase1Config
+) -> Throughput:
+    started = time.perf_counter()
+    tokens = calls = 0
+    for source in sources:
+        recorder = RecordingEngine(engine)
+        [record] = run_phase1([source], constitution, recorder, config)
+        tokens += record.generated_tokens
+        calls += len(recorder.calls)
+    return Throughput(prompts=len(sources), calls=calls, generated_tokens=tokens, seconds=time.perf_counter() - started)
+
+
+def run_bench(
+    engine: Engine,
+    sources: Sequence[SourcePrompt],
+    constitution: LoadedConstitution,
+    config: Phase1Config,
+    naive_prompts: int,
+) -> BenchReport:
+    """Warm up, then measure cai, the replayed bare engine, and the naive loop."""
+    engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
+    cai, recorder = _timed_phase1(engine, sources, constitution, config)
+    bare = _replay(engine, recorder.calls, len(sources))
+    naive = _naive(engine, sources[:naive_prompts], constitution, config)
+    return BenchReport(
+        model=engine.model.id,
+        backend=engine.backend,
+        rounds=config.rounds,
+        max_tokens=config.answer.max_tokens,
+        bare_engine=bare,
+        cai=cai,
+        naive_loop=naive,
+    )

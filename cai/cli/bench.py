@@ -1,0 +1,53 @@
+"""`cai bench`: throughput of the bare engine vs phase 1 through cai vs a one-at-a-time loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cai.bench import run_bench
+from cai.cli.common import ConstitutionOpt, EngineOpt, ModelOpt, engine_spec, fail_on_user_error
+from cai.constitution import load_constitution
+from cai.pipeline import build_engine
+from cai.recipe import Phase1Config
+from cai.records import SamplingParams
+from cai.sources import read_prompts
+
+console = Console()
+
+
+def bench(
+    constitution: ConstitutionOpt = "harmless",
+    prompts: Annotated[str, typer.Option(help="prompt source (as for `generate sft`)")] = "redteam",
+    engine: EngineOpt = "auto",
+    model: ModelOpt = None,
+    engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="prompts in the batched runs")] = 32,
+    naive_prompts: Annotated[int, typer.Option(min=1, help="prompts in the one-at-a-time loop")] = 4,
+    rounds: Annotated[int, typer.Option(min=1)] = 1,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    out: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
+) -> None:
+    """Measure generated tokens/s: bare engine, cai phase 1, naive loop; print the ratios."""
+    with fail_on_user_error():
+        loaded = load_constitution(constitution)
+        sources = list(read_prompts(prompts, limit=limit))
+    params = SamplingParams(max_tokens=max_tokens)
+    config = Phase1Config(rounds=rounds, answer=params, critique=params, revision=params)
+    eng = build_engine(engine_spec(engine, model, engine_option))
+    report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)))
+    table = Table(title=f"{report.model} on {report.backend}: {rounds} round(s), max_tokens {max_tokens}")
+    for col in ("run", "prompts", "engine calls", "tokens", "seconds", "tok/s"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    for name, t in (("bare engine", report.bare_engine), ("cai phase 1", report.cai), ("naive loop", report.naive_loop)):
+        table.add_row(name, str(t.prompts), str(t.calls), str(t.generated_tokens), f"{t.seconds:.1f}", f"{t.tokens_per_second:.1f}")
+    console.print(table)
+    console.print(f"cai / bare engine = {report.cai_vs_bare:.2f}   cai / naive loop = {report.cai_vs_naive:.1f}x")
+    if out:
+        data = report.model_dump() | {"cai_vs_bare": report.cai_vs_bare, "cai_vs_naive": report.cai_vs_naive}
+        out.write_text(json.dumps(data, indent=2) + "\n")
