@@ -1,0 +1,309 @@
+"""Local transformers backend: the embedded default on a CPU machine.
+
+Prompts are rendered with the tokenizer's chat template and tokenized with
+`add_special_tokens=False` (templates already carry BOS where the model wants
+one), so every backend sees the same token ids. Requests are sorted by length
+and run in left-padded sub-batches of `max_batch_size`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch's OpenMP workers spin by default; on a small busy CPU that stalls them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from collections.abc import Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from cai.engine.base import ChoiceScores  # noqa: E402
+from cai.engine.models import model_display_id, model_revision, resolve_model  # noqa: E402
+from cai.records import (  # noqa: E402
+    Chat,
+    Completion,
+    ErrorCode,
+    ErrorInfo,
+    ModelRef,
+    SamplingParams,
+)
+
+
+# ---- tokenization shared with the vLLM backend -------------------------------------
+
+
+def render_prompt(tokenizer, chat: Chat) -> str:
+    """The chat as the model sees it, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; cai needs a chat model")
+    messages = [m.model_dump() for m in chat]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def option_token_ids(tokenizer, prompt_text: str, prompt_ids: list[int], option: str) -> list[int]:
+    """Token ids of `option` as a continuation of `prompt_text`.
+
+    The whole string is tokenized and the ids after the prompt's own ids are the
+    option's, so a leading space merges the way the model would produce it. When
+    the tokenizer merges across the boundary (the prompt's last token changes),
+    the option is tokenized on its own and appended to the prompt's ids instead:
+    that is exactly what a generation from `prompt_ids` would have to emit.
+    """
+    if not option:
+        raise ValueError("options must be non-empty strings")
+    full = encode(tokenizer, prompt_text + option)
+    n = len(prompt_ids)
+    if len(full) > n and full[:n] == prompt_ids:
+        return full[n:]
+    return encode(tokenizer, option)
+
+
+def derive_seed(seed: int | None, index: int) -> int | None:
+    """Per-request seed: request i of a call seeded `seed` gets seed + i, so
+    duplicate chats in one batch (k samples per prompt) differ."""
+    return None if seed is None else (seed + index) % (2**32)
+
+
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
+    """Cut `text` before the earliest stop string (which is not included)."""
+    cuts = [text.find(s) for s in stop or () if s and s in text]
+    if not cuts:
+        return text, False
+    return text[: min(cuts)], True
+
+
+def error_completion(code: ErrorCode, message: str, prompt_tokens: int = 0) -> Completion:
+    return Completion(
+        finish_reason="error",
+        prompt_tokens=prompt_tokens,
+        error=ErrorInfo(code=code, message=message),
+    )
+
+
+def context_error(n_tokens: int, limit: int) -> ErrorInfo:
+    return ErrorInfo(
+        code=ErrorCode.CONTEXT_LENGTH,
+        message=f"prompt is {n_tokens} tokens; the model's context is {limit}",
+    )
+
+
+# ---- engine ------------------------------------------------------------------------
+
+
+class TransformersEngine:
+    """Batched generation and exact option scoring with a local transformers model.
+
+    Sampling (temperature > 0) seeds torch's RNG once per sub-batch from the
+    seed of the sub-batch's first request, so a run is reproducible for the same
+    inputs and `max_batch_size`, but a request's sample depends on its batch
+    mates (unlike vLLM, whose seeds are per request).
+    """
+
+    backend = "transformers"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        max_batch_size: int = 16,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        max_model_len: int | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model(model)
+        if dtype is None:
+            dtype = torch.float32 if device == "cpu" else "auto"
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer.padding_side = "left"
+        self.hf_model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype
+        ).to(device)
+        self.hf_model.eval()
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len or _context_size(self.hf_model.config)
+        self.eos_ids = _eos_ids(self.hf_model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.model = ModelRef(
+            id=model_display_id(model, path), revision=model_revision(path), engine=self.backend
+        )
+
+    # -- generate --
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(chats)
+        prompts: dict[int, list[int]] = {}
+        for i, chat in enumerate(chats):
+            try:
+                ids = encode(self.tokenizer, render_prompt(self.tokenizer, chat))
+            except Exception as exc:  # a malformed chat fails alone
+                results[i] = error_completion(ErrorCode.BAD_REQUEST, f"cannot render chat: {exc}")
+                continue
+            if len(ids) >= self.max_model_len:
+                err = context_error(len(ids), self.max_model_len)
+                results[i] = Completion(finish_reason="error", prompt_tokens=len(ids), error=err)
+            else:
+                prompts[i] = ids
+        for batch in self._sub_batches(prompts):
+            for i, completion in zip(batch, self._generate_isolated(batch, prompts, params)):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _sub_batches(self, rows: dict[int, list[int]]) -> list[list[int]]:
+        order = sorted(rows, key=lambda i: len(rows[i]), reverse=True)
+        size = self.max_batch_size
+        return [order[k : k + size] for k in range(0, len(order), size)]
+
+    def _generate_isolated(self, batch, prompts, params) -> list[Completion]:
+        """Run a sub-batch; if it fails, retry its requests one by one so a bad
+        request becomes one error row instead of failing its neighbours."""
+        try:
+            return self._generate_batch([prompts[i] for i in batch], params, batch[0])
+        except Exception as exc:
+            if len(batch) == 1:
+                n = len(prompts[batch[0]])
+                return [error_completion(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", n)]
+        return [c for i in batch for c in self._generate_isolated([i], prompts, params)]
+
+    @torch.inference_mode()
+    def _generate_batch(self, rows: list[list[int]], params: SamplingParams, first: int):
+        enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        room = self.max_model_len - max(len(r) for r in rows)
+        kwargs = dict(
+            max_new_tokens=min(params.max_tokens, room),
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+        )
+        if params.temperature > 0:
+            kwargs.update(
+                do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0
+            )
+            seed = derive_seed(params.seed, first)
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        out = self.hf_model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        limit = kwargs["max_new_tokens"]
+        return [self._to_completion(r, toks, params, limit) for r, toks in zip(rows, new)]
+
+    def _to_completion(self, prompt, tokens, params, limit) -> Completion:
+        ends = {*self.eos_ids, self.pad_id}
+        end = next((k for k, t in enumerate(tokens) if t in ends), None)
+        hit_eos = end is not None and tokens[end] in self.eos_ids
+        kept = tokens if end is None else tokens[:end]
+        text, stopped = truncate_at_stop(
+            self.tokenizer.decode(kept, skip_special_tokens=True), params.stop
+        )
+        n_generated = len(kept) + (1 if hit_eos else 0)
+        finish = "stop" if hit_eos or stopped or n_generated < limit else "length"
+        return Completion(
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            completion_tokens=n_generated,
+        )
+
+    # -- choice_logprobs --
+
+    def choice_logprobs(
+        self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
+    ) -> list[ChoiceScores]:
+        """log P(option | chat, prefix) summed over the option's tokens, exactly:
+        every (chat, option) sequence is scored by one left-padded forward pass."""
+        results: list[ChoiceScores | None] = [None] * len(chats)
+        rows: dict[int, list[int]] = {}
+        spans: dict[int, tuple[int, str, int]] = {}  # row -> (chat index, option, n option tokens)
+        for i, chat in enumerate(chats):
+            try:
+                seqs = self._option_rows(chat, options, prefix)
+            except Exception as exc:
+                err = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=f"cannot render chat: {exc}")
+                results[i] = ChoiceScores(error=err)
+                continue
+            longest = max(len(s) for _, s, _ in seqs)
+            if longest > self.max_model_len:
+                results[i] = ChoiceScores(error=context_error(longest, self.max_model_len))
+                continue
+            for option, seq, n_opt in seqs:
+                rows[len(rows)] = seq
+                spans[len(spans)] = (i, option, n_opt)
+        scores: dict[int, dict[str, float]] = {}
+        for batch in self._sub_batches(rows):
+            try:
+                values = self._score_batch([rows[r] for r in batch], [spans[r][2] for r in batch])
+            except Exception as exc:  # e.g. out of memory: fails these chats only
+                err = ErrorInfo(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+                for r in batch:
+                    results[spans[r][0]] = ChoiceScores(error=err)
+                continue
+            for r, value in zip(batch, values):
+                chat_i, option, _ = spans[r]
+                scores.setdefault(chat_i, {})[option] = value
+        for i, logprobs in scores.items():
+            if results[i] is None:
+                results[i] = ChoiceScores(logprobs={o: logprobs[o] for o in options})
+        return results  # type: ignore[return-value]
+
+    def _option_rows(self, chat: Chat, options: Sequence[str], prefix: str):
+        prompt_text = render_prompt(self.tokenizer, chat) + prefix
+        prompt_ids = encode(self.tokenizer, prompt_text)
+        out = []
+        for option in options:
+            opt = option_token_ids(self.tokenizer, prompt_text, prompt_ids, option)
+            out.append((option, prompt_ids + opt, len(opt)))
+        return out
+
+    @torch.inference_mode()
+    def _score_batch(self, rows: list[list[int]], n_option: list[int]) -> list[float]:
+        enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        # Explicit positions so left padding does not shift the real tokens.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(n_option) + 1  # left padding puts every option at the end
+        logits = self.hf_model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+        ).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        values = []
+        for b, n in enumerate(n_option):
+            targets = ids[b, -n:]
+            steps = logp[b, keep - n - 1 : keep - 1]
+            values.append(float(steps.gather(-1, targets[:, None]).sum()))
+        return values
+
+    def close(self) -> None:
+        self.hf_model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _context_size(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v not in ids:
+                ids.append(int(v))
+    if not ids:
+        raise ValueError("the model defines no EOS token")
+    return ids

@@ -1,0 +1,289 @@
+"""Any OpenAI-compatible chat server (`vllm serve`, hosted APIs).
+
+All requests of a call run concurrently on one `AsyncOpenAI` client, at most
+`concurrency` in flight. tenacity is the only retry layer (the client's own
+retries are off): 408/409/429/5xx, timeouts and connection errors are retried
+with exponential backoff and jitter, waiting what `Retry-After` asks when the
+server sends it. Other 4xx are never retried. Every failure ends as an error
+row (`Completion.error` / `ChoiceScores.error`), never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from cai.engine.base import ChoiceScores
+from cai.engine.hf import derive_seed
+from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+TOP_LOGPROBS = 20
+
+
+class OpenAIEngine:
+    backend = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 6,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+        retry_after_max: float = 300.0,
+    ):
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ValueError("the openai backend needs base_url (or env OPENAI_BASE_URL)")
+        self.base_url = base_url
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.retry_after_max = retry_after_max
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests patch this
+        self.model = ModelRef(id=model, revision=None, engine=self.backend)
+
+    # -- public API --
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
+        def request(i: int, chat: Chat) -> dict:
+            body = dict(
+                model=self.model.id,
+                messages=_messages(chat),
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+            )
+            if params.seed is not None:
+                body["seed"] = derive_seed(params.seed, i)
+            if params.stop:
+                body["stop"] = list(params.stop)
+            return body
+
+        bodies = [request(i, chat) for i, chat in enumerate(chats)]
+        return _run_sync(self._gather(bodies, _to_completion, _error_completion))
+
+    def choice_logprobs(
+        self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
+    ) -> list[ChoiceScores]:
+        """First-token scoring from `top_logprobs` (OpenAI-compatible servers
+        expose no prompt logprobs). An option that is not among the top tokens
+        (or is longer than one token) gives a NO_LOGPROBS error with the raw top
+        tokens. A non-empty `prefix` is sent as a final assistant message to be
+        continued (`continue_final_message`, a vLLM-server extension)."""
+
+        def request(chat: Chat) -> dict:
+            body = dict(
+                model=self.model.id,
+                messages=_messages(chat),
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=True,
+                top_logprobs=TOP_LOGPROBS,
+            )
+            if prefix:
+                body["messages"].append({"role": "assistant", "content": prefix})
+                body["extra_body"] = {
+                    "add_generation_prompt": False,
+                    "continue_final_message": True,
+                }
+            return body
+
+        bodies = [request(chat) for chat in chats]
+        return _run_sync(
+            self._gather(bodies, lambda r: _to_scores(r, options), lambda e: ChoiceScores(error=e))
+        )
+
+    def close(self) -> None:
+        pass
+
+    # -- machinery --
+
+    async def _gather(self, bodies, convert, on_error) -> list:
+        semaphore = asyncio.Semaphore(self.concurrency)
+        async with openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0
+        ) as client:
+
+            async def one(body):
+                try:
+                    response = await self._call(client, semaphore, body)
+                except Exception as exc:
+                    return on_error(_error_info(exc))
+                try:
+                    return convert(response)
+                except Exception as exc:  # a malformed response fails alone
+                    return on_error(ErrorInfo(code=ErrorCode.INTERNAL, message=_describe(exc)))
+
+            return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+    async def _call(self, client, semaphore, body):
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(is_retryable),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async with semaphore:  # a request waiting out a backoff holds no slot
+                    return await client.chat.completions.create(**body)
+
+    def _wait(self, retry_state) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        asked = retry_after_seconds(exc)
+        if asked is not None:
+            return min(asked, self.retry_after_max)
+        backoff = wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
+        return backoff(retry_state)
+
+
+# ---- retry policy ------------------------------------------------------------------
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
+    return False
+
+
+def retry_after_seconds(exc: BaseException | None, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait: `retry-after-ms`, or `Retry-After`
+    as seconds or as an HTTP date. None when absent or unreadable."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, openai.APIStatusError) and not is_retryable(exc):
+        raw = _body_text(exc)
+        text = f"{exc.message} {raw or ''}".lower()
+        context = "context length" in text or "context_length" in text or "maximum context" in text
+        code = ErrorCode.CONTEXT_LENGTH if context else ErrorCode.BAD_REQUEST
+        return ErrorInfo(code=code, message=f"HTTP {exc.status_code}: {exc.message}", raw=raw)
+    if is_retryable(exc):
+        status = getattr(exc, "status_code", None)
+        where = f"HTTP {status}: " if status else ""
+        return ErrorInfo(
+            code=ErrorCode.BACKEND_UNAVAILABLE,
+            message=f"gave up after retries; last error: {where}{_describe(exc)}",
+            raw=_body_text(exc),
+        )
+    return ErrorInfo(code=ErrorCode.INTERNAL, message=_describe(exc))
+
+
+def _body_text(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    try:
+        return response.text if response is not None else None
+    except Exception:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---- response mapping --------------------------------------------------------------
+
+
+def _messages(chat: Chat) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in chat]
+
+
+def _error_completion(error: ErrorInfo) -> Completion:
+    return Completion(finish_reason="error", error=error)
+
+
+def _to_completion(response) -> Completion:
+    usage = getattr(response, "usage", None)
+    counts = dict(
+        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+    )
+    if not response.choices:
+        error = ErrorInfo(code=ErrorCode.EMPTY, message="the server returned no choices")
+        return Completion(finish_reason="error", error=error, **counts)
+    choice = response.choices[0]
+    text = choice.message.content or ""
+    if choice.finish_reason in ("stop", "length"):
+        return Completion(text=text, finish_reason=choice.finish_reason, **counts)
+    error = ErrorInfo(
+        code=ErrorCode.INTERNAL, message=f"unexpected finish_reason {choice.finish_reason!r}"
+    )
+    return Completion(text=text, finish_reason="error", error=error, **counts)
+
+
+def _to_scores(response, options: Sequence[str]) -> ChoiceScores:
+    content = None
+    if response.choices and response.choices[0].logprobs is not None:
+        content = response.choices[0].logprobs.content
+    if not content or not content[0].top_logprobs:
+        error = ErrorInfo(code=ErrorCode.NO_LOGPROBS, message="the server returned no logprobs")
+        return ChoiceScores(error=error)
+    top = content[0].top_logprobs
+    by_text: dict[str, float] = {}
+    for entry in top:  # distinct token ids can decode to the same text: add them up
+        prev = by_text.get(entry.token)
+        by_text[entry.token] = (
+            entry.logprob if prev is None else float(_logaddexp(prev, entry.logprob))
+        )
+    missing = [o for o in options if o not in by_text]
+    if missing:
+        raw = repr([(e.token, e.logprob) for e in top])
+        message = f"options not among the top {len(top)} first tokens: {missing}"
+        return ChoiceScores(error=ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=message, raw=raw))
+    return ChoiceScores(logprobs={o: by_text[o] for o in options})
+
+
+def _logaddexp(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+def _run_sync(coro):
+    """asyncio.run, also from inside a running loop (Jupyter): then on a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

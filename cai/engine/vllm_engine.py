@@ -1,0 +1,271 @@
+"""Offline vLLM backend (`vllm.LLM`). The only module in cai that imports vllm.
+
+Prompts are rendered and tokenized here with the model's own transformers
+tokenizer (the same helpers as the transformers backend), then handed to
+`LLM.generate` as token ids in one call per batch. Tokenizing first lets a
+prompt that does not fit `max_model_len` fail alone instead of vLLM raising for
+the whole batch, and keeps both local backends on identical token ids.
+
+On a CPU-only host, unless already set, the engine core runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`: no `if __name__ == "__main__"` guard is
+needed), OpenMP threads are bound to the CPUs this process may use with none
+reserved, the KV cache gets a fixed size (VLLM_CPU_KVCACHE_SPACE GiB, default
+2) instead of a fraction of RAM, and weights stay float32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from cai.engine.base import ChoiceScores
+from cai.engine.hf import (
+    context_error,
+    derive_seed,
+    encode,
+    error_completion,
+    option_token_ids,
+    render_prompt,
+)
+from cai.engine.models import model_display_id, model_revision, resolve_model
+from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
+
+DEFAULT_CPU_KV_CACHE_GIB = 2
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_env_defaults() -> None:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    defaults = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    if cpus:
+        defaults["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+class VLLMEngine:
+    backend = "vllm"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.85,
+        seed: int = 0,
+        dtype: str | None = None,
+        **llm_kwargs,
+    ):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        on_cpu = not _cuda_available()
+        if on_cpu:
+            _cpu_env_defaults()
+            # CPU graph capture costs ~110 s of start-up for little gain on small batches.
+            enforce_eager = True if enforce_eager is None else enforce_eager
+            kv_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KV_CACHE_GIB)
+            llm_kwargs.setdefault("kv_cache_memory_bytes", kv_gib << 30)
+            # vLLM's "auto" picks bfloat16 on CPU: ~7x slower than float32 without
+            # native bf16 kernels, and 0.1-0.2 nats off the transformers backend.
+            dtype = dtype or "float32"
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        path = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.llm = LLM(
+            model=path,
+            max_model_len=max_model_len,
+            enforce_eager=bool(enforce_eager),
+            enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            dtype=dtype or "auto",
+            **llm_kwargs,
+        )
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        max_logprobs = self.llm.llm_engine.model_config.max_logprobs
+        self.max_logprobs = max_logprobs if max_logprobs >= 0 else 1 << 30
+        self.model = ModelRef(
+            id=model_display_id(model, path), revision=model_revision(path), engine=self.backend
+        )
+
+    # -- generate --
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
+        from vllm import SamplingParams as VSamplingParams
+
+        results: list[Completion | None] = [None] * len(chats)
+        requests: dict[int, tuple[list[int], object]] = {}
+        for i, chat in enumerate(chats):
+            try:
+                ids = encode(self.tokenizer, render_prompt(self.tokenizer, chat))
+            except Exception as exc:
+                results[i] = error_completion(ErrorCode.BAD_REQUEST, f"cannot render chat: {exc}")
+                continue
+            if len(ids) >= self.max_model_len:
+                err = context_error(len(ids), self.max_model_len)
+                results[i] = Completion(finish_reason="error", prompt_tokens=len(ids), error=err)
+                continue
+            greedy = params.temperature == 0
+            requests[i] = (
+                ids,
+                VSamplingParams(
+                    n=1,
+                    max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
+                    temperature=params.temperature,
+                    top_p=1.0 if greedy else params.top_p,
+                    seed=None if greedy else derive_seed(params.seed, i),
+                    stop=list(params.stop) if params.stop else None,
+                ),
+            )
+        for i, out in self._run(requests).items():
+            results[i] = out if isinstance(out, Completion) else _completion(out)
+        return results  # type: ignore[return-value]
+
+    def _run(self, requests: dict[int, tuple[list[int], object]]) -> dict[int, object]:
+        """All requests in one `LLM.generate` call. If vLLM rejects the call
+        (one bad request fails them all), split it in halves to isolate the culprit."""
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return {}
+        keys = list(requests)
+        try:
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=requests[k][0]) for k in keys],
+                [requests[k][1] for k in keys],
+                use_tqdm=False,
+            )
+            return dict(zip(keys, outputs))
+        except Exception as exc:
+            if len(keys) == 1:
+                n = len(requests[keys[0]][0])
+                return {keys[0]: error_completion(ErrorCode.INTERNAL, _describe(exc), n)}
+        half = len(keys) // 2
+        left = self._run({k: requests[k] for k in keys[:half]})
+        return left | self._run({k: requests[k] for k in keys[half:]})
+
+    # -- choice_logprobs --
+
+    def choice_logprobs(
+        self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
+    ) -> list[ChoiceScores]:
+        """Exact log P(option | chat, prefix), summed over the option's tokens.
+
+        When every option is one token after the prompt (the usual "A"/"B"), one
+        request per chat asks for exactly those tokens' logprobs at the first
+        generated position; it reads the prefix cache like any generation.
+        Otherwise each (chat, option) sequence is scored with `prompt_logprobs`
+        and the option's tokens are summed; such requests skip reading the
+        prefix cache (vLLM needs the logits of every prompt position).
+        Token boundaries: see `option_token_ids`.
+        """
+        results: list[ChoiceScores | None] = [None] * len(chats)
+        requests: dict[int, tuple[list[int], object]] = {}
+        plans: dict[int, tuple[int, object]] = {}  # request key -> (chat index, plan)
+        for i, chat in enumerate(chats):
+            try:
+                reqs = self._choice_requests(chat, options, prefix)
+            except Exception as exc:
+                err = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=f"cannot render chat: {exc}")
+                results[i] = ChoiceScores(error=err)
+                continue
+            longest = max(len(ids) for ids, _, _ in reqs)
+            if longest >= self.max_model_len:
+                results[i] = ChoiceScores(error=context_error(longest, self.max_model_len))
+                continue
+            for ids, sp, plan in reqs:
+                key = len(requests)
+                requests[key] = (ids, sp)
+                plans[key] = (i, plan)
+        scores: dict[int, dict[str, float]] = {}
+        failed: dict[int, ErrorInfo] = {}
+        for key, out in self._run(requests).items():
+            i, plan = plans[key]
+            if isinstance(out, Completion):
+                failed[i] = out.error  # type: ignore[assignment]
+            else:
+                scores.setdefault(i, {}).update(_read_scores(out, plan))
+        for i in scores.keys() | failed.keys():
+            if i in failed:
+                results[i] = ChoiceScores(error=failed[i])
+            else:
+                results[i] = ChoiceScores(logprobs={o: scores[i][o] for o in options})
+        return results  # type: ignore[return-value]
+
+    def _choice_requests(self, chat: Chat, options: Sequence[str], prefix: str):
+        """[(prompt ids, sampling params, plan)]; a plan says how to read the output."""
+        from vllm import SamplingParams as VSamplingParams
+
+        prompt_text = render_prompt(self.tokenizer, chat) + prefix
+        prompt_ids = encode(self.tokenizer, prompt_text)
+        option_ids = {
+            o: option_token_ids(self.tokenizer, prompt_text, prompt_ids, o) for o in options
+        }
+        wanted = sorted({ids[0] for ids in option_ids.values()})
+        if all(len(ids) == 1 for ids in option_ids.values()) and len(wanted) <= self.max_logprobs:
+            sp = VSamplingParams(
+                max_tokens=1, temperature=0.0, logprobs=len(wanted), logprob_token_ids=wanted
+            )
+            return [(prompt_ids, sp, ("next", {o: ids[0] for o, ids in option_ids.items()}))]
+        out = []
+        for option, ids in option_ids.items():
+            sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            out.append((prompt_ids + ids, sp, ("prompt", option, ids)))
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del llm
+        import gc
+
+        gc.collect()
+
+
+def _read_scores(out, plan) -> dict[str, float]:
+    if plan[0] == "next":
+        step = out.outputs[0].logprobs[0]
+        return {option: step[tok].logprob for option, tok in plan[1].items()}
+    _, option, ids = plan
+    rows = out.prompt_logprobs[-len(ids) :]
+    return {option: sum(row[tok].logprob for row, tok in zip(rows, ids))}
+
+
+def _completion(out) -> Completion:
+    o = out.outputs[0]
+    prompt_tokens = len(out.prompt_token_ids or [])
+    if o.finish_reason in ("stop", "length"):
+        return Completion(
+            text=o.text,
+            finish_reason=o.finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(o.token_ids),
+        )
+    code = ErrorCode.CANCELLED if o.finish_reason == "abort" else ErrorCode.INTERNAL
+    return Completion(
+        text=o.text,
+        finish_reason="error",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(o.token_ids),
+        error=ErrorInfo(code=code, message=f"vLLM finish_reason={o.finish_reason!r}"),
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
