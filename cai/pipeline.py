@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from cai import __version__
 from cai.constitution import load_constitution
 from cai.critique import phase1_id, run_phase1
+from cai.engine import make_engine, resolve_backend
 from cai.engine.base import Engine
 from cai.engine.models import model_display_id, model_revision, resolve_model
 from cai.export import SFTExportStats, export_sft
@@ -77,12 +78,11 @@ def engine_model_ref(spec: EngineSpec) -> ModelRef:
     """The model's identity without loading it (so a finished job starts no engine)."""
     resolved = resolve_model(spec.model)
     revision = model_revision(resolved) if Path(resolved).is_dir() else None
-    return ModelRef(id=model_display_id(spec.model, resolved), revision=revision, engine=spec.backend)
+    backend = resolve_backend(spec.backend)
+    return ModelRef(id=model_display_id(spec.model, resolved), revision=revision, engine=backend)
 
 
 def build_engine(spec: EngineSpec) -> Engine:
-    from cai.engine import make_engine
-
     return make_engine(spec.backend, spec.model, **spec.options)
 
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-# OpenMP reads this when torch loads, so it has to be set before any torch import.
-# Spinning OpenMP workers stall badly on a small CPU shared with other processes
-# (3x slower generation measured on 2 busy cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from cai.engine.base import ChoiceScores, Engine
 from cai.engine.models import EMBEDDED_MODEL, resolve_model
 
@@ -25,6 +20,7 @@ __all__ = [
     "Engine",
     "available_backends",
     "make_engine",
+    "resolve_backend",
     "resolve_model",
 ]
 
@@ -48,6 +44,15 @@ def available_backends() -> list[str]:
     return found
 
 
+def resolve_backend(backend: str) -> str:
+    """"auto" -> vllm when it is installed, else transformers; others are checked and returned."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if _has("vllm") else "transformers"
+    return backend
+
+
 def make_engine(backend: str = "auto", model: str | None = None, **options) -> Engine:
     """Build an engine. "auto" is vllm when it is installed, else transformers.
 
@@ -55,10 +60,7 @@ def make_engine(backend: str = "auto", model: str | None = None, **options) -> E
     folder, or (openai) the served model name. `options` go to the backend's
     constructor (e.g. max_batch_size, max_model_len, base_url, concurrency).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "vllm" if _has("vllm") else "transformers"
+    backend = resolve_backend(backend)
     if backend == "vllm":
         from cai.engine.vllm_engine import VLLMEngine
 

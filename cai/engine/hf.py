@@ -8,18 +8,13 @@ and run in left-padded sub-batches of `max_batch_size`.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 
-# torch's OpenMP workers spin by default; on a small busy CPU that stalls them.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-from collections.abc import Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from cai.engine.base import ChoiceScores  # noqa: E402
-from cai.engine.models import model_display_id, model_revision, resolve_model  # noqa: E402
-from cai.records import (  # noqa: E402
+from cai.engine.base import ChoiceScores
+from cai.engine.models import model_display_id, model_revision, resolve_model
+from cai.records import (
     Chat,
     Completion,
     ErrorCode,
