@@ -119,11 +119,13 @@ def run_batches(
     process: Callable[[list[T]], Sequence[JobRecord]],
     batch_size: int,
     progress: ProgressHook | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
     `items` is called twice (a counting pass for progress, then the work), so nothing
-    holds the whole input in memory. A batch whose every row is BACKEND_UNAVAILABLE
+    holds the whole input in memory. `setup` (e.g. starting the engine) runs once,
+    untimed, only if there is work. A batch whose every row is BACKEND_UNAVAILABLE
     raises EngineDown and is not written, so a rerun does it again.
     """
     done = store.done_ids(stage)
@@ -132,6 +134,9 @@ def run_batches(
         progress("total", sum(1 for item_id, _ in _unique(items(), key) if item_id not in done))
     todo = (item for item_id, item in _unique(items(), key, run) if item_id not in done)
     while batch := list(itertools.islice(todo, batch_size)):
+        if setup is not None:
+            setup()
+            setup = None
         t0 = time.perf_counter()
         records = process(batch)
         run.generation_seconds += time.perf_counter() - t0
@@ -178,15 +183,17 @@ def generate_sft(
     manifest = phase1_manifest(job, constitution.ref, model)
     engines: list[Engine] = [engine] if engine is not None else []
 
-    def process(batch: list[SourcePrompt]) -> list[SFTRecord]:
+    def start_engine() -> None:
         if not engines:
             engines.append(build_engine(job.engine))
+
+    def process(batch: list[SourcePrompt]) -> list[SFTRecord]:
         hook = (lambda name, n: progress(f"step {name}", n)) if progress else None
         return run_phase1(batch, constitution, engines[0], job.phase1, on_step=hook)
 
     with _open_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
-        run = run_batches(store, "sft", prompts, phase1_id, process, job.batch_size, progress)
+        run = run_batches(store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine)
         stats = export_sft(store)
     return Phase1Summary(
         out=str(store.root),

@@ -94,16 +94,16 @@ def print_phase1_summary(summary: Phase1Summary) -> None:
 
 
 def print_trajectories(job_dir: Path, count: int) -> None:
-    path = job_dir / "sft.jsonl"
-    if count <= 0 or not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line, _ in zip(f, range(count)):
-            row = json.loads(line)
-            meta = row["metadata"]
-            body = [f"[bold cyan]prompt[/]: {escape(row['messages'][-2]['content'])}"]
-            for step in meta["trajectory"]:
-                label = step["kind"] + (f" [{step['principle_id']}]" if step["principle_id"] else "")
-                body.append(f"[bold]{escape(label)}[/]: {escape(step['text'])}")
-            title = f"{meta['id']}  ({meta['constitution']['name']} v{meta['constitution']['version']})"
-            console.print(Panel("\n\n".join(body), title=title, expand=True))
+    """Print the first `count` trajectories of the job, error rows included (marked)."""
+    shards = sorted((job_dir / "shards").glob("sft-*.jsonl"))
+    rows = (json.loads(line) for shard in shards for line in shard.open(encoding="utf-8"))
+    for row, _ in zip(rows, range(count)):
+        body = [f"[bold cyan]prompt[/]: {escape(row['prompt'][-1]['content'])}"]
+        for step in row["trajectory"]:
+            label = step["kind"] + (f" [{step['principle_id']}]" if step["principle_id"] else "")
+            body.append(f"[bold]{escape(label)}[/]: {escape(step['text'])}")
+        if row["error"]:
+            body.append(f"[red]error {row['error']['code']}[/]: {escape(row['error']['message'])} (excluded from export)")
+        const = row["lineage"]["constitution"]
+        title = f"{row['id']}  ({const['name']} v{const['version']})"
+        console.print(Panel("\n\n".join(body), title=title, expand=True))

