@@ -1,0 +1,101 @@
+"""A whole phase-1 job against a flaky OpenAI-compatible server on 127.0.0.1.
+
+30% of calls get 429 with Retry-After, 5% get 503, some hang past the client
+timeout, and prompts marked BAD get a 400. The job must complete with every
+input exactly once, no 400 retried, waits honouring Retry-After, and never more
+requests in flight than the configured concurrency.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+from fakeserver import FakeServer, error_body, ok_body
+
+from cai.engine.openai_engine import OpenAIEngine
+from cai.pipeline import EngineDown, generate_sft
+from cai.recipe import Phase1Config, SFTJob
+from cai.records import SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
+HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
+CONCURRENCY = 4
+
+
+class Waits:
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+
+def flaky_script(seed: int = 7):
+    rng = random.Random(seed)
+    lock = threading.Lock()
+    bad_calls: list[str] = []
+
+    def script(body, call_no):
+        text = body["messages"][0]["content"]
+        if text.startswith("BAD"):
+            with lock:
+                bad_calls.append(text)
+            return 400, {}, error_body("This model's maximum context length is 2048 tokens"), 0
+        with lock:
+            roll = rng.random()
+        if roll < 0.30:
+            return 429, {"Retry-After": "2"}, error_body("rate limited"), 0
+        if roll < 0.35:
+            return 503, {}, error_body("overloaded"), 0
+        if roll < 0.38:
+            return 200, {}, ok_body("late"), 1.5  # longer than the client timeout
+        return 200, {}, ok_body(f"reply to {body['messages'][-1]['content'][:20]}"), 0.01
+
+    return script, bad_calls
+
+
+def test_flaky_server_job_completes_exactly_once(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    texts = [f"question {i}" for i in range(20)] + ["BAD one", "BAD two"]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    script, bad_calls = flaky_script()
+    with FakeServer(script) as server:
+        engine = OpenAIEngine(
+            "m", base_url=server.url, api_key="k", timeout=1.0, concurrency=CONCURRENCY, max_retries=12
+        )
+        waits = Waits()
+        engine.sleep = waits
+        params = SamplingParams(max_tokens=32)
+        job = SFTJob(
+            constitution=HARMLESS,
+            prompts=str(prompts),
+            out=str(tmp_path / "job"),
+            phase1=Phase1Config(rounds=1, answer=params, critique=params, revision=params),
+        )
+        summary = generate_sft(job, engine=engine)
+
+    assert server.max_in_flight <= CONCURRENCY
+    assert sorted(bad_calls) == ["BAD one", "BAD two"]  # each 400 sent once, never retried
+    assert summary.export.rows == 20
+    assert summary.export.errors == {"context_length_exceeded": 2}
+    assert 2.0 in waits.seconds  # Retry-After honoured
+    rows = [json.loads(l) for s in (tmp_path / "job" / "shards").glob("*.jsonl") for l in s.open()]
+    assert len({r["id"] for r in rows}) == len(rows) == 22
+
+
+def test_dead_server_fails_the_job_instead_of_completing(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    with FakeServer(lambda body, n: (503, {}, error_body("down"), 0)) as server:
+        engine = OpenAIEngine("m", base_url=server.url, api_key="k", timeout=1.0, max_retries=2)
+        engine.sleep = Waits()
+        job = SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"))
+        with pytest.raises(EngineDown):
+            generate_sft(job, engine=engine)
+    assert not list((tmp_path / "job" / "shards").glob("*.jsonl"))
+    assert not (tmp_path / "job" / "sft.jsonl").exists()
