@@ -7,12 +7,13 @@ stay in the job's shards and are only counted here.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-import pyarrow.json as pa_json
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
@@ -70,19 +71,38 @@ def _ok_rows(records: Iterable[SFTRecord], stats: SFTExportStats) -> Iterable[st
     stats.mean_final_chars = final_chars / stats.rows if stats.rows else 0.0
 
 
-def export_sft(store: JobStore) -> SFTExportStats:
-    """Write DIR/sft.jsonl, DIR/sft.parquet and DIR/README.md from the job's shards."""
+def jsonl_to_parquet(jsonl: Path, rows_per_group: int = 1000) -> Path:
+    """Stream a JSONL export into Parquet beside it, one row group per chunk of rows.
+
+    The writer keeps each row group's footer metadata until it closes (about 0.15 MB per
+    group with this nested schema), so this step grows slowly with the row count; the
+    JSONL export does not grow at all. The schema comes from the first chunk.
+    """
+    parquet = jsonl.with_suffix(".parquet")
+    tmp = parquet.with_name(f".{parquet.name}.tmp")
+    with open(jsonl, encoding="utf-8") as f:
+        chunks = iter(lambda: [json.loads(line) for line in itertools.islice(f, rows_per_group)], [])
+        first = next(chunks)
+        schema = pa.RecordBatch.from_pylist(first).schema
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for chunk in itertools.chain([first], chunks):
+                    writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
+            tmp.replace(parquet)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return parquet
+
+
+def export_sft(store: JobStore, parquet: bool = True) -> SFTExportStats:
+    """Write DIR/sft.jsonl, DIR/sft.parquet (unless `parquet=False`) and DIR/README.md from the shards."""
     stats = SFTExportStats()
     records = (SFTRecord.model_validate(row) for row in store.read("sft"))
     jsonl = store.root / "sft.jsonl"
     atomic_write_lines(jsonl, _ok_rows(records, stats))
     stats.files = [str(jsonl)]
-    if stats.rows:
-        parquet = store.root / "sft.parquet"
-        tmp = parquet.with_name(".sft.parquet.tmp")
-        pq.write_table(pa_json.read_json(jsonl), tmp)
-        tmp.replace(parquet)
-        stats.files.append(str(parquet))
+    if stats.rows and parquet:
+        stats.files.append(str(jsonl_to_parquet(jsonl)))
     atomic_write_text(store.root / "README.md", sft_data_card(store, stats))
     return stats
 

@@ -22,7 +22,7 @@ from cai.prompts import PHASE1_TEMPLATE_HASH
 from cai.recipe import EngineSpec, SFTJob
 from cai.records import ErrorCode, ErrorInfo, ModelRef, SFTRecord, SourcePrompt
 from cai.sources import BUNDLED, BUNDLED_DIR, read_prompts
-from cai.store import JobError, JobStore, Manifest, fingerprint
+from cai.store import IdSet, JobError, JobStore, Manifest, fingerprint
 
 PHASE1_CODE_VERSION = "1"
 T = TypeVar("T")
@@ -100,7 +100,7 @@ class BatchRun(BaseModel):
 
 def _unique(items: Iterable[T], key: Callable[[T], str], run: BatchRun | None = None) -> Iterator[tuple[str, T]]:
     """(id, item) for each first occurrence; exact duplicates (same id) are merged and counted."""
-    seen: set[str] = set()
+    seen = IdSet()
     for item in items:
         item_id = key(item)
         if item_id in seen:
@@ -194,7 +194,7 @@ def generate_sft(
     with _open_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine)
-        stats = export_sft(store)
+        stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
         out=str(store.root),
         done_before=run.done_before,

@@ -38,4 +38,5 @@ class SFTJob(BaseModel):
     phase1: Phase1Config = Field(default_factory=Phase1Config)
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1, description="prompts per engine call and per shard")
+    parquet: bool = Field(True, description="also export Parquet (JSONL is always written)")
     new_job: bool = False

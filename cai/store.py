@@ -11,8 +11,10 @@ at most the batch it was generating and never leaves a half record behind.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,35 @@ from pydantic import BaseModel, Field
 
 from cai import __version__
 from cai.records import sha256_text, utc_now
+
+
+class IdSet:
+    """A set of record ids in a private temporary SQLite file, so memory stays flat however
+    many ids a job has (dedupe and resume need every id seen so far)."""
+
+    def __init__(self, ids: Iterable[str] = ()):
+        self._db = sqlite3.connect("")  # "" = a temporary on-disk database, removed on close
+        self._db.execute("PRAGMA cache_size=-4096")  # KiB
+        self._db.execute("CREATE TABLE ids (k INTEGER PRIMARY KEY)")
+        self._size = 0
+        for record_id in ids:
+            self.add(record_id)
+
+    @staticmethod
+    def _key(record_id: str) -> int:
+        # Record ids are 64-bit hash prefixes already: a 64-bit digest adds no real collision risk.
+        return int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+    def add(self, record_id: str) -> None:
+        self._size += self._db.execute("INSERT OR IGNORE INTO ids VALUES (?)", (self._key(record_id),)).rowcount
+
+    def __contains__(self, record_id: object) -> bool:
+        if not isinstance(record_id, str):
+            return False
+        return self._db.execute("SELECT 1 FROM ids WHERE k = ?", (self._key(record_id),)).fetchone() is not None
+
+    def __len__(self) -> int:
+        return self._size
 
 
 class JobError(RuntimeError):
@@ -129,8 +160,8 @@ class JobStore:
                 for line in f:
                     yield json.loads(line)
 
-    def done_ids(self, stage: str) -> set[str]:
-        return {row["id"] for row in self.read(stage)}
+    def done_ids(self, stage: str) -> IdSet:
+        return IdSet(row["id"] for row in self.read(stage))
 
     def drop_errors(self, stage: str) -> dict[str, int]:
         """Remove error rows from the shards (each shard rewritten atomically), so a resume redoes them.

@@ -137,3 +137,43 @@ def test_killed_export_is_redone(tmp_path, monkeypatch):
     engine = FakeEngine()
     summary = generate_sft(job, engine=engine)
     assert engine.batches == [] and summary.export.rows == 5
+
+
+MEMORY_WORKER = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from cai.engine.fake import FakeEngine
+    from cai.pipeline import generate_sft
+    from cai.recipe import Phase1Config, SFTJob
+
+    n, out = int(sys.argv[2]), Path(sys.argv[3])
+    out.mkdir(parents=True)
+    prompts = out / "p.jsonl"
+    with open(prompts, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"prompt {i}: how would I do thing number {i}?"}) + "\\n")
+    engine = FakeEngine(lambda chat, params: "ok " + chat[-1].content[:30], keep_batches=False)
+    job = SFTJob(constitution=sys.argv[1], prompts=str(prompts), out=str(out / "job"),
+                 phase1=Phase1Config(rounds=1), parquet=False)
+    summary = generate_sft(job, engine=engine)
+    assert summary.export.rows == n, summary
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def peak_kib(n: int) -> int:
+        out = subprocess.run(
+            [sys.executable, str(script), HARMLESS, str(n), str(tmp_path / f"n{n}")],
+            env=env, capture_output=True, text=True, timeout=600, check=True,
+        )
+        return int(out.stdout.split()[-1])
+
+    small, large = peak_kib(1_000), peak_kib(100_000)
+    assert large <= small * 1.10, f"peak RSS 1k prompts: {small} KiB, 100k prompts: {large} KiB"

@@ -37,6 +37,7 @@ def sft(
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="prompts per engine call and per shard")] = 256,
     new_job: Annotated[bool, typer.Option(help="if OUT holds a job with other settings, start a new directory beside it")] = False,
+    parquet: Annotated[bool, typer.Option(help="also export sft.parquet beside sft.jsonl")] = True,
     show: Annotated[int, typer.Option(help="example trajectories to print")] = 2,
 ) -> None:
     """Phase 1 (SL-CAI): answer, then critique and revise against sampled principles."""
@@ -55,6 +56,7 @@ def sft(
         ),
         limit=limit,
         batch_size=batch_size,
+        parquet=parquet,
         new_job=new_job,
     )
     with fail_on_user_error():

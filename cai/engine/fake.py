@@ -25,15 +25,18 @@ class FakeEngine:
         responder: Responder = echo_responder,
         chooser: Chooser | None = None,
         model_id: str = "fake-model",
+        keep_batches: bool = True,
     ):
         self.responder = responder
         self.chooser = chooser
         self.model = ModelRef(id=model_id, revision="0", engine=self.backend)
+        self.keep_batches = keep_batches  # off for memory tests: kept batches grow with the job
         self.batches: list[list[Chat]] = []
         self.choice_batches: list[list[Chat]] = []
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
-        self.batches.append(list(chats))
+        if self.keep_batches:
+            self.batches.append(list(chats))
         return [self._complete(chat, params) for chat in chats]
 
     def _complete(self, chat: Chat, params: SamplingParams) -> Completion:
