@@ -127,7 +127,7 @@ def test_killed_export_is_redone(tmp_path, monkeypatch):
     job = SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"))
     import cai.pipeline as pipeline
 
-    def crash(store):
+    def crash(store, parquet=True):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "export_sft", crash)
