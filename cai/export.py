@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from cai.records import SFTRecord
+from cai.preferences import PreferenceStats, keep_for_export, preference_row, preference_stats
+from cai.records import PreferenceRecord, SFTRecord
 from cai.store import JobStore, atomic_write_lines, atomic_write_text
 
 
@@ -149,4 +150,94 @@ the `messages` column as is.
 | principle | uses |
 | --- | --- |
 {principles}
+"""
+
+
+def _slim(record: PreferenceRecord) -> PreferenceRecord:
+    """What the label statistics need, without the K answers and every comparison."""
+    return record.model_copy(update={"answers": [], "comparisons": [], "prompt": []})
+
+
+def export_prefs(
+    store: JobStore, min_confidence: float, require_consistent: bool, parquet: bool = True
+) -> tuple[PreferenceStats, list[str]]:
+    """Write DIR/prefs.jsonl (+ .parquet) and the data card; error and excluded rows stay in the shards."""
+    kept: list[PreferenceRecord] = []
+
+    def rows() -> Iterable[str]:
+        for row in store.read("prefs"):
+            record = PreferenceRecord.model_validate(row)
+            kept.append(_slim(record))
+            if keep_for_export(record, min_confidence, require_consistent):
+                yield json.dumps(preference_row(record), ensure_ascii=False) + "\n"
+
+    jsonl = store.root / "prefs.jsonl"
+    atomic_write_lines(jsonl, rows())
+    stats = preference_stats(kept, min_confidence, require_consistent)
+    files = [str(jsonl)]
+    if stats.exported and parquet:
+        files.append(str(jsonl_to_parquet(jsonl)))
+    atomic_write_text(store.root / "README.md", prefs_data_card(store, stats, min_confidence, require_consistent))
+    return stats, files
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def prefs_data_card(store: JobStore, stats: PreferenceStats, min_confidence: float, require_consistent: bool) -> str:
+    m = store.manifest
+    inputs = m.fingerprint_inputs
+    const, policy, judge = inputs.get("constitution", {}), inputs.get("policy", {}), inputs.get("judge", {})
+    table = lambda counts: "\n".join(f"| {k} | {v} |" for k, v in sorted(counts.items())) or "| none | 0 |"  # noqa: E731
+    return f"""---
+tags: [constitutional-ai, rlaif, preferences, synthetic]
+configs:
+- config_name: default
+  data_files: prefs.jsonl
+---
+# Preference data: AI-judged pairs under `{const.get('name')}` v{const.get('version')}
+
+Made by `cai` {m.cai_version} (phase 2, RL-CAI). For each prompt the policy sampled
+{m.recipe.get('phase2', {}).get('samples')} answers; the judge compared them under a sampled principle's
+comparison question, in both orders, from the log-probabilities of its options.
+`score` is P(chosen preferred) averaged over both orders; `margin` = 2·score − 1.
+
+- constitution: `{const.get('name')}` version {const.get('version')}, sha256 `{const.get('sha256')}`
+- policy: `{policy.get('id')}` (revision `{policy.get('revision')}`, engine `{policy.get('engine')}`)
+- judge: `{judge.get('id')}` (revision `{judge.get('revision')}`, engine `{judge.get('engine')}`), mode `{m.recipe.get('phase2', {}).get('judge', {}).get('mode')}`
+- prompts: `{m.recipe.get('prompts')}`; job fingerprint `{m.fingerprint}`
+- records: {stats.records}; judged: {stats.judged}; exported: {stats.exported}
+- export rules: confidence ≥ {min_confidence}; {'both orders must agree' if require_consistent else 'inconsistent pairs kept'}
+
+## Label statistics (judged records)
+
+| statistic | value |
+| --- | --- |
+| mean confidence (abs(P − 0.5)·2) | {_fmt(stats.mean_confidence)} |
+| consistency rate (both orders agree) | {_fmt(stats.consistency_rate)} |
+| share of first-position wins (per order) | {_fmt(stats.first_position_wins)} |
+| mean length chosen / rejected (chars, exported) | {_fmt(stats.mean_chosen_chars, '.0f')} / {_fmt(stats.mean_rejected_chars, '.0f')} |
+| chosen is the longer answer (exported) | {_fmt(stats.chosen_longer)} |
+
+## Errors by kind
+
+| code | rows |
+| --- | --- |
+{table(stats.errors)}
+
+## Excluded from the export (kept in shards/)
+
+| reason | rows |
+| --- | --- |
+{table(stats.excluded)}
+
+## Principles of exported pairs
+
+| principle | pairs |
+| --- | --- |
+{table(stats.principles)}
+
+Load with `datasets.load_dataset("json", data_files="prefs.jsonl")`; TRL's `DPOTrainer`
+and `RewardTrainer` take the `prompt` / `chosen` / `rejected` columns as is.
 """

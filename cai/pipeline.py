@@ -17,14 +17,16 @@ from cai.critique import phase1_id, run_phase1
 from cai.engine import make_engine, resolve_backend
 from cai.engine.base import Engine
 from cai.engine.models import model_display_id, model_revision, resolve_model
-from cai.export import SFTExportStats, export_sft
-from cai.prompts import PHASE1_TEMPLATE_HASH
-from cai.recipe import EngineSpec, SFTJob
-from cai.records import ErrorCode, ErrorInfo, ModelRef, SFTRecord, SourcePrompt
+from cai.export import SFTExportStats, export_prefs, export_sft
+from cai.preferences import PreferenceStats, phase2_id, run_phase2
+from cai.prompts import JUDGE_TEMPLATE_HASH, PHASE1_TEMPLATE_HASH
+from cai.recipe import EngineSpec, PrefsJob, SFTJob
+from cai.records import ErrorCode, ErrorInfo, ModelRef, PreferenceRecord, SFTRecord, SourcePrompt, stable_id
 from cai.sources import BUNDLED, BUNDLED_DIR, read_prompts
 from cai.store import IdSet, JobError, JobStore, Manifest, fingerprint
 
 PHASE1_CODE_VERSION = "1"
+PHASE2_CODE_VERSION = "1"
 T = TypeVar("T")
 
 
@@ -120,6 +122,7 @@ def run_batches(
     batch_size: int,
     progress: ProgressHook | None = None,
     setup: Callable[[], None] | None = None,
+    row_key: Callable[[dict], str] = lambda row: row["id"],
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
@@ -128,7 +131,7 @@ def run_batches(
     untimed, only if there is work. A batch whose every row is BACKEND_UNAVAILABLE
     raises EngineDown and is not written, so a rerun does it again.
     """
-    done = store.done_ids(stage)
+    done = store.done_ids(stage, row_key)
     run = BatchRun(done_before=len(done))
     if progress:
         progress("total", sum(1 for item_id, _ in _unique(items(), key) if item_id not in done))
@@ -164,7 +167,7 @@ def phase1_manifest(job: SFTJob, constitution_ref, model: ModelRef) -> Manifest:
     return Manifest(stage="sft", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
 
 
-def _open_store(job: SFTJob, manifest: Manifest) -> JobStore:
+def _open_store(job: SFTJob | PrefsJob, manifest: Manifest) -> JobStore:
     out = Path(job.out)
     if job.new_job and (out / "manifest.json").exists():
         existing = Manifest.model_validate_json((out / "manifest.json").read_text())
@@ -225,3 +228,76 @@ def retry_errors(
     with JobStore.open(job_dir, manifest) as store:
         dropped = store.drop_errors(manifest.stage)
     return dropped, generate_sft(job, engine=engine, progress=progress)
+
+
+class Phase2Summary(BaseModel):
+    out: str
+    done_before: int
+    done_now: int
+    duplicates_merged: int
+    stats: PreferenceStats
+    files: list[str]
+    generated_tokens_now: int
+    generation_seconds: float
+    wall_seconds: float
+
+
+def prefs_manifest(job: PrefsJob, constitution_ref, policy: ModelRef, judge: ModelRef) -> Manifest:
+    inputs = {
+        "stage": f"prefs/{PHASE2_CODE_VERSION}",
+        "constitution": constitution_ref.model_dump(exclude={"path", "git_commit"}),
+        "prompts": source_digest(job.prompts),
+        "policy": policy.model_dump(),
+        "judge": judge.model_dump(),
+        "phase2": job.phase2.model_dump(),
+        "template_hash": JUDGE_TEMPLATE_HASH,
+    }
+    recipe = job.model_dump(mode="json")
+    return Manifest(stage="prefs", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
+
+
+def generate_prefs(
+    job: PrefsJob,
+    policy_engine: Engine | None = None,
+    judge_engine: Engine | None = None,
+    progress: ProgressHook | None = None,
+) -> Phase2Summary:
+    """Phase 2 end to end: sample K answers, judge pairs in both orders, export preferences."""
+    started = time.perf_counter()
+    constitution = load_constitution(job.constitution)
+    judge_spec = job.judge or job.policy
+    policy_ref = policy_engine.model if policy_engine else engine_model_ref(job.policy)
+    judge_ref = judge_engine.model if judge_engine else (
+        policy_ref if job.judge is None else engine_model_ref(judge_spec)
+    )
+    manifest = prefs_manifest(job, constitution.ref, policy_ref, judge_ref)
+    engines: dict[str, Engine] = {}
+    if policy_engine:
+        engines["policy"] = policy_engine
+    if judge_engine:
+        engines["judge"] = judge_engine
+
+    def start_engines() -> None:
+        if "policy" not in engines:
+            engines["policy"] = build_engine(job.policy)
+        if "judge" not in engines:
+            engines["judge"] = engines["policy"] if job.judge is None else build_engine(judge_spec)
+
+    def process(batch: list[SourcePrompt]) -> list[PreferenceRecord]:
+        hook = (lambda name, n: progress(f"step {name}", n)) if progress else None
+        return run_phase2(batch, constitution, engines["policy"], engines["judge"], job.phase2, on_step=hook)
+
+    def row_key(row: dict) -> str:  # "all" pairing writes one row per pair: key rows by their prompt
+        return stable_id("prefs", row["prompt"])
+
+    with _open_store(job, manifest) as store:
+        prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
+        run = run_batches(store, "prefs", prompts, phase2_id, process, job.batch_size, progress,
+                          start_engines, row_key)
+        stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
+    return Phase2Summary(
+        out=str(store.root), done_before=run.done_before, done_now=run.done_now,
+        duplicates_merged=run.duplicates, stats=stats, files=files,
+        generated_tokens_now=run.generated_tokens, generation_seconds=run.generation_seconds,
+        wall_seconds=time.perf_counter() - started,
+    )

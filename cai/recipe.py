@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai.records import SamplingParams
 
@@ -27,6 +27,46 @@ class Phase1Config(BaseModel):
     revision: SamplingParams = SamplingParams(max_tokens=256)
 
 
+class JudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["logprob", "cot", "structured"] = "logprob"
+    orders: Literal[1, 2] = 2
+    clamp: tuple[float, float] = (0.05, 0.95)
+    cot_max_tokens: int = Field(256, ge=1)
+    structured_max_tokens: int = Field(192, ge=1)
+    structured_retries: int = Field(2, ge=0)
+    fallback_structured: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _clamp_band(self) -> JudgeConfig:
+        low, high = self.clamp
+        if not 0.0 <= low < 0.5 < high <= 1.0:
+            raise ValueError("clamp must be (low, high) with 0 <= low < 0.5 < high <= 1")
+        return self
+
+    def generation(self, mode: str | None = None) -> SamplingParams:
+        """Sampling settings of the judge's own text (greedy); logprob mode scores one token."""
+        tokens = {"logprob": 1, "cot": self.cot_max_tokens, "structured": self.structured_max_tokens}
+        return SamplingParams(max_tokens=tokens[mode or self.mode], temperature=0.0, seed=self.seed)
+
+
+class Phase2Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(2, ge=2, description="K answers sampled per prompt")
+    policy: SamplingParams = SamplingParams(temperature=0.8, max_tokens=192)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    pairing: Literal["best_worst", "all"] = "best_worst"
+    seed: int = 0
+
+    @field_validator("policy")
+    @classmethod
+    def _sampled(cls, params: SamplingParams) -> SamplingParams:
+        if params.temperature <= 0:
+            raise ValueError("policy sampling needs temperature > 0, or the K answers are identical")
+        return params
+
+
 class SFTJob(BaseModel):
     """Phase 1: a constitution and prompts in, a job directory with an SFT dataset out."""
 
@@ -39,4 +79,22 @@ class SFTJob(BaseModel):
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1, description="prompts per engine call and per shard")
     parquet: bool = Field(True, description="also export Parquet (JSONL is always written)")
+    new_job: bool = False
+
+
+class PrefsJob(BaseModel):
+    """Phase 2: K sampled answers per prompt from the policy, judged pairwise under sampled principles."""
+
+    model_config = ConfigDict(extra="forbid")
+    constitution: str
+    prompts: str = "redteam"
+    out: str
+    policy: EngineSpec = Field(default_factory=EngineSpec)
+    judge: EngineSpec | None = Field(None, description="None: the policy's engine judges too")
+    phase2: Phase2Config = Field(default_factory=Phase2Config)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1, description="prompts per engine call and per shard")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="export only pairs at least this confident")
+    require_consistent: bool = Field(True, description="export only pairs whose two orders agree")
+    parquet: bool = True
     new_job: bool = False

@@ -138,3 +138,120 @@ def stable_id(stage: str, *parts: object) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---- phase 2: judging and preferences ------------------------------------------------
+
+Position = Literal["A", "B"]
+JudgeMode = Literal["logprob", "cot", "structured", "baseline"]
+
+
+class JudgeOrder(BaseModel):
+    """One presentation of a pair to the judge.
+
+    `first` names the answer shown in position (A): "A" for the original order,
+    "B" when the answers were swapped. `logprobs` and `verdict` use the *shown*
+    position labels; `p_first` is P(the answer shown first is preferred) and
+    `p_a` maps it back to P(answer A preferred) whatever the order.
+    """
+
+    first: Position
+    logprobs: dict[str, float] | None = None
+    verdict: Position | None = None
+    p_first: float | None = None
+    p_a: float | None = None
+    raw: str | None = None
+    finish_reason: Literal["stop", "length", "error"] | None = None
+    attempts: int = 1
+    error: ErrorInfo | None = None
+
+
+class Judgement(BaseModel):
+    """The judge's soft label for one pair: P(answer A preferred), averaged over orders.
+
+    `consistent` is True when every order strictly prefers the same answer,
+    False when they disagree (or one is a tie), None when judged in one order.
+    `confidence` = |p_a - 0.5| * 2. A failure in any order makes the whole
+    judgement an error row (p_a None): never a guessed winner or a silent tie.
+    """
+
+    principle_id: str | None = None
+    mode: JudgeMode
+    p_a: float | None = None
+    orders: list[JudgeOrder] = Field(default_factory=list)
+    consistent: bool | None = None
+    confidence: float | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def p_a_orders(self) -> list[float | None]:
+        return [o.p_a for o in self.orders]
+
+
+class AnswerSample(BaseModel):
+    """One sampled policy answer. `excluded` says why it was not paired (truncated, empty, ...)."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "error"]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    excluded: str | None = None
+    error: ErrorInfo | None = None
+
+
+class Comparison(BaseModel):
+    """A judged pair: answers[a] shown as answer A, answers[b] as answer B."""
+
+    a: int
+    b: int
+    judgement: Judgement
+
+
+class PreferenceLineage(Lineage):
+    """Phase-2 lineage: `model` is the policy; the judge has its own model and settings.
+
+    `sampling` holds {"policy": ..., "judge": ...}; the judge entry is the
+    generation setting of its reasoning / verdict (logprob mode scores one token).
+    """
+
+    judge_model: ModelRef
+    judge_config: dict = Field(default_factory=dict)
+
+
+class PreferenceRecord(BaseModel):
+    """Phase-2 result: K sampled answers for one prompt and the emitted preference pair.
+
+    `score` = P(chosen preferred) in [0.5, 1]; `margin` = P(chosen) - P(rejected)
+    = 2 * score - 1, in [0, 1] (0: a coin flip, 1: certain).
+    `comparisons` keeps every judged pair; `judgement` is the emitted pair's.
+    """
+
+    id: str
+    stage: Literal["prefs"] = "prefs"
+    parent_ids: list[str]
+    prompt: Chat
+    answers: list[AnswerSample] = Field(default_factory=list)
+    pair: tuple[int, int] | None = None
+    chosen_index: int | None = None
+    rejected_index: int | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    score: float | None = None
+    margin: float | None = None
+    judgement: Judgement | None = None
+    comparisons: list[Comparison] = Field(default_factory=list)
+    lineage: PreferenceLineage
+    error: ErrorInfo | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        """Policy tokens sampled for this prompt (the judge's scoring generates none in logprob mode)."""
+        return sum(a.completion_tokens for a in self.answers)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

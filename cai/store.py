@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +160,9 @@ class JobStore:
                 for line in f:
                     yield json.loads(line)
 
-    def done_ids(self, stage: str) -> IdSet:
-        return IdSet(row["id"] for row in self.read(stage))
+    def done_ids(self, stage: str, key: Callable[[dict[str, Any]], str] = lambda row: row["id"]) -> IdSet:
+        """Input ids finished in this stage (`key` maps a stored row to its input id)."""
+        return IdSet(key(row) for row in self.read(stage))
 
     def drop_errors(self, stage: str) -> dict[str, int]:
         """Remove error rows from the shards (each shard rewritten atomically), so a resume redoes them.

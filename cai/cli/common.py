@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from cai.constitution import ConstitutionError
@@ -48,6 +49,6 @@ def fail_on_user_error() -> Iterator[None]:
     """Turn errors caused by input into a one-line message and exit code 2, without a traceback."""
     try:
         yield
-    except (ConstitutionError, SourceError, JobError, FileNotFoundError) as exc:
+    except (ConstitutionError, SourceError, JobError, FileNotFoundError, ValidationError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -13,8 +13,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cai.cli.common import ConstitutionOpt, EngineOpt, ModelOpt, engine_spec, fail_on_user_error
-from cai.pipeline import Phase1Summary, generate_sft
-from cai.recipe import Phase1Config, SFTJob
+from cai.pipeline import Phase1Summary, Phase2Summary, generate_prefs, generate_sft
+from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import SamplingParams
 
 app = typer.Typer(help="Generate synthetic datasets from a constitution.", no_args_is_help=True)
@@ -65,10 +65,71 @@ def sft(
     print_trajectories(Path(summary.out), show)
 
 
-def _run_with_progress(job: SFTJob) -> Phase1Summary:
+@app.command("prefs")
+def prefs(
+    constitution: ConstitutionOpt = "harmless",
+    prompts: Annotated[str, typer.Option(help="JSONL / HH-RLHF file, dataset folder, or bundled set")] = "redteam",
+    policy: ModelOpt = None,
+    out: Annotated[Path, typer.Option(help="job directory (resumed if it exists)")] = Path("jobs/prefs"),
+    engine: EngineOpt = "auto",
+    engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="policy backend option KEY=VALUE")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="judge model; default: the policy model judges")] = None,
+    judge_engine: Annotated[Optional[str], typer.Option(help="judge backend; default: --engine")] = None,
+    samples: Annotated[int, typer.Option(min=2, help="K answers sampled per prompt")] = 2,
+    pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
+    mode: Annotated[str, typer.Option(help="judge scoring: logprob, cot or structured")] = "logprob",
+    orders: Annotated[int, typer.Option(min=1, max=2, help="judge both orders (2) or one")] = 2,
+    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
+    seed: int = 0,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 0.8,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 192,
+    min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="export only pairs this confident")] = 0.0,
+    keep_inconsistent: Annotated[bool, typer.Option(help="export pairs whose two orders disagree")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    new_job: bool = False,
+    parquet: bool = True,
+) -> None:
+    """Phase 2 (RL-CAI): K sampled answers per prompt, judged pairwise; a TRL preference dataset."""
+    with fail_on_user_error():
+        policy_spec = engine_spec(engine, policy, engine_option)
+        judge_spec = None
+        if judge is not None or judge_engine is not None:
+            judge_spec = EngineSpec(backend=judge_engine or engine, model=judge)
+        job = PrefsJob(
+            constitution=constitution, prompts=prompts, out=str(out), policy=policy_spec, judge=judge_spec,
+            phase2=Phase2Config(
+                samples=samples, pairing=pairing, seed=seed,
+                policy=SamplingParams(temperature=temperature, max_tokens=max_tokens),
+                judge=JudgeConfig(mode=mode, orders=orders, seed=seed),
+            ),
+            limit=limit, batch_size=batch_size, min_confidence=min_confidence,
+            require_consistent=not keep_inconsistent, parquet=parquet, new_job=new_job,
+        )
+        summary = _run_with_progress(job)
+    print_phase2_summary(summary)
+
+
+def print_phase2_summary(summary: Phase2Summary) -> None:
+    st = summary.stats
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    console.print(
+        f"[bold]done[/]: {summary.done_now} prompts now, {summary.done_before} resumed"
+        f" ({summary.duplicates_merged} duplicates merged)\n"
+        f"[bold]pairs[/]: {st.judged} judged, {st.exported} exported; errors {st.errors or 'none'};"
+        f" excluded {st.excluded or 'none'}\n"
+        f"[bold]labels[/]: mean confidence {fmt(st.mean_confidence)}, consistency {fmt(st.consistency_rate)},"
+        f" first-position wins {fmt(st.first_position_wins)}\n"
+        f"[bold]tokens[/]: {summary.generated_tokens_now} sampled, {summary.generation_seconds:.1f}s of generation"
+        f" and judging (wall {summary.wall_seconds:.1f}s)\n"
+        f"[bold]dataset[/]: {', '.join(summary.files)}\n[bold]data card[/]: {summary.out}/README.md"
+    )
+
+
+def _run_with_progress(job: SFTJob | PrefsJob) -> Phase1Summary | Phase2Summary:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("phase 1", total=None)
+        name = "phase 1" if isinstance(job, SFTJob) else "phase 2"
+        task = bar.add_task(name, total=None)
 
         def on_progress(event: str, n: int) -> None:
             if event == "total":
@@ -76,9 +137,11 @@ def _run_with_progress(job: SFTJob) -> Phase1Summary:
             elif event == "done":
                 bar.advance(task, n)
             else:
-                bar.update(task, description=f"phase 1: {event.removeprefix('step ')} ({n} requests)")
+                bar.update(task, description=f"{name}: {event.removeprefix('step ')} ({n} requests)")
 
-        return generate_sft(job, progress=on_progress)
+        if isinstance(job, SFTJob):
+            return generate_sft(job, progress=on_progress)
+        return generate_prefs(job, progress=on_progress)
 
 
 def print_phase1_summary(summary: Phase1Summary) -> None:

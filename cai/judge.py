@@ -1,0 +1,268 @@
+"""Phase 2 judge: pairwise comparison under a principle, both orders, soft labels.
+
+Modes (JudgeConfig.mode):
+- ``logprob`` (default): the comparison is a multiple-choice question; the judge's
+  normalised probabilities of the option tokens "A" / "B" after "The answer is: ("
+  give P(first shown preferred). No text is generated.
+- ``cot``: the judge writes its reasoning first (one batched generate call), then
+  the options are scored after it (one batched scoring call); the probabilities are
+  clamped to ``clamp`` as in the CAI paper (which used 0.4-0.6), because reasoning
+  makes a judge overconfident.
+- ``structured``: for backends without log-probs. The judge answers with a JSON
+  object validated by a pydantic model; only malformed replies are asked again
+  (batched), up to ``structured_retries`` times; then the order is an UNPARSEABLE
+  error carrying the raw text. logprob / cot fall back to it when the backend
+  reports NO_LOGPROBS (``fallback_structured``).
+
+With ``orders=2`` each pair is judged as (A, B) and as (B, A) and the two P(A) are
+averaged, so a judge that always picks the first position gets p_a = 0.5 and is
+flagged inconsistent. Every step sends all pairs x orders to the engine in one
+call. A failure in any order makes the judgement an error row: never a default
+winner or a silent tie.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ValidationError,
+    field_validator,
+)
+
+from cai.constitution import Principle
+from cai.engine.base import ChoiceScores, Engine
+from cai.prompts import (
+    JUDGE_ANSWER_PREFIX,
+    JUDGE_OPTIONS,
+    baseline_judge_chat,
+    cot_verdict_chat,
+    judge_chat,
+    structured_retry_chat,
+)
+from cai.recipe import JudgeConfig
+from cai.records import (
+    Chat,
+    Completion,
+    ErrorCode,
+    ErrorInfo,
+    Judgement,
+    JudgeOrder,
+    SamplingParams,
+)
+
+
+class JudgeItem(BaseModel):
+    """One pair to judge: the conversation so far, two answers, the comparison question."""
+
+    prompt: Chat
+    answer_a: str
+    answer_b: str
+    question: str
+    principle_id: str | None = None
+
+    @classmethod
+    def for_principle(cls, prompt: Chat, answer_a: str, answer_b: str, principle: Principle) -> JudgeItem:
+        return cls(prompt=prompt, answer_a=answer_a, answer_b=answer_b,
+                   question=principle.comparison_question, principle_id=principle.id)
+
+    def shown(self, order: int) -> tuple[str, str]:
+        return (self.answer_a, self.answer_b) if order == 0 else (self.answer_b, self.answer_a)
+
+
+class StructuredVerdict(BaseModel):
+    """The structured judge's reply. `choice` is the *shown* position."""
+
+    reasoning: str = ""
+    choice: Literal["A", "B"]
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _normalise(cls, value: object) -> object:
+        return value.strip().strip("()").strip().upper() if isinstance(value, str) else value
+
+
+def parse_verdict(text: str) -> tuple[StructuredVerdict | None, str]:
+    """(verdict, problem): the JSON object in `text`, optionally inside a ```json fence."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body[3:]
+        body = body[4:] if body[:4].lower() == "json" else body
+        body = body.rsplit("```", 1)[0] if "```" in body else body
+    try:
+        return StructuredVerdict.model_validate_json(body.strip()), ""
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return None, f"{where}: {first['msg']}" if where else first["msg"]
+
+
+# ---- probabilities ---------------------------------------------------------------------
+
+
+def option_probability(scores: ChoiceScores) -> tuple[float | None, ErrorInfo | None]:
+    """P(first option) normalised over the two options, or the error."""
+    if scores.error is not None:
+        return None, scores.error
+    logprobs = scores.logprobs or {}
+    values = [logprobs.get(o) for o in JUDGE_OPTIONS]
+    if any(v is None or math.isnan(v) for v in values) or all(v == -math.inf for v in values):
+        msg = f"no usable log-probabilities for options {list(JUDGE_OPTIONS)}: {logprobs}"
+        return None, ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=msg)
+    top = max(values)
+    a, b = (math.exp(v - top) for v in values)
+    return a / (a + b), None
+
+
+def _order(index: int, **fields) -> JudgeOrder:
+    first = "A" if index == 0 else "B"
+    p_first = fields.get("p_first")
+    p_a = None if p_first is None else (p_first if first == "A" else 1.0 - p_first)
+    return JudgeOrder(first=first, p_a=p_a, **fields)
+
+
+def combine(item: JudgeItem, orders: list[JudgeOrder], mode: str) -> Judgement:
+    """Average P(A) over orders; any failed order makes the whole judgement an error row."""
+    failed = next((o for o in orders if o.error is not None), None)
+    if failed is not None:
+        err = failed.error.model_copy(update={"raw": failed.error.raw or failed.raw})
+        return Judgement(principle_id=item.principle_id, mode=mode, orders=orders, error=err)
+    p_a = sum(o.p_a for o in orders) / len(orders)
+    sides = {(o.p_a > 0.5) - (o.p_a < 0.5) for o in orders}
+    consistent = None if len(orders) == 1 else (sides == {1} or sides == {-1})
+    return Judgement(principle_id=item.principle_id, mode=mode, p_a=p_a, orders=orders,
+                     consistent=consistent, confidence=abs(p_a - 0.5) * 2)
+
+
+# ---- engine calls (one per step) -------------------------------------------------------
+
+
+def _score(engine: Engine, chats: list[Chat]) -> list[ChoiceScores]:
+    if not chats:
+        return []
+    try:
+        scores = engine.choice_logprobs(chats, list(JUDGE_OPTIONS), prefix=JUDGE_ANSWER_PREFIX)
+    except NotImplementedError as exc:
+        err = ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=f"{engine.backend}: {exc}")
+        return [ChoiceScores(error=err) for _ in chats]
+    if len(scores) != len(chats):
+        raise RuntimeError(f"engine returned {len(scores)} scores for {len(chats)} chats")
+    return scores
+
+
+def _generate(engine: Engine, chats: list[Chat], params: SamplingParams) -> list[Completion]:
+    if not chats:
+        return []
+    completions = engine.generate(chats, params)
+    if len(completions) != len(chats):
+        raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
+    return completions
+
+
+def _requests(items: Sequence[JudgeItem], orders: int, layout: str) -> list[tuple[int, int, Chat]]:
+    """(item index, order, chat) for every item x order, in one flat batch."""
+    return [(i, o, judge_chat(it.prompt, it.question, *it.shown(o), layout=layout))
+            for i, it in enumerate(items) for o in range(orders)]
+
+
+def _logprob_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig) -> dict:
+    requests = _requests(items, config.orders, "logprob")
+    scores = _score(engine, [chat for _, _, chat in requests])
+    out: dict[tuple[int, int], JudgeOrder] = {}
+    for (i, o, _), s in zip(requests, scores):
+        p, err = option_probability(s)
+        out[i, o] = _order(o, logprobs=s.logprobs, p_first=p, error=err)
+    return out
+
+
+def _cot_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig) -> dict:
+    requests = _requests(items, config.orders, "cot")
+    texts = _generate(engine, [chat for _, _, chat in requests], config.generation("cot"))
+    out: dict[tuple[int, int], JudgeOrder] = {}
+    scored = []
+    for (i, o, chat), c in zip(requests, texts):
+        if c.error is not None:
+            out[i, o] = _order(o, raw=c.text, finish_reason=c.finish_reason, error=c.error)
+        else:
+            scored.append((i, o, c, cot_verdict_chat(chat, c.text)))
+    low, high = config.clamp
+    for (i, o, c, _), s in zip(scored, _score(engine, [chat for *_, chat in scored])):
+        p, err = option_probability(s)
+        p = None if p is None else min(max(p, low), high)
+        out[i, o] = _order(o, logprobs=s.logprobs, p_first=p, raw=c.text,
+                           finish_reason=c.finish_reason, error=err)
+    return out
+
+
+def _structured_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig) -> dict:
+    requests = {(i, o): chat for i, o, chat in _requests(items, config.orders, "structured")}
+    chats = dict(requests)
+    out: dict[tuple[int, int], JudgeOrder] = {}
+    params = config.generation("structured")
+    for attempt in range(1, config.structured_retries + 2):
+        keys = [k for k in chats if k not in out]
+        retry: dict[tuple[int, int], Chat] = {}
+        for key, c in zip(keys, _generate(engine, [chats[k] for k in keys], params)):
+            order = _structured_order(key[1], c, attempt)
+            if order.error is None or order.error.code != ErrorCode.UNPARSEABLE:
+                out[key] = order
+            elif attempt > config.structured_retries:
+                out[key] = order
+            else:
+                retry[key] = structured_retry_chat(requests[key], c.text, order.error.message)
+        chats.update(retry)
+        if not retry:
+            break
+    return out
+
+
+def _structured_order(order: int, c: Completion, attempt: int) -> JudgeOrder:
+    if c.error is not None:  # backend failure: asking again would not help
+        return _order(order, raw=c.text, finish_reason=c.finish_reason, attempts=attempt, error=c.error)
+    verdict, problem = parse_verdict(c.text)
+    if verdict is None:
+        err = ErrorInfo(code=ErrorCode.UNPARSEABLE, message=problem, raw=c.text)
+        return _order(order, raw=c.text, finish_reason=c.finish_reason, attempts=attempt, error=err)
+    p_first = 1.0 if verdict.choice == "A" else 0.0
+    return _order(order, verdict=verdict.choice, p_first=p_first, raw=c.text,
+                  finish_reason=c.finish_reason, attempts=attempt)
+
+
+_RUNNERS = {"logprob": _logprob_orders, "cot": _cot_orders, "structured": _structured_orders}
+
+
+def judge_pairs(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig | None = None) -> list[Judgement]:
+    """Judge every item in both orders (config.orders); one Judgement per item, in order."""
+    config = config or JudgeConfig()
+    orders = _RUNNERS[config.mode](engine, items, config)
+    modes = {i: config.mode for i in range(len(items))}
+    if config.fallback_structured and config.mode != "structured":
+        lacking = sorted({i for (i, _), o in orders.items()
+                          if o.error is not None and o.error.code == ErrorCode.NO_LOGPROBS})
+        redo = _structured_orders(engine, [items[i] for i in lacking], config)
+        for (k, o), order in redo.items():
+            orders[lacking[k], o] = order
+            modes[lacking[k]] = "structured"
+    return [combine(it, [orders[i, o] for o in range(config.orders)], modes[i])
+            for i, it in enumerate(items)]
+
+
+# ---- baseline ----------------------------------------------------------------------------
+
+BASELINE_PARAMS = SamplingParams(max_tokens=64, temperature=0.0)
+
+
+def baseline_judge(engine: Engine, items: Sequence[JudgeItem],
+                   params: SamplingParams = BASELINE_PARAMS) -> list[Judgement]:
+    """The judge most scripts use: one order, text pasted as is, a JSON verdict, greedy, no retry.
+
+    An unparseable reply is an UNPARSEABLE error row (counted separately), not a default winner.
+    """
+    chats = [baseline_judge_chat(it.prompt, it.question, it.answer_a, it.answer_b) for it in items]
+    out = []
+    for item, c in zip(items, _generate(engine, chats, params)):
+        out.append(combine(item, [_structured_order(0, c, 1)], "baseline"))
+    return out

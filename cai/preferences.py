@@ -1,0 +1,306 @@
+"""Phase 2 (RL-CAI data): sample K answers per prompt, judge pairs, build preference records.
+
+Pure: no file I/O. Steps, each one engine call for the whole batch:
+1. the policy samples K answers per prompt (temperature > 0, per-request seeds);
+2. the judge compares the usable answers pairwise, each pair under its own
+   seeded principle, in both orders (see cai.judge).
+
+Exclusions: a sample that failed, was truncated (hit max_tokens), is empty, or
+repeats an earlier sample of the same prompt is kept in the record but not
+paired. With fewer than two usable samples the prompt becomes an error row.
+
+Pairing (``Phase2Config.pairing``):
+- ``best_worst`` (default): every usable pair is judged; each answer gets a soft
+  win count (the sum of its judged P(win) over its pairs, a Copeland/Borda score
+  that uses the soft labels rather than hard wins); the top and bottom answers are
+  emitted as one record, oriented and scored by the judge's own verdict on that
+  pair. One row per prompt keeps prompts equally weighted (all pairs would weight
+  a prompt by K(K-1)/2 strongly correlated rows) and picks the pair with the
+  widest quality gap, i.e. the least noisy label. For K = 2 this is the one pair.
+  If any pair of the prompt failed, the ranking is incomplete: error row.
+- ``all``: one record per judged pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import combinations
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from cai import __version__
+from cai.constitution import LoadedConstitution, sample_principle
+from cai.critique import step_error
+from cai.engine.base import Engine
+from cai.judge import JudgeItem, judge_pairs
+from cai.prompts import JUDGE_TEMPLATE_HASH, answer_chat
+from cai.recipe import Phase2Config
+from cai.records import (
+    AnswerSample,
+    Comparison,
+    ErrorCode,
+    ErrorInfo,
+    PreferenceLineage,
+    PreferenceRecord,
+    SourcePrompt,
+    stable_id,
+)
+
+StepHook = Callable[[str, int], None]
+
+
+def phase2_id(source: SourcePrompt) -> str:
+    return stable_id("prefs", [m.model_dump() for m in source.messages])
+
+
+def _samples(completions) -> list[AnswerSample]:
+    out: list[AnswerSample] = []
+    seen: set[str] = set()
+    for c in completions:
+        err = step_error(c)
+        text = c.text.strip()
+        excluded = err.code.value if err else ("duplicate" if text in seen else None)
+        seen.add(text)
+        out.append(AnswerSample(text=text, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
+                                completion_tokens=c.completion_tokens, excluded=excluded, error=err))
+    return out
+
+
+def _pairs(samples: list[AnswerSample]) -> list[tuple[int, int]]:
+    usable = [k for k, s in enumerate(samples) if s.excluded is None]
+    return list(combinations(usable, 2))
+
+
+def run_phase2(
+    sources: Sequence[SourcePrompt],
+    constitution: LoadedConstitution,
+    policy_engine: Engine,
+    judge_engine: Engine,
+    config: Phase2Config,
+    on_step: StepHook | None = None,
+) -> list[PreferenceRecord]:
+    """Sample, pair and judge a batch of prompts; records in source order."""
+    k = config.samples
+    params = config.policy
+    if params.seed is None:
+        params = params.model_copy(update={"seed": config.seed})
+    chats = [answer_chat(s.messages) for s in sources for _ in range(k)]
+    completions = policy_engine.generate(chats, params) if chats else []
+    if len(completions) != len(chats):
+        raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
+    if on_step:
+        on_step("sample", len(chats))
+    samples = [_samples(completions[n * k:(n + 1) * k]) for n in range(len(sources))]
+    jobs: list[tuple[int, tuple[int, int]]] = []
+    items: list[JudgeItem] = []
+    for n, source in enumerate(sources):
+        for a, b in _pairs(samples[n]):
+            principle = sample_principle(constitution, config.seed, phase2_id(source), [a, b])
+            jobs.append((n, (a, b)))
+            items.append(JudgeItem.for_principle(source.messages, samples[n][a].text,
+                                                 samples[n][b].text, principle))
+    judgements = judge_pairs(judge_engine, items, config.judge) if items else []
+    if on_step and items:
+        on_step("judge", len(items) * config.judge.orders)
+    comparisons: list[list[Comparison]] = [[] for _ in sources]
+    for (n, (a, b)), j in zip(jobs, judgements):
+        comparisons[n].append(Comparison(a=a, b=b, judgement=j))
+    lineage = _lineage_parts(constitution, policy_engine, judge_engine, config, params)
+    records: list[PreferenceRecord] = []
+    for n, source in enumerate(sources):
+        records += _records(source, samples[n], comparisons[n], config, lineage)
+    return records
+
+
+def _lineage_parts(constitution, policy_engine, judge_engine, config, params) -> dict[str, Any]:
+    return dict(
+        constitution=constitution.ref,
+        model=policy_engine.model,
+        judge_model=judge_engine.model,
+        judge_config=config.judge.model_dump(mode="json"),
+        sampling={"policy": params, "judge": config.judge.generation()},
+        seed=config.seed,
+        template_hash=JUDGE_TEMPLATE_HASH,
+        cai_version=__version__,
+    )
+
+
+def _records(source, samples, comparisons, config, lineage) -> list[PreferenceRecord]:
+    base = dict(parent_ids=[source.id], prompt=source.messages, answers=samples)
+    rid = phase2_id(source)
+    if len(comparisons) == 0:
+        usable = sum(s.excluded is None for s in samples)
+        reasons = sorted({s.excluded for s in samples if s.excluded})
+        code = next((s.error.code for s in samples if s.error), ErrorCode.EMPTY)
+        err = ErrorInfo(code=code, message=f"only {usable} of {len(samples)} samples usable "
+                        f"(excluded: {', '.join(reasons)}); need 2 to form a pair",
+                        raw=next((s.text for s in samples if s.error), None))
+        return [_record(rid, base, [], None, lineage, error=err)]
+    if config.pairing == "all":
+        return [_record(stable_id("prefs", rid, [c.a, c.b]), base, [c], c, lineage) for c in comparisons]
+    failed = next((c for c in comparisons if c.judgement.error is not None), None)
+    if failed is not None:
+        err = failed.judgement.error.model_copy(
+            update={"message": f"pair ({failed.a}, {failed.b}): {failed.judgement.error.message}"})
+        return [_record(rid, base, comparisons, None, lineage, error=err)]
+    return [_record(rid, base, comparisons, _best_vs_worst(comparisons), lineage)]
+
+
+def win_scores(comparisons: Sequence[Comparison]) -> dict[int, float]:
+    """Soft win count per answer: the sum over its pairs of its judged P(win)."""
+    wins: dict[int, float] = {}
+    for c in comparisons:
+        wins[c.a] = wins.get(c.a, 0.0) + c.judgement.p_a
+        wins[c.b] = wins.get(c.b, 0.0) + 1.0 - c.judgement.p_a
+    return wins
+
+
+def _best_vs_worst(comparisons: Sequence[Comparison]) -> Comparison:
+    wins = win_scores(comparisons)
+    best = max(wins, key=lambda i: (wins[i], -i))
+    worst = min((i for i in wins if i != best), key=lambda i: (wins[i], i))
+    pair = {best, worst}
+    return next(c for c in comparisons if {c.a, c.b} == pair)
+
+
+def _record(rid, base, comparisons, emitted: Comparison | None, lineage, error=None) -> PreferenceRecord:
+    principles = [c.judgement.principle_id for c in comparisons if c.judgement.principle_id]
+    record = PreferenceRecord(id=rid, **base, comparisons=comparisons,
+                              lineage=PreferenceLineage(principle_ids=principles, **lineage), error=error)
+    if emitted is None or error is not None:
+        return record
+    j = emitted.judgement
+    if j.error is not None:
+        return record.model_copy(update={"judgement": j, "pair": (emitted.a, emitted.b), "error": j.error})
+    a_wins = j.p_a >= 0.5  # an exact tie (score 0.5, margin 0) is never exported; see keep_for_export
+    chosen, rejected = (emitted.a, emitted.b) if a_wins else (emitted.b, emitted.a)
+    score = j.p_a if a_wins else 1.0 - j.p_a
+    answers = base["answers"]
+    return record.model_copy(update=dict(
+        judgement=j, pair=(emitted.a, emitted.b), chosen_index=chosen, rejected_index=rejected,
+        chosen=answers[chosen].text, rejected=answers[rejected].text, score=score, margin=2 * score - 1,
+    ))
+
+
+# ---- export helpers (the lead's export.py writes the files) ------------------------------
+
+
+def keep_for_export(record: PreferenceRecord, min_confidence: float = 0.0,
+                    require_consistent: bool = True) -> bool:
+    """Whether a record goes into the exported dataset.
+
+    Error rows, exact ties (margin 0: no preference), pairs below `min_confidence`
+    and, with `require_consistent`, pairs whose two orders disagree are kept in
+    the raw shards but not exported. A pair judged in one order has
+    consistent=None and is not excluded for it.
+    """
+    j = record.judgement
+    if record.error is not None or j is None or j.error is not None:
+        return False
+    return _exclusion(record, min_confidence, require_consistent) is None
+
+
+def preference_row(record: PreferenceRecord) -> dict:
+    """TRL conversational preference row plus score / margin / consistent and lineage metadata."""
+    if record.chosen is None or record.rejected is None or record.judgement is None:
+        raise ValueError(f"record {record.id} has no preference pair (error: {record.error})")
+    lineage, j = record.lineage, record.judgement
+    metadata = {
+        "id": record.id,
+        "parent_ids": record.parent_ids,
+        "constitution": lineage.constitution.model_dump(exclude={"path"}),
+        "principle_id": j.principle_id,
+        "principle_ids": lineage.principle_ids,
+        "policy_model": lineage.model.model_dump(),
+        "judge_model": lineage.judge_model.model_dump(),
+        "judge_mode": j.mode,
+        "judge_config": lineage.judge_config,
+        "sampling": {k: v.model_dump() for k, v in lineage.sampling.items()},
+        "seed": lineage.seed,
+        "template_hash": lineage.template_hash,
+        "cai_version": lineage.cai_version,
+        "created_at": lineage.created_at,
+        "pair": list(record.pair or ()),
+        "chosen_index": record.chosen_index,
+        "rejected_index": record.rejected_index,
+        "p_a": j.p_a,
+        "p_a_orders": j.p_a_orders,
+        "first_shown": [o.first for o in j.orders],
+        "confidence": j.confidence,
+        "num_samples": len(record.answers),
+    }
+    return {
+        "prompt": [m.model_dump() for m in record.prompt],
+        "chosen": [{"role": "assistant", "content": record.chosen}],
+        "rejected": [{"role": "assistant", "content": record.rejected}],
+        "score": record.score,
+        "margin": record.margin,
+        "consistent": j.consistent,
+        "metadata": metadata,
+    }
+
+
+class PreferenceStats(BaseModel):
+    """Label statistics for a data card (computed over judged records; `exported` after filtering)."""
+
+    records: int = 0
+    judged: int = 0
+    exported: int = 0
+    errors: dict[str, int] = Field(default_factory=dict)
+    excluded: dict[str, int] = Field(default_factory=dict)
+    principles: dict[str, int] = Field(default_factory=dict)
+    mean_confidence: float | None = None
+    consistency_rate: float | None = None
+    first_position_wins: float | None = None
+    mean_chosen_chars: float | None = None
+    mean_rejected_chars: float | None = None
+    chosen_longer: float | None = None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _exclusion(record: PreferenceRecord, min_confidence: float, require_consistent: bool) -> str | None:
+    """Why a judged, error-free record is left out of the export, or None."""
+    j = record.judgement
+    if not record.margin:
+        return "tie"
+    if (j.confidence or 0.0) < min_confidence:
+        return "low_confidence"
+    if require_consistent and j.consistent is False:
+        return "inconsistent"
+    return None
+
+
+def preference_stats(records: Sequence[PreferenceRecord], min_confidence: float = 0.0,
+                     require_consistent: bool = True) -> PreferenceStats:
+    """Counts and label statistics: mean confidence, consistency, first-position wins, lengths."""
+    stats = PreferenceStats(records=len(records))
+    errors: dict[str, int] = {}
+    excluded: dict[str, int] = {}
+    judged = [r for r in records if r.error is None and r.judgement is not None]
+    for r in records:
+        if r.error is not None:
+            errors[r.error.code.value] = errors.get(r.error.code.value, 0) + 1
+        elif r.judgement is not None and (why := _exclusion(r, min_confidence, require_consistent)) is not None:
+            excluded[why] = excluded.get(why, 0) + 1
+    kept = [r for r in judged if keep_for_export(r, min_confidence, require_consistent)]
+    orders = [o for r in judged for o in r.judgement.orders if o.p_first is not None and o.p_first != 0.5]
+    principles: dict[str, int] = {}
+    for r in kept:
+        pid = r.judgement.principle_id or "none"
+        principles[pid] = principles.get(pid, 0) + 1
+    return stats.model_copy(update=dict(
+        judged=len(judged), exported=len(kept), errors=errors, excluded=excluded,
+        principles=dict(sorted(principles.items())),
+        mean_confidence=_mean([r.judgement.confidence for r in judged]),
+        consistency_rate=_mean([float(r.judgement.consistent) for r in judged
+                                if r.judgement.consistent is not None]),
+        first_position_wins=_mean([float(o.p_first > 0.5) for o in orders]),
+        mean_chosen_chars=_mean([len(r.chosen) for r in kept]),
+        mean_rejected_chars=_mean([len(r.rejected) for r in kept]),
+        chosen_longer=_mean([float(len(r.chosen) > len(r.rejected)) for r in kept
+                             if len(r.chosen) != len(r.rejected)]),
+    ))
