@@ -11,7 +11,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cai import __version__
 from cai.constitution import load_constitution
 from cai.critique import phase1_id, run_phase1
 from cai.engine import make_engine, resolve_backend
@@ -92,6 +91,13 @@ class EngineDown(RuntimeError):
     """Every request of a batch failed for the backend: the job stops instead of writing error rows."""
 
 
+class JobCancelled(RuntimeError):
+    """`stop()` said so between two batches; finished batches are kept, a rerun resumes."""
+
+
+StopCheck = Callable[[], bool]
+
+
 class BatchRun(BaseModel):
     done_before: int = 0
     done_now: int = 0
@@ -123,6 +129,7 @@ def run_batches(
     progress: ProgressHook | None = None,
     setup: Callable[[], None] | None = None,
     row_key: Callable[[dict], str] = lambda row: row["id"],
+    stop: StopCheck | None = None,
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
@@ -137,6 +144,8 @@ def run_batches(
         progress("total", sum(1 for item_id, _ in _unique(items(), key) if item_id not in done))
     todo = (item for item_id, item in _unique(items(), key, run) if item_id not in done)
     while batch := list(itertools.islice(todo, batch_size)):
+        if stop is not None and stop():
+            raise JobCancelled(f"cancelled after {run.done_now} rows; rerun the job to resume")
         if setup is not None:
             setup()
             setup = None
@@ -177,7 +186,7 @@ def _open_store(job: SFTJob | PrefsJob, manifest: Manifest) -> JobStore:
 
 
 def generate_sft(
-    job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None
+    job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None
 ) -> Phase1Summary:
     """Phase 1 end to end: resume-aware batches of critique-then-revise, then export."""
     started = time.perf_counter()
@@ -196,7 +205,9 @@ def generate_sft(
 
     with _open_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
-        run = run_batches(store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine)
+        run = run_batches(
+            store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine, stop=stop
+        )
         stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
         out=str(store.root),
@@ -261,6 +272,7 @@ def generate_prefs(
     policy_engine: Engine | None = None,
     judge_engine: Engine | None = None,
     progress: ProgressHook | None = None,
+    stop: StopCheck | None = None,
 ) -> Phase2Summary:
     """Phase 2 end to end: sample K answers, judge pairs in both orders, export preferences."""
     started = time.perf_counter()
@@ -293,7 +305,7 @@ def generate_prefs(
     with _open_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(store, "prefs", prompts, phase2_id, process, job.batch_size, progress,
-                          start_engines, row_key)
+                          start_engines, row_key, stop)
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
     return Phase2Summary(
         out=str(store.root), done_before=run.done_before, done_now=run.done_now,

@@ -225,3 +225,15 @@ def test_bench_replays_the_same_calls_and_loops_one_prompt_at_a_time():
     assert report.naive_loop.calls == 2 * 3 and report.naive_loop.prompts == 2
     sizes = [len(b) for b in engine.batches]
     assert sizes == [1] + [6] * 3 + [6] * 3 + [1] * 6
+
+
+def test_stop_between_batches_keeps_finished_work(tmp_path):
+    from cai.pipeline import JobCancelled
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(6)])
+    engine = FakeEngine(scripted)
+    with pytest.raises(JobCancelled):
+        generate_sft(make_job(tmp_path, prompts, batch_size=2), engine=engine, stop=lambda: len(engine.batches) >= 5)
+    assert len(list((tmp_path / "job" / "shards").glob("sft-*.jsonl"))) == 1
+    summary = generate_sft(make_job(tmp_path, prompts, batch_size=2), engine=FakeEngine(scripted))
+    assert (summary.done_before, summary.done_now) == (2, 4)

@@ -49,6 +49,6 @@ def fail_on_user_error() -> Iterator[None]:
     """Turn errors caused by input into a one-line message and exit code 2, without a traceback."""
     try:
         yield
-    except (ConstitutionError, SourceError, JobError, FileNotFoundError, ValidationError) as exc:
+    except (ConstitutionError, SourceError, JobError, FileNotFoundError, ValidationError, ValueError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
