@@ -1,0 +1,178 @@
+"""`cai run RECIPE.yaml`: the two-phase Constitutional AI run, stage by stage.
+
+Each stage is one `cai` CLI command run in its own process, so every stage can
+be re-run by hand from `RUN/run.json`, engines and trainers never share a
+process (vLLM's CPU thread binding and model memory go away between stages), and
+the peak memory of each stage is measured on its own. A stage is finished when
+its folder holds `.done`; a rerun starts at the first unfinished stage, and the
+data stages resume inside themselves from their job directories.
+
+    01-sft-data  phase 1: critique -> revise with the base model
+    02-sft       SFT of the base model on the revisions
+    03-prefs     phase 2: K samples per prompt from the SFT model, AI-judged pairs
+    04-rm        reward model (method: ppo)
+    05-policy    PPO against the reward model, or DPO on the pairs
+    06-eval      final vs SFT vs base: win rates, refusal rate, plots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.engine.models import EMBEDDED_MODEL
+from cai.records import utc_now
+from cai.sources import read_prompts
+from cai.store import atomic_write_lines, atomic_write_text
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataStage(_Strict):
+    prompts: list[str] = Field(default_factory=lambda: ["redteam"], description="sources, mixed in order")
+    limit: int | None = Field(None, ge=1, description="prompts taken from each source")
+    args: list[str] = Field(default_factory=list, description="extra `cai generate` flags, verbatim")
+
+
+class TrainStage(_Strict):
+    args: list[str] = Field(default_factory=list, description="extra `cai train` flags, e.g. --max-steps 20")
+
+
+class EvalStage(_Strict):
+    args: list[str] = Field(default_factory=list, description="extra `cai eval policy` flags")
+
+
+class RunRecipe(_Strict):
+    """One YAML file describes the whole run; stage `args` are the CLI flags of that stage's command."""
+
+    name: str
+    description: str = ""
+    constitution: str = "harmless"
+    base_model: str = EMBEDDED_MODEL
+    judge_model: str | None = Field(None, description="default: the base model judges")
+    engine: str = "auto"
+    method: Literal["dpo", "ppo"] = "dpo"
+    phase1: DataStage = Field(default_factory=DataStage)
+    sft: TrainStage = Field(default_factory=TrainStage)
+    phase2: DataStage = Field(default_factory=DataStage)
+    rm: TrainStage = Field(default_factory=TrainStage)
+    policy: TrainStage = Field(default_factory=TrainStage)
+    eval: EvalStage = Field(default_factory=EvalStage)
+
+
+class StageResult(BaseModel):
+    name: str
+    command: list[str]
+    seconds: float
+    peak_rss_mb: float
+    finished_at: str = Field(default_factory=utc_now)
+
+
+def load_recipe(spec: str | Path) -> RunRecipe:
+    """A recipe file, or the name of a shipped recipe (`cpu-smollm2`, `gpu-7b`)."""
+    path = Path(spec)
+    if not path.exists() and (RECIPES_DIR / f"{spec}.yaml").exists():
+        path = RECIPES_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"{spec}: no such recipe file (shipped recipes: {shipped})")
+    return RunRecipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def _mixed_prompts(stage: DataStage, path: Path) -> Path:
+    """Write the stage's prompt mix (e.g. red-team + benign) into the run folder once."""
+    if not path.exists():
+        rows = (
+            json.dumps({"id": p.id, "messages": [m.model_dump() for m in p.messages]}, ensure_ascii=False) + "\n"
+            for spec in stage.prompts
+            for p in read_prompts(spec, limit=stage.limit)
+        )
+        atomic_write_lines(path, rows)
+    return path
+
+
+def stage_commands(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, list[str]]]:
+    """(stage folder, `cai` arguments) in order; paths point inside run_dir."""
+    d = {name: str(run_dir / name) for name in ("01-sft-data", "02-sft", "03-prefs", "04-rm", "05-policy", "06-eval")}
+    judge = recipe.judge_model or recipe.base_model
+    engine = ["--engine", recipe.engine]
+    stages = [
+        ("01-sft-data", ["generate", "sft", "--constitution", recipe.constitution, "--prompts",
+                         str(run_dir / "prompts-phase1.jsonl"), "--out", d["01-sft-data"],
+                         "--model", recipe.base_model, *engine, "--show", "0", *recipe.phase1.args]),
+        ("02-sft", ["train", "sft", "--model", recipe.base_model, "--data", f"{d['01-sft-data']}/sft.jsonl",
+                    "--out", d["02-sft"], *recipe.sft.args]),
+        ("03-prefs", ["generate", "prefs", "--constitution", recipe.constitution, "--prompts",
+                      str(run_dir / "prompts-phase2.jsonl"), "--policy", d["02-sft"], "--judge", judge,
+                      "--out", d["03-prefs"], *engine, *recipe.phase2.args]),
+    ]
+    prefs = f"{d['03-prefs']}/prefs.jsonl"
+    if recipe.method == "ppo":
+        stages.append(("04-rm", ["train", "rm", "--model", d["02-sft"], "--data", prefs, "--out", d["04-rm"],
+                                 *recipe.rm.args]))
+        stages.append(("05-policy", ["train", "ppo", "--model", d["02-sft"], "--data", prefs,
+                                     "--reward-model", d["04-rm"], "--out", d["05-policy"], *recipe.policy.args]))
+    else:
+        stages.append(("05-policy", ["train", "dpo", "--model", d["02-sft"], "--data", prefs,
+                                     "--out", d["05-policy"], *recipe.policy.args]))
+    stages.append(("06-eval", ["eval", "policy", "--policy", d["05-policy"], "--sft", d["02-sft"],
+                               "--base", recipe.base_model, "--judge", judge, *engine, "--out", d["06-eval"],
+                               *recipe.eval.args]))
+    return stages
+
+
+def _run_stage(name: str, args: list[str], run_dir: Path, log) -> StageResult:
+    """Run one stage's command in a child process; its own peak RSS comes from wait4."""
+    command = [sys.executable, "-m", "cai", *args]
+    log(f"[{name}] cai {' '.join(args)}")
+    started = time.perf_counter()
+    with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = (run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+        raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); log {run_dir / name}.log:\n{tail}")
+    return StageResult(name=name, command=["cai", *args], seconds=time.perf_counter() - started,
+                       peak_rss_mb=usage.ru_maxrss / 1024)
+
+
+def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageResult]:
+    """Run every unfinished stage in order; finished stages (a `.done` file) are skipped."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = run_dir / "run.json"
+    state: dict[str, Any] = {"recipe": recipe.model_dump(), "stages": {}}
+    if manifest_path.exists():
+        state = json.loads(manifest_path.read_text())
+        if state["recipe"] != recipe.model_dump():
+            raise ValueError(f"{run_dir} was started with another recipe; use a new run folder")
+    _mixed_prompts(recipe.phase1, run_dir / "prompts-phase1.jsonl")
+    _mixed_prompts(recipe.phase2, run_dir / "prompts-phase2.jsonl")
+    results = []
+    for name, args in stage_commands(recipe, run_dir):
+        done = run_dir / name / ".done"
+        if done.exists():
+            log(f"[{name}] done earlier, skipped")
+            results.append(StageResult.model_validate_json(done.read_text()))
+            continue
+        result = _run_stage(name, args, run_dir, log)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(done, result.model_dump_json(indent=2))
+        state["stages"][name] = result.model_dump()
+        atomic_write_text(manifest_path, json.dumps(state, indent=2))
+        log(f"[{name}] {result.seconds:.0f}s, peak {result.peak_rss_mb:.0f} MB")
+        results.append(result)
+    return results
