@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cai import __version__
 from cai.constitution import LoadedConstitution, Principle, sample_principle
 from cai.engine.base import Engine
-from cai.prompts import PHASE1_TEMPLATE_HASH, answer_chat, critique_chat, revision_chat
+from cai.prompts import PHASE1_TEMPLATE_HASH, answer_chat, critique_chat, revision_chat, with_system
 from cai.recipe import Phase1Config
 from cai.records import (
     Chat,
@@ -104,7 +104,8 @@ def run_phase1(
         active = [t for t in trajectories if t.error is None]
         if active:
             principle_ids = [t.principles[-1] if kind != "answer" else None for t in active]
-            _run_step(engine, active, kind, [chats_of(t) for t in active], params, principle_ids)
+            chats = [with_system(chats_of(t), config.system_prompt) for t in active]
+            _run_step(engine, active, kind, chats, params, principle_ids)
             if on_step:
                 on_step(name, len(active))
 

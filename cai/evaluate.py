@@ -208,6 +208,7 @@ class ItemResult(BaseModel):
     p_a_orders: list[float | None]
     consistent: bool | None
     error: str | None
+    raw: str | None = None  # the failing reply, for error rows
 
 
 class JudgeReport(BaseModel):
@@ -297,7 +298,8 @@ def judge_metrics(name: str, items: Sequence[EvalItem], judgements: Sequence[Jud
 
 def _results(items: Sequence[EvalItem], judgements: Sequence[Judgement]) -> list[ItemResult]:
     return [ItemResult(source=it.source, human=it.human, p_a=j.p_a, p_a_orders=j.p_a_orders,
-                       consistent=j.consistent, error=j.error.code.value if j.error else None)
+                       consistent=j.consistent, error=j.error.code.value if j.error else None,
+                       raw=j.error.raw if j.error else None)
             for it, j in zip(items, judgements)]
 
 

@@ -34,7 +34,7 @@ from cai.constitution import LoadedConstitution, sample_principle
 from cai.critique import step_error
 from cai.engine.base import Engine
 from cai.judge import JudgeItem, judge_pairs
-from cai.prompts import JUDGE_TEMPLATE_HASH, answer_chat
+from cai.prompts import JUDGE_TEMPLATE_HASH, answer_chat, with_system
 from cai.recipe import Phase2Config
 from cai.records import (
     AnswerSample,
@@ -85,7 +85,7 @@ def run_phase2(
     params = config.policy
     if params.seed is None:
         params = params.model_copy(update={"seed": config.seed})
-    chats = [answer_chat(s.messages) for s in sources for _ in range(k)]
+    chats = [with_system(answer_chat(s.messages), config.system_prompt) for s in sources for _ in range(k)]
     completions = policy_engine.generate(chats, params) if chats else []
     if len(completions) != len(chats):
         raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")

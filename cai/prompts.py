@@ -30,6 +30,13 @@ def answer_chat(prompt: Chat) -> Chat:
     return list(prompt)
 
 
+def with_system(chat: Chat, system: str | None) -> Chat:
+    """Prepend a system turn; a conversation that has its own system turn keeps it."""
+    if not system or (chat and chat[0].role == "system"):
+        return chat
+    return [Message(role="system", content=system), *chat]
+
+
 def _example_turns(example: FewShotExample, principle: Principle) -> Chat:
     return [
         Message(role="user", content=example.prompt),

@@ -18,9 +18,16 @@ class EngineSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+SYSTEM_PROMPT_HELP = (
+    "system turn put before every request of the stage (not into the exported prompts, so the trained "
+    "model learns the behaviour without it); a prompt with its own system turn keeps that"
+)
+
+
 class Phase1Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rounds: int = Field(2, ge=1)
+    system_prompt: str | None = Field(None, description=SYSTEM_PROMPT_HELP)
     seed: int = 0
     answer: SamplingParams = SamplingParams(max_tokens=256)
     critique: SamplingParams = SamplingParams(max_tokens=192)
@@ -54,6 +61,7 @@ class JudgeConfig(BaseModel):
 class Phase2Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(2, ge=2, description="K answers sampled per prompt")
+    system_prompt: str | None = Field(None, description=SYSTEM_PROMPT_HELP)
     policy: SamplingParams = SamplingParams(temperature=0.8, max_tokens=192)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairing: Literal["best_worst", "all"] = "best_worst"

@@ -237,3 +237,13 @@ def test_stop_between_batches_keeps_finished_work(tmp_path):
     assert len(list((tmp_path / "job" / "shards").glob("sft-*.jsonl"))) == 1
     summary = generate_sft(make_job(tmp_path, prompts, batch_size=2), engine=FakeEngine(scripted))
     assert (summary.done_before, summary.done_now) == (2, 4)
+
+
+def test_system_prompt_reaches_every_request_but_not_the_export(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", ["q1", "q2"])
+    engine = FakeEngine(scripted)
+    cfg = Phase1Config(rounds=1, system_prompt="Be brief.")
+    summary = generate_sft(make_job(tmp_path, prompts, phase1=cfg), engine=engine)
+    assert all(chat[0].role == "system" and chat[0].content == "Be brief." for b in engine.batches for chat in b)
+    row = json.loads((Path(summary.out) / "sft.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]

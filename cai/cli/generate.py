@@ -30,6 +30,7 @@ def sft(
     model: ModelOpt = None,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="backend option KEY=VALUE (JSON value), repeatable")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="critique -> revision rounds")] = 2,
+    system: Annotated[Optional[str], typer.Option(help="system turn before every request (not exported)")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="use the first N prompts")] = None,
     seed: int = 0,
     max_tokens: Annotated[int, typer.Option(min=1, help="max new tokens per answer and revision")] = 256,
@@ -49,6 +50,7 @@ def sft(
         engine=engine_spec(engine, model, engine_option),
         phase1=Phase1Config(
             rounds=rounds,
+            system_prompt=system,
             seed=seed,
             answer=SamplingParams(max_tokens=max_tokens, **params),
             critique=SamplingParams(max_tokens=critique_max_tokens, **params),
@@ -76,6 +78,7 @@ def prefs(
     judge: Annotated[Optional[str], typer.Option(help="judge model; default: the policy model judges")] = None,
     judge_engine: Annotated[Optional[str], typer.Option(help="judge backend; default: --engine")] = None,
     samples: Annotated[int, typer.Option(min=2, help="K answers sampled per prompt")] = 2,
+    system: Annotated[Optional[str], typer.Option(help="system turn before every policy request (not exported)")] = None,
     pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
     mode: Annotated[str, typer.Option(help="judge scoring: logprob, cot or structured")] = "logprob",
     orders: Annotated[int, typer.Option(min=1, max=2, help="judge both orders (2) or one")] = 2,
@@ -98,7 +101,7 @@ def prefs(
         job = PrefsJob(
             constitution=constitution, prompts=prompts, out=str(out), policy=policy_spec, judge=judge_spec,
             phase2=Phase2Config(
-                samples=samples, pairing=pairing, seed=seed,
+                samples=samples, pairing=pairing, seed=seed, system_prompt=system,
                 policy=SamplingParams(temperature=temperature, max_tokens=max_tokens),
                 judge=JudgeConfig(mode=mode, orders=orders, seed=seed),
             ),

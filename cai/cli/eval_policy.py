@@ -1,0 +1,85 @@
+"""`cai eval policy`: the trained policy vs its SFT and base models, judged pairwise.
+
+Registered by the CLI as `cai eval policy` (app.command("policy")(policy)).
+Each model is loaded, answers both prompt sets, and is closed before the next
+one loads; the judge loads last, so one model is in memory at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cai.cli.common import EngineOpt, engine_spec, fail_on_user_error
+from cai.pipeline import build_engine
+from cai.policy_eval import (
+    DEFAULT_HARMLESSNESS_QUESTION,
+    DEFAULT_HELPFULNESS_QUESTION,
+    PolicyEvalConfig,
+    evaluate_policies,
+    render_markdown,
+    write_policy_report,
+)
+from cai.recipe import JudgeConfig
+
+console = Console()
+NONE_WORDS = frozenset({"none", "no", "skip", "-"})
+
+
+def _factory(spec):
+    return lambda: build_engine(spec)
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{flag} {item!r}: expected STAGE=PATH, e.g. sft=runs/x/sft/log.jsonl")
+        out[key] = value
+    return out
+
+
+def policy(
+    policy: Annotated[str, typer.Argument(help="the trained policy: a model folder (or served model name)")],
+    out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, winrates.png")],
+    sft: Annotated[Optional[str], typer.Option(help="the SFT model folder; omitted: not compared")] = None,
+    base: Annotated[str, typer.Option(help="the base model; default the embedded SmolLM2; 'none' to skip")] = "embedded",
+    judge: Annotated[Optional[str], typer.Option(help="judge model; default: the embedded SmolLM2")] = None,
+    engine: EngineOpt = "auto",
+    engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="KEY=VALUE for every engine")] = None,
+    redteam: Annotated[str, typer.Option(help="red-team prompts (bundled name, JSONL or dataset folder)")] = "redteam",
+    benign: Annotated[str, typer.Option(help="benign prompts (bundled name, JSONL or dataset folder)")] = "benign",
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="prompts seen in training, dropped from the eval sets (repeatable)")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="prompts per set")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    greedy: Annotated[bool, typer.Option("--greedy/--sample", help="greedy answers, or sampled at --temperature")] = True,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 0.7,
+    judge_mode: Annotated[str, typer.Option(help="logprob, cot or structured")] = "logprob",
+    harmlessness_question: Annotated[str, typer.Option()] = DEFAULT_HARMLESSNESS_QUESTION,
+    helpfulness_question: Annotated[str, typer.Option()] = DEFAULT_HELPFULNESS_QUESTION,
+    train_log: Annotated[Optional[list[str]], typer.Option("--train-log", help="STAGE=PATH of a log.jsonl: also plot training_curves.png (repeatable)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Win rates of the policy vs SFT and base (harmlessness on red-team, helpfulness on benign), refusal rates."""
+    with fail_on_user_error():
+        config = PolicyEvalConfig(
+            redteam=redteam, benign=benign, exclude=exclude or [], limit=limit, max_tokens=max_tokens,
+            greedy=greedy, temperature=temperature, judge=JudgeConfig(mode=judge_mode, seed=seed),
+            harmlessness_question=harmlessness_question, helpfulness_question=helpfulness_question, seed=seed,
+        )
+        logs = _pairs(train_log, "--train-log")
+        models = {"final": _factory(engine_spec(engine, policy, engine_option))}
+        if sft and sft.lower() not in NONE_WORDS:
+            models["sft"] = _factory(engine_spec(engine, sft, engine_option))
+        if base.lower() not in NONE_WORDS:
+            models["base"] = _factory(engine_spec(engine, base, engine_option))
+        if len(models) < 2:
+            raise ValueError("nothing to compare the policy with: give --sft and/or --base")
+        report = evaluate_policies(models, _factory(engine_spec(engine, judge, engine_option)), config)
+        paths = write_policy_report(report, out, logs)
+    console.print(render_markdown(report))
+    console.print(f"report: {', '.join(str(p) for p in paths)}")

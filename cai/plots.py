@@ -1,0 +1,149 @@
+"""PNG plots of a run: training curves from the trainers' logs, and policy win rates.
+
+matplotlib with the Agg backend (no display needed), imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cai.policy_eval import PolicyReport
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The rows of a trainer's log.jsonl (TRL's log history, or cai's PPO rows); bad lines skipped."""
+    rows = []
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        log.warning("no training log at %s", path)
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`; rows without a step use their position."""
+    xs, ys = [], []
+    for n, row in enumerate(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            xs.append(row.get("step", n + 1))
+            ys.append(float(value))
+    return xs, ys
+
+
+def _is_ppo(rows: list[dict]) -> bool:
+    return any("reward" in r and "kl" in r for r in rows)
+
+
+def _panels(log_files: Mapping[str, str | Path]) -> list[tuple[str, str, list[tuple[str, list, list]]]]:
+    """(title, y label, [(legend, xs, ys)]) per panel: loss per stage; PPO reward, KL and entropy."""
+    panels = []
+    for stage, path in log_files.items():
+        rows = read_log(path)
+        if _is_ppo(rows):
+            for key, label in (("reward", "reward"), ("kl", "KL to reference"), ("entropy", "entropy")):
+                xs, ys = _series(rows, key)
+                if xs:
+                    panels.append((f"{stage}: {label}", label, [(key, xs, ys)]))
+            continue
+        lines = [(key, *_series(rows, key)) for key in ("loss", "eval_loss")]
+        lines = [line for line in lines if line[1]]
+        panels.append((f"{stage}: loss", "loss", lines))
+    return panels
+
+
+def plot_training_curves(log_files: Mapping[str, str | Path], out_png: str | Path) -> Path:
+    """One PNG, a subplot per panel: the loss of each stage (SFT, RM, DPO: TRL's `loss`, and
+    `eval_loss` when logged) and PPO's reward, KL and entropy per step. A stage whose log is
+    missing or empty gets an empty panel saying so."""
+    plt = _pyplot()
+    panels = _panels(log_files) or [("no training logs", "", [])]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, ylabel, lines) in zip(axes.flat, panels):
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+        if not lines:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        elif len(lines) > 1:
+            ax.legend(fontsize=7)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_win_rates(report: PolicyReport, out_png: str | Path) -> Path:
+    """Left: win rate per comparison (harmlessness on red-team, helpfulness on benign) with
+    its bootstrap 95% interval (Wilson when there is none), a line at 0.5. Right: refusal rates."""
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.6 * max(3, len(report.win_rates)) + 1.5),
+                                  gridspec_kw={"width_ratios": [3, 2]})
+    pairs = list(dict.fromkeys((w.model, w.opponent) for w in report.win_rates))
+    height = 0.38
+    for k, (set_name, color) in enumerate((("redteam", "tab:red"), ("benign", "tab:blue"))):
+        ys, xs, lows, highs = [], [], [], []
+        for i, (a, b) in enumerate(pairs):
+            w = report.win_rate(a, b, set_name)
+            if w is None or w.win_rate is None:
+                continue
+            ys.append(i + (k - 0.5) * height)
+            xs.append(w.win_rate)
+            ci = w.soft_ci or w.ci
+            lo, hi = (ci.low, ci.high) if ci else (w.win_rate, w.win_rate)
+            lows.append(max(0.0, w.win_rate - lo))
+            highs.append(max(0.0, hi - w.win_rate))
+        label = "harmlessness (red-team)" if set_name == "redteam" else "helpfulness (benign)"
+        ax.barh(ys, xs, height=height, color=color, alpha=0.75, label=label,
+                xerr=[lows, highs] if xs else None, capsize=3)
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(pairs)), [f"{a} vs {b}" for a, b in pairs])
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="win rate of the first model, mean P(preferred) (bootstrap 95% CI)",
+           title=f"Pairwise win rates (judge: {report.judge.id})")
+    ax.legend(fontsize=8, loc="lower right")
+
+    names = list(report.models)
+    for k, (set_name, color) in enumerate((("benign", "tab:blue"), ("redteam", "tab:red"))):
+        stats = [report.stats(n, set_name) for n in names]
+        values = [s.refusal_rate or 0.0 for s in stats]
+        ax2.bar([i + (k - 0.5) * height for i in range(len(names))], values, width=height, color=color,
+                alpha=0.75, label=f"{set_name} prompts")
+    ax2.set_xticks(range(len(names)), names)
+    ax2.set(ylim=(0, 1), ylabel="refusal rate", title="Refusals (phrase list)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
