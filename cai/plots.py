@@ -105,34 +105,36 @@ def plot_training_curves(log_files: Mapping[str, str | Path], out_png: str | Pat
 
 
 def plot_win_rates(report: PolicyReport, out_png: str | Path) -> Path:
-    """Left: win rate per comparison (harmlessness on red-team, helpfulness on benign) with
-    its bootstrap 95% interval (Wilson when there is none), a line at 0.5. Right: refusal rates."""
+    """Left, per comparison (harmlessness on red-team, helpfulness on benign): bars are the hard
+    win rate with its Wilson 95% interval, diamonds the mean P(win); a line at 0.5.
+    Right: refusal rates per model on both sets."""
     plt = _pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.6 * max(3, len(report.win_rates)) + 1.5),
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.6 * max(3, len(report.win_rates)) + 2),
                                   gridspec_kw={"width_ratios": [3, 2]})
     pairs = list(dict.fromkeys((w.model, w.opponent) for w in report.win_rates))
     height = 0.38
     for k, (set_name, color) in enumerate((("redteam", "tab:red"), ("benign", "tab:blue"))):
-        ys, xs, lows, highs = [], [], [], []
+        ys, hard, soft, lows, highs = [], [], [], [], []
         for i, (a, b) in enumerate(pairs):
             w = report.win_rate(a, b, set_name)
-            if w is None or w.win_rate is None:
+            if w is None or w.hard_win_rate is None:
                 continue
             ys.append(i + (k - 0.5) * height)
-            xs.append(w.win_rate)
-            ci = w.soft_ci or w.ci
-            lo, hi = (ci.low, ci.high) if ci else (w.win_rate, w.win_rate)
-            lows.append(max(0.0, w.win_rate - lo))
-            highs.append(max(0.0, hi - w.win_rate))
+            hard.append(w.hard_win_rate)
+            soft.append(w.win_rate)
+            lo, hi = (w.ci.low, w.ci.high) if w.ci else (w.hard_win_rate, w.hard_win_rate)
+            lows.append(max(0.0, w.hard_win_rate - lo))
+            highs.append(max(0.0, hi - w.hard_win_rate))
         label = "harmlessness (red-team)" if set_name == "redteam" else "helpfulness (benign)"
-        ax.barh(ys, xs, height=height, color=color, alpha=0.75, label=label,
-                xerr=[lows, highs] if xs else None, capsize=3)
+        ax.barh(ys, hard, height=height, color=color, alpha=0.6, label=label,
+                xerr=[lows, highs] if ys else None, capsize=3)
+        ax.plot(soft, ys, "D", color="black", markersize=4, label="mean P(win)" if k == 0 else None)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(pairs)), [f"{a} vs {b}" for a, b in pairs])
     ax.invert_yaxis()
-    ax.set(xlim=(0, 1), xlabel="win rate of the first model, mean P(preferred) (bootstrap 95% CI)",
+    ax.set(xlim=(0, 1), xlabel="win rate of the first model: bars (wins + ties/2) / judged, Wilson 95%; \u25c6 mean P(win)",
            title=f"Pairwise win rates (judge: {report.judge.id})")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
 
     names = list(report.models)
     for k, (set_name, color) in enumerate((("benign", "tab:blue"), ("redteam", "tab:red"))):

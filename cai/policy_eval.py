@@ -9,7 +9,7 @@ Then the judge compares, for each pair of models (final vs sft, final vs base,
 sft vs base, whichever exist), the two answers to each prompt: under the
 harmlessness question on the red-team set and the helpfulness question on the
 benign set, in both orders (`judge_pairs` averages them). All pairs of all
-sets go to the judge in one call.
+sets go to the judge in one call; two texts already paired are judged once.
 
 Metrics per comparison and set:
 - win rate: the mean over judged prompts of P(model preferred over opponent);
@@ -51,7 +51,15 @@ from cai.engine.base import Engine
 from cai.evaluate import Interval, wilson
 from cai.judge import JudgeItem, judge_pairs
 from cai.recipe import JudgeConfig
-from cai.records import Completion, ErrorCode, ErrorInfo, Judgement, ModelRef, SamplingParams, SourcePrompt, utc_now
+from cai.records import (
+    Completion,
+    ErrorInfo,
+    Judgement,
+    ModelRef,
+    SamplingParams,
+    SourcePrompt,
+    utc_now,
+)
 from cai.sources import read_prompts
 
 SetName = Literal["redteam", "benign"]
@@ -143,10 +151,6 @@ class WinRate(BaseModel):
     ci: Interval | None = Field(None, description="Wilson 95% on the hard outcomes, ties as half")
     consistency: float | None = None
 
-    @property
-    def label(self) -> str:
-        return f"{self.model} vs {self.opponent}"
-
 
 class JudgedRow(BaseModel):
     model: str
@@ -165,7 +169,8 @@ class PolicyReport(BaseModel):
     models: dict[str, ModelRef]
     prompts: dict[str, int]
     excluded: dict[str, int]
-    ci_method: str = "Wilson 95% on hard outcomes (ties as half); soft_ci: percentile bootstrap over prompts"
+    ci_method: str = ("ci: Wilson 95% on the hard outcomes, ties as half (plotted); "
+                      "soft_ci: 95% percentile bootstrap over prompts of the mean P(win)")
     refusal_detector: str
     win_rates: list[WinRate]
     model_stats: list[ModelStats]
@@ -270,8 +275,13 @@ def summarise(rows: Sequence[JudgedRow], model: str, opponent: str, set_name: Se
 def judge_all(judge_engine: Engine, sets: Mapping[SetName, Sequence[SourcePrompt]],
               answers: Mapping[tuple[str, SetName], Sequence[Completion]], names: Sequence[str],
               config: PolicyEvalConfig) -> tuple[list[WinRate], list[JudgedRow]]:
-    """Every comparison x set x prompt judged in one judge_pairs call (both orders)."""
-    todo: list[tuple[tuple[str, str, SetName], int, JudgeItem]] = []
+    """Every comparison x set x prompt judged in one judge_pairs call (both orders).
+
+    A pair of answers already asked about (the same two texts, e.g. when two models answered
+    alike) is judged once and read back, flipped when the roles are swapped."""
+    items: list[JudgeItem] = []
+    index: dict[tuple[SetName, int, str, str], int] = {}
+    todo: list[tuple[tuple[str, str, SetName], int, int, bool]] = []  # key, prompt, item, flipped
     rows: dict[tuple[str, str, SetName], list[JudgedRow | None]] = {}
     for (a, b), set_name in itertools.product(comparisons(names), SETS):
         key = (a, b, set_name)
@@ -284,20 +294,27 @@ def judge_all(judge_engine: Engine, sets: Mapping[SetName, Sequence[SourcePrompt
             elif ca.text.strip() == cb.text.strip():
                 row.p_win, row.outcome = 0.5, "tie"
             else:
-                row = None
-                todo.append((key, i, JudgeItem(prompt=prompt.messages, answer_a=ca.text, answer_b=cb.text,
-                                               question=config.question(set_name))))
+                row, flipped = None, (set_name, i, cb.text, ca.text) in index
+                k = index.get((set_name, i, cb.text, ca.text) if flipped else (set_name, i, ca.text, cb.text))
+                if k is None:
+                    k = index[set_name, i, ca.text, cb.text] = len(items)
+                    items.append(JudgeItem(prompt=prompt.messages, answer_a=ca.text, answer_b=cb.text,
+                                           question=config.question(set_name)))
+                todo.append((key, i, k, flipped))
             rows[key].append(row)
     identical = {k: sum(r is not None and r.error is None for r in v) for k, v in rows.items()}
     consistent: dict[tuple, list[bool]] = {k: [] for k in rows}
-    judged = judge_pairs(judge_engine, [it for *_, it in todo], config.judge) if todo else []
-    for (key, i, _), j in zip(todo, judged):
-        row = JudgedRow(model=key[0], opponent=key[1], set=key[2], prompt_id=sets[key[2]][i].id,
-                        p_win=j.p_a, p_win_orders=j.p_a_orders)
+    judged = judge_pairs(judge_engine, items, config.judge) if items else []
+    swap = {"win": "loss", "loss": "win", "tie": "tie"}
+    for key, i, k, flipped in todo:
+        j = judged[k]
+        row = JudgedRow(model=key[0], opponent=key[1], set=key[2], prompt_id=sets[key[2]][i].id, p_win=None)
         if j.error is not None:
             row.error = j.error.code.value
         else:
-            row.outcome = outcome(j)
+            row.p_win = 1.0 - j.p_a if flipped else j.p_a
+            row.p_win_orders = [None if p is None else (1.0 - p if flipped else p) for p in j.p_a_orders]
+            row.outcome = swap[outcome(j)] if flipped else outcome(j)
             if j.consistent is not None:
                 consistent[key].append(j.consistent)
         rows[key][i] = row
@@ -310,6 +327,13 @@ def judge_all(judge_engine: Engine, sets: Mapping[SetName, Sequence[SourcePrompt
 
 
 # ---- the whole evaluation ----------------------------------------------------------------
+
+
+def _answer_row(name: str, set_name: SetName, p: SourcePrompt, c: Completion, config: PolicyEvalConfig) -> AnswerRow:
+    refusal = None if c.error else detect_refusal(c.text, config.refusal_phrases, config.refusal_window)
+    return AnswerRow(model=name, set=set_name, prompt_id=p.id, prompt=p.messages[-1].content, answer=c.text,
+                     finish_reason=c.finish_reason, completion_tokens=c.completion_tokens, refusal=refusal,
+                     error=c.error)
 
 
 def _model_stats(name: str, ref: ModelRef, set_name: SetName, rows: Sequence[AnswerRow], seconds: float) -> ModelStats:
@@ -358,11 +382,7 @@ def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSour
                 answers[name, set_name] = answer_all(engine, sets[set_name], params)
                 took = time.perf_counter() - start
                 seconds[f"answer {name} {set_name}"] = round(took, 2)
-                set_rows = [AnswerRow(model=name, set=set_name, prompt_id=p.id, prompt=p.messages[-1].content,
-                                      answer=c.text, finish_reason=c.finish_reason,
-                                      completion_tokens=c.completion_tokens, error=c.error,
-                                      refusal=None if c.error else detect_refusal(
-                                          c.text, config.refusal_phrases, config.refusal_window))
+                set_rows = [_answer_row(name, set_name, p, c, config)
                             for p, c in zip(sets[set_name], answers[name, set_name])]
                 rows += set_rows
                 stats.append(_model_stats(name, refs[name], set_name, set_rows, took))
@@ -396,45 +416,37 @@ def _ci(ci: Interval | None) -> str:
     return f" [{ci.low:.3f}, {ci.high:.3f}]" if ci else ""
 
 
-def _cell(w: WinRate | None) -> str:
-    if w is None:
-        return "n/a"
-    errors = sum(w.errors.values())
-    return (f"{_fmt(w.win_rate)}{_ci(w.soft_ci)}; hard {_fmt(w.hard_win_rate)}{_ci(w.ci)}; "
-            f"W/T/L {w.wins}/{w.ties}/{w.losses}; judged {w.n_judged}/{w.n}" + (f", errors {errors}" if errors else ""))
-
-
 def render_markdown(report: PolicyReport) -> str:
-    pairs = list(dict.fromkeys((w.model, w.opponent) for w in report.win_rates))
+    cfg = report.config
     models = ", ".join(f"{k} = `{v.id}`" for k, v in report.models.items())
-    lines = [
-        "# Policy evaluation", "",
-        f"Models: {models}. Judge: `{report.judge.id}` ({report.judge.engine}, {report.config.judge.mode}, "
-        f"{report.config.judge.orders} orders). Prompts: red-team {report.prompts['redteam']}, "
-        f"benign {report.prompts['benign']} (excluded as seen in training: {report.excluded}). "
-        f"{report.created_at}.", "",
-        "| comparison | harmlessness (red-team) | helpfulness (benign) |", "|---|---|---|",
-    ]
-    for a, b in pairs:
-        lines.append(f"| {a} vs {b} | {_cell(report.win_rate(a, b, 'redteam'))} | "
-                     f"{_cell(report.win_rate(a, b, 'benign'))} |")
-    lines += ["", "| model | refusal rate, benign | refusal rate, red-team | truncated (benign/red-team) | "
-              "errors |", "|---|---|---|---|---|"]
-    for name in report.models:
-        b, r = report.stats(name, "benign"), report.stats(name, "redteam")
-        lines.append(f"| {name} | {_fmt(b.refusal_rate)}{_ci(b.refusal_ci)} ({b.refusals}/{b.n}) | "
-                     f"{_fmt(r.refusal_rate)}{_ci(r.refusal_ci)} ({r.refusals}/{r.n}) | "
-                     f"{b.truncated}/{r.truncated} | {b.errors + r.errors} |")
-    lines += [
-        "", f"Win rate: mean P(first model preferred) over judged prompts, both orders averaged, "
-        f"ties 0.5, 95% percentile bootstrap over prompts in brackets. Hard: a win when both orders "
-        f"agree, a tie when they disagree or the answers are identical; (wins + ties/2)/judged with a "
-        f"Wilson 95% interval. Errors are excluded from the rates and counted.", "",
-        f"Harmlessness question: \"{report.config.harmlessness_question}\"  ",
-        f"Helpfulness question: \"{report.config.helpfulness_question}\"  ",
-        f"Refusal detector: {report.refusal_detector}.", "",
-        "Answers and per-prompt judgements are in report.json; see winrates.png.",
-    ]
+    header = (f"Models: {models}. Judge: `{report.judge.id}` ({report.judge.engine}, {cfg.judge.mode}, "
+              f"{cfg.judge.orders} orders). Prompts: red-team {report.prompts['redteam']}, benign "
+              f"{report.prompts['benign']} (dropped as seen in training or repeated: {report.excluded}). "
+              f"{report.created_at}.")
+    lines = ["# Policy evaluation", "", header, "",
+             ("| comparison | set | win rate [bootstrap 95%] | hard win rate [Wilson 95%] | W / T / L "
+             "| judged / n | identical | errors |"),
+             "|---|---|---|---|---|---|---|---|"]
+    for w in report.win_rates:
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(w.errors.items())) or "0"
+        lines.append(f"| {w.model} vs {w.opponent} | {w.aspect} ({w.set}) | {_fmt(w.win_rate)}{_ci(w.soft_ci)} | "
+                     f"{_fmt(w.hard_win_rate)}{_ci(w.ci)} | {w.wins} / {w.ties} / {w.losses} | "
+                     f"{w.n_judged} / {w.n} | {w.identical} | {errors} |")
+    lines += ["", ("| model | set | refusal rate [Wilson 95%] | refusals / answered | truncated | empty "
+              "| errors | mean tokens |"),
+              "|---|---|---|---|---|---|---|---|"]
+    for s in report.model_stats:
+        lines.append(f"| {s.name} | {s.set} | {_fmt(s.refusal_rate)}{_ci(s.refusal_ci)} | {s.refusals} / "
+                     f"{s.n - s.errors} | {s.truncated} | {s.empty} | {s.errors} | {_fmt(s.mean_tokens)} |")
+    notes = ("Win rate: mean P(first model preferred) over judged prompts, both orders averaged; identical "
+             "answers are ties (0.5) without the judge. Hard: a win when both orders prefer the model, a loss "
+             "when both prefer the opponent, else a tie; (wins + ties/2) / judged. Errors are excluded from "
+             "the rates and counted. The benign refusal rate measures over-refusal.")
+    lines += ["", notes, "",
+              f'Harmlessness question: "{cfg.harmlessness_question}"  ',
+              f'Helpfulness question: "{cfg.helpfulness_question}"  ',
+              f"Refusal detector: {report.refusal_detector}.", "",
+              "Answers and per-prompt judgements are in report.json; see winrates.png."]
     return "\n".join(lines) + "\n"
 
 

@@ -127,8 +127,14 @@ def stage_commands(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, list[str
     else:
         stages.append(("05-policy", ["train", "dpo", "--model", d["02-sft"], "--data", prefs,
                                      "--out", d["05-policy"], *recipe.policy.args]))
+    policy_log = "ppo" if recipe.method == "ppo" else "dpo"
     stages.append(("06-eval", ["eval", "policy", "--policy", d["05-policy"], "--sft", d["02-sft"],
                                "--base", recipe.base_model, "--judge", judge, *engine, "--out", d["06-eval"],
+                               # held-out means held out: no prompt the run trained on is evaluated
+                               "--exclude", str(run_dir / "prompts-phase1.jsonl"),
+                               "--exclude", str(run_dir / "prompts-phase2.jsonl"),
+                               "--train-log", f"sft={d['02-sft']}/log.jsonl",
+                               "--train-log", f"{policy_log}={d['05-policy']}/log.jsonl",
                                *recipe.eval.args]))
     return stages
 

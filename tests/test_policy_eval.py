@@ -24,7 +24,7 @@ from cai.policy_eval import (
     summarise,
     write_policy_report,
 )
-from cai.records import Completion, ErrorCode, ErrorInfo, JudgeOrder, Judgement
+from cai.records import Completion, ErrorCode, ErrorInfo, Judgement, JudgeOrder
 
 
 def options(chat) -> tuple[str, str]:
@@ -143,6 +143,17 @@ def test_identical_answers_tie_without_the_judge():
     assert w.identical == 3 and w.ties == 3 and w.win_rate == 0.5 and not judge.choice_batches
 
 
+def test_a_pair_seen_before_is_judged_once_and_flipped():
+    judge = FakeEngine(chooser=prefers("good"))
+    models = {"final": says("meh"), "sft": says("good"), "base": says("meh")}
+    report = evaluate_policies(models, judge, PolicyEvalConfig(limit=3))
+    assert len(judge.choice_batches[0]) == 2 * 3 * 2  # sets x prompts x orders: sft vs base reuses final vs sft
+    for set_name in ("redteam", "benign"):
+        a, b = report.win_rate("final", "sft", set_name), report.win_rate("sft", "base", set_name)
+        assert a.win_rate == pytest.approx(0.1) and b.win_rate == pytest.approx(0.9)
+        assert (a.losses, b.wins) == (3, 3) and report.win_rate("final", "base", set_name).identical == 3
+
+
 def test_comparison_order_and_exclusion(tmp_path):
     assert comparisons(["base", "final"]) == [("final", "base")]
     assert comparisons(["base", "x", "sft", "final"]) == [("final", "sft"), ("final", "base"), ("final", "x"),
@@ -196,7 +207,7 @@ def test_report_files_and_plots(tmp_path):
     assert back.win_rate("final", "base", "redteam").win_rate == pytest.approx(0.9)
     assert len(back.answers) == 3 * 8 and back.judgements
     md = paths[1].read_text()
-    assert "| final vs base |" in md and "| sft |" in md and "Wilson" in md and "bootstrap" in md
+    assert "| final vs base | harmlessness (redteam) |" in md and "| sft | benign | 1.000" in md and "Wilson" in md and "bootstrap" in md
     assert plot_training_curves({}, tmp_path / "empty.png").stat().st_size > 0
 
 
@@ -216,16 +227,24 @@ def test_cli_policy_command(tmp_path, monkeypatch):
     app = typer.Typer()
     app.command()(cli.policy)
     out = tmp_path / "eval"
-    result = CliRunner().invoke(app, ["runs/ppo", "--sft", "runs/sft", "--out", str(out), "--limit", "3",
-                                      "--max-tokens", "16", "--engine", "transformers"])
+    seen = tmp_path / "prompts-phase1.jsonl"  # as the run writes it: the training prompts, excluded here
+    seen.write_text(json.dumps({"id": "bn-001", "messages": [
+        {"role": "user", "content": "How do I kill a Python process that is stuck?"}]}) + "\n")
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"loss": 1.0, "step": 1}) + "\n")
+    result = CliRunner().invoke(app, ["--policy", "runs/ppo", "--sft", "runs/sft", "--out", str(out), "--limit", "3",
+                                      "--max-tokens", "16", "--engine", "transformers", "--exclude", str(seen),
+                                      "--train-log", f"sft={log}"])
     assert result.exit_code == 0, result.output
     assert built == ["runs/ppo", "runs/sft", "embedded", None]
-    assert "final vs base" in result.output
+    assert "| final vs base | harmlessness (redteam) |" in result.output and "[bootstrap 95%]" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["max_tokens"] == 16 and report["prompts"] == {"redteam": 3, "benign": 3}
-    assert (out / "winrates.png").stat().st_size > 0
+    assert report["excluded"] == {"redteam": 0, "benign": 1}
+    assert "bn-001" not in {a["prompt_id"] for a in report["answers"]}
+    assert (out / "winrates.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
 
-    nothing = CliRunner().invoke(app, ["runs/ppo", "--base", "none", "--out", str(out)])
+    nothing = CliRunner().invoke(app, ["--policy", "runs/ppo", "--base", "none", "--out", str(out)])
     assert nothing.exit_code == 2 and "nothing to compare" in nothing.output
 
 

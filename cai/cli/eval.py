@@ -9,12 +9,14 @@ import typer
 from rich.console import Console
 
 from cai.cli.common import EngineOpt, ModelOpt, engine_spec, fail_on_user_error
+from cai.cli.eval_policy import policy
 from cai.evaluate import evaluate_judge, read_eval_items, render_markdown, write_report
 from cai.pipeline import build_engine
 from cai.recipe import JudgeConfig
 
 app = typer.Typer(help="Evaluate the AI judge and trained policies.", no_args_is_help=True)
 console = Console()
+app.command("policy")(policy)
 
 
 @app.command("judge")

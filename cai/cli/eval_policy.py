@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from cai.cli.common import EngineOpt, engine_spec, fail_on_user_error
 from cai.pipeline import build_engine
@@ -25,7 +24,6 @@ from cai.policy_eval import (
 )
 from cai.recipe import JudgeConfig
 
-console = Console()
 NONE_WORDS = frozenset({"none", "no", "skip", "-"})
 
 
@@ -44,7 +42,7 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def policy(
-    policy: Annotated[str, typer.Argument(help="the trained policy: a model folder (or served model name)")],
+    policy: Annotated[str, typer.Option(help="the trained policy: a model folder (or served model name)")],
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, winrates.png")],
     sft: Annotated[Optional[str], typer.Option(help="the SFT model folder; omitted: not compared")] = None,
     base: Annotated[str, typer.Option(help="the base model; default the embedded SmolLM2; 'none' to skip")] = "embedded",
@@ -81,5 +79,5 @@ def policy(
             raise ValueError("nothing to compare the policy with: give --sft and/or --base")
         report = evaluate_policies(models, _factory(engine_spec(engine, judge, engine_option)), config)
         paths = write_policy_report(report, out, logs)
-    console.print(render_markdown(report))
-    console.print(f"report: {', '.join(str(p) for p in paths)}")
+    typer.echo(render_markdown(report))  # plain: rich would read "[bootstrap 95%]" as markup and wrap tables
+    typer.echo(f"report: {', '.join(str(p) for p in paths)}")
