@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-from starlette.routing import Route  # noqa: E402
+from fastapi.testclient import TestClient
+from starlette.routing import Route
 
-from cai.engine.fake import FakeEngine  # noqa: E402
-from serve.app import Limits, Settings, create_app  # noqa: E402
-from serve.auth import PUBLIC_PATHS  # noqa: E402
+from cai.engine.fake import FakeEngine
+from serve.app import Limits, Settings, create_app
+from serve.auth import PUBLIC_PATHS
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00"
 A, B = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
@@ -122,7 +122,7 @@ def export_rows(c: TestClient, job_id: str, file: str | None = None) -> list[dic
 def test_sft_job_progress_records_and_export(client):
     job_id = submit(client, kind="sft", prompts=["hello", "how do I pick a lock?",
                                                  {"messages": [{"role": "user", "content": "hi"}]}],
-                    phase1={"rounds": 2}, max_tokens=64)
+                    phase1={"rounds": 2, "system_prompt": "You are a careful assistant."}, max_tokens=64)
     job = wait(client, job_id)
     assert job["state"] == "completed", job
     assert job["progress"] == {"total": 3, "done": 3, "resumed": 0, "step": None}
@@ -157,6 +157,8 @@ def test_sft_job_progress_records_and_export(client):
 
     listed = client.get("/v1/jobs", headers=A).json()["jobs"]
     assert [j["id"] for j in listed] == [job_id]
+    assert listed[0]["request"]["inline_prompts"] == 3 and "prompts" not in listed[0]["request"]
+    assert listed[0]["reviews"]["discard"] == 1 and listed[0]["reviews"]["agreement_rate"] is None  # no judge in sft
 
 
 def test_prefs_review_flip_discard_agree_change_the_export(client):
@@ -386,6 +388,14 @@ def test_cli_serve_binds_loopback_and_refuses_without_keys(roots, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
     assert seen["app"].state.settings.workers == 1
+    config = roots / "serve.yaml"
+    config.write_text(f"jobs_root: {roots / 'j2'}\nworkers: 2\nlimits: {{max_rows: 7}}\n"
+                      "engines: {small: {backend: transformers}}\ndefault_engine: small\n")
+    result = runner.invoke(app, ["--config", str(config), "--keys-file", str(roots / "k.txt"), "--port", "8765"])
+    assert result.exit_code == 0, result.output
+    settings = seen["app"].state.settings
+    assert (settings.workers, settings.limits.max_rows, seen["port"]) == (2, 7, 8765)
+    assert settings.engines["small"].backend == "transformers"
 
 
 # ---------------------------------------------------------------- limits
@@ -403,6 +413,9 @@ def test_size_limits_413(roots):
         assert r.status_code == 413
         r = c.post("/v1/jobs", json={"kind": "sft", "prompts": ["x"], "constitution_yaml": "#" * 300}, headers=A)
         assert r.status_code == 413
+        r = c.post("/v1/jobs", json={"kind": "prefs", "prompts": ["x"], "phase2": {"system_prompt": "s" * 101}},
+                   headers=A)
+        assert r.status_code == 413 and "system_prompt" in r.json()["detail"]
 
         def chunks():
             for _ in range(10):

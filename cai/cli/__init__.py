@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cai.cli import bench, constitution, eval, generate, jobs, run, train
+from cai.cli import bench, constitution, eval, generate, jobs, run, serve, train
 
 app = typer.Typer(
     help="Constitutional AI: constitutions -> critique/revision SFT data, AI-judged preferences, trained models.",
@@ -18,6 +18,8 @@ app.add_typer(train.app, name="train")
 app.add_typer(eval.app, name="eval")
 app.command("bench")(bench.bench)
 app.command("run")(run.run)
+app.command("serve")(serve.serve)
+app.add_typer(serve.keys_app, name="keys")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ The `serve` package (FastAPI) is imported only when these commands run.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -64,6 +65,12 @@ def serve(
                           "speaks plain HTTP; put it behind a TLS proxy")
     err_console.print(f"cai serve: http://{host}:{port}/ui (review page), /docs (API); jobs in {settings.jobs_root}, "
                       f"datasets from {settings.data_root}, {keys} key(s), {settings.workers} worker(s)")
+    log = logging.getLogger("serve")
+    if not log.handlers:  # job life-cycle messages (re-queued jobs, failures) beside uvicorn's own
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=False,
                 server_header=False)
 

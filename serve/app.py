@@ -1,0 +1,148 @@
+"""The FastAPI application: settings, wiring, start-up and shut-down of the job workers.
+
+    from serve.app import Settings, create_app
+    app = create_app(Settings(jobs_root="jobs/serve", data_root="data"))
+
+`create_app(settings, engine_factory=...)` takes the function that turns an `EngineSpec`
+into an engine; the default is `cai.pipeline.build_engine` (the real engines). Tests pass
+one that returns a `cai.engine.fake.FakeEngine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import yaml
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cai import __version__
+from cai.constitution import CONSTITUTIONS_DIR
+from cai.engine.base import Engine
+from cai.pipeline import build_engine
+from cai.recipe import EngineSpec
+from serve.auth import KEYS_ENV, BodyLimit, KeyStore
+from serve.jobs import JobDB, JobManager
+from serve.keys import default_keys_file
+
+log = logging.getLogger("serve")
+EngineFactory = Callable[[EngineSpec], Engine]
+
+
+class Limits(BaseModel):
+    """What one request or one key may ask for. Over a limit: 413 (sizes), 422 (caps), 429 (active jobs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="request body (413)")
+    max_prompt_chars: int = Field(8_000, ge=1, description="characters of one inline prompt, all turns (413)")
+    max_constitution_bytes: int = Field(64_000, ge=1, description="an inline constitution's YAML (413)")
+    max_rows: int = Field(2_000, ge=1, description="prompts or evaluation items per job (422)")
+    max_tokens: int = Field(1_024, ge=1, description="max_tokens of any generation step (422)")
+    max_samples: int = Field(8, ge=2, description="phase 2 answers sampled per prompt (422)")
+    max_rounds: int = Field(4, ge=1, description="phase 1 critique -> revision rounds (422)")
+    max_batch_size: int = Field(256, ge=1, description="prompts per engine call (422)")
+    max_active_jobs: int = Field(4, ge=1, description="queued + running jobs per key name (429)")
+    max_page: int = Field(200, ge=1, description="records per page (422)")
+
+
+class Settings(BaseModel):
+    """Server settings; `cai serve --config FILE` reads them from YAML (safe loader)."""
+
+    model_config = ConfigDict(extra="forbid")
+    jobs_root: Path = Field(Path("jobs/serve"), description="job directories and the SQLite database")
+    data_root: Path = Field(Path("data"), description="datasets clients may name")
+    constitutions_dir: Path = Field(CONSTITUTIONS_DIR, description="constitutions clients may name")
+    db_path: Path | None = Field(None, description="default: JOBS_ROOT/jobs.sqlite3")
+    keys_file: Path | None = Field(default_factory=default_keys_file,
+                                   description="API keys file (NAME:KEY or NAME:sha256:HEX per line); default "
+                                               "$CAI_API_KEYS_FILE or ~/.config/cai/serve-keys.txt")
+    keys_from_env: bool = Field(True, description=f"also accept keys from ${KEYS_ENV}")
+    workers: int = Field(1, ge=1, le=16, description="jobs run at the same time (each worker loads its engines)")
+    engines: dict[str, EngineSpec] = Field(
+        default_factory=lambda: {"embedded": EngineSpec()},
+        description="the engine profiles clients may choose by name; only the operator sets backends, "
+                    "models and options",
+    )
+    default_engine: str = "embedded"
+    limits: Limits = Field(default_factory=Limits)
+    docs: bool = Field(True, description="serve the OpenAPI schema at /openapi.json and /docs")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="wait this long for running batches at shut-down")
+
+    @model_validator(mode="after")
+    def _default_engine_known(self) -> Settings:
+        if self.default_engine not in self.engines:
+            raise ValueError(f"default_engine {self.default_engine!r} is not one of the engines: {sorted(self.engines)}")
+        return self
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.jobs_root / "jobs.sqlite3"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> Settings:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        return cls.model_validate({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """The app. Workers start with the app's lifespan (`with TestClient(app)`, uvicorn) and stop with it."""
+    from serve.routes import api, public
+
+    settings = settings or Settings()
+    settings.jobs_root.mkdir(parents=True, exist_ok=True)
+    keys = KeyStore(settings.keys_file, os.environ.get(KEYS_ENV) if settings.keys_from_env else None)
+    db = JobDB(settings.database)
+    manager = JobManager(settings, db, engine_factory or build_engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if keys.count() == 0:
+            log.warning("no API keys configured: every API call will get 401; create one with "
+                        "`python -m serve.keys create NAME --file KEYS_FILE`")
+        manager.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(manager.stop)
+
+    app = FastAPI(
+        title="cai serve",
+        version=__version__,
+        description="Constitutional AI data generation jobs: phase 1 (critique -> revision SFT data), phase 2 "
+                    "(AI-judged preference pairs) and judge evaluation, with a review page at /ui. "
+                    "Every route except /healthz, /ui and this schema needs `Authorization: Bearer KEY`.",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
+        redoc_url=None,
+    )
+    app.state.settings, app.state.keys, app.state.db, app.state.manager = settings, keys, db, manager
+    app.include_router(public)
+    app.include_router(api)
+
+    @app.middleware("http")
+    async def ui_headers(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path == "/ui" or request.url.path.startswith("/ui/"):
+            response.headers.update(UI_HEADERS)
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    return app

@@ -1,0 +1,347 @@
+"""The job table (SQLite) and the worker threads that run jobs through cai.pipeline.
+
+A job is a row here plus a job directory under the jobs root (cai's own format:
+manifest.json, shards/, exports). The worker turns the stored recipe back into
+`SFTJob` / `PrefsJob` and calls `generate_sft` / `generate_prefs`, or runs
+`evaluate_judge` for a judge evaluation; the service generates nothing itself.
+
+Restart: jobs left `running` by a stopped or killed server are queued again at
+start-up, and rerunning a job resumes from its directory (finished batches are
+skipped by the pipeline). Cancel: a queued job is cancelled at once; a running one
+stops between two batches (`stop=` of the pipeline), keeping what it finished.
+One server process owns a database: the cancel flags and workers live in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from cai.engine.base import Engine
+from cai.evaluate import evaluate_judge, read_eval_items, write_report
+from cai.pipeline import EngineDown, JobCancelled, generate_prefs, generate_sft
+from cai.recipe import EngineSpec, JudgeConfig, PrefsJob, SFTJob
+from cai.records import utc_now
+from serve.results import shard_stats
+
+log = logging.getLogger("serve")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+    request TEXT NOT NULL, recipe TEXT NOT NULL, dir TEXT NOT NULL,
+    created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
+    total INTEGER, done INTEGER NOT NULL DEFAULT 0, resumed INTEGER NOT NULL DEFAULT 0, step TEXT,
+    records INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '{}', tokens INTEGER NOT NULL DEFAULT 0,
+    tokens_per_second REAL, cancel_requested INTEGER NOT NULL DEFAULT 0, message TEXT, summary TEXT,
+    runs INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS reviews (
+    job_id TEXT NOT NULL, record_id TEXT NOT NULL, reviewer TEXT NOT NULL, label TEXT NOT NULL,
+    note TEXT, created_at TEXT NOT NULL, PRIMARY KEY (job_id, record_id, reviewer)
+);
+"""
+
+
+class EvalJob(BaseModel):
+    """The recipe of a judge-evaluation job (cai.evaluate has no recipe model of its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str
+    out: str
+    engine: EngineSpec
+    judge: JudgeConfig
+    limit: int | None = None
+    seed: int = 0
+    baseline: bool = True
+
+
+class TooManyActive(RuntimeError):
+    pass
+
+
+class JobDB:
+    """The jobs and reviews tables. One connection, serialised by a lock (WAL journal)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+
+    def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def _run(self, sql: str, args: tuple = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    def insert(self, *, id: str, owner: str, kind: str, request: dict, recipe: dict, dir: str,
+               max_active: int) -> None:
+        """Add a queued job; TooManyActive when the owner already has `max_active` queued or running."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                active = self._db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN "
+                                          "('queued', 'running')", (owner,)).fetchone()[0]
+                if active >= max_active:
+                    raise TooManyActive(f"{owner} has {active} queued or running jobs (limit {max_active}); "
+                                        "wait for one to finish or cancel one")
+                self._db.execute(
+                    "INSERT INTO jobs (id, owner, kind, state, request, recipe, dir, created_at) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (id, owner, kind, json.dumps(request), json.dumps(recipe), dir, utc_now()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        sql, args = "SELECT * FROM jobs WHERE id = ?", (job_id,)
+        if owner is not None:
+            sql, args = sql + " AND owner = ?", (job_id, owner)
+        rows = self._all(sql, args)
+        return rows[0] if rows else None
+
+    def list(self, owner: str, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if state is None:
+            return self._all("SELECT * FROM jobs WHERE owner = ? ORDER BY seq DESC LIMIT ?", (owner, limit))
+        return self._all("SELECT * FROM jobs WHERE owner = ? AND state = ? ORDER BY seq DESC LIMIT ?",
+                         (owner, state, limit))
+
+    def count_active(self, owner: str) -> int:
+        return self._all("SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND state IN ('queued', 'running')",
+                         (owner,))[0]["n"]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        if fields:
+            cols = ", ".join(f"{k} = ?" for k in fields)
+            self._run(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def claim_next(self) -> dict[str, Any] | None:
+        """The oldest queued job, now marked running (atomic within this process)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            self._db.execute("UPDATE jobs SET state = 'running', started_at = ?, runs = runs + 1, message = NULL, "
+                             "total = NULL, done = 0, step = NULL WHERE id = ?", (utc_now(), row["id"]))
+            return dict(self._db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def recover(self) -> int:
+        """At start-up: jobs a previous server left running are queued again (or cancelled, if asked)."""
+        self._run("UPDATE jobs SET state = 'cancelled', finished_at = ?, message = 'cancelled while the server "
+                  "was down' WHERE state = 'running' AND cancel_requested = 1", (utc_now(),))
+        return self._run("UPDATE jobs SET state = 'queued', message = 'resumed after a server restart' "
+                         "WHERE state = 'running'")
+
+    def transition(self, job_id: str, from_states: tuple[str, ...], **fields: Any) -> bool:
+        """Update only if the job is in one of `from_states`; True when it was."""
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        marks = ", ".join("?" for _ in from_states)
+        return self._run(f"UPDATE jobs SET {cols} WHERE id = ? AND state IN ({marks})",
+                         (*fields.values(), job_id, *from_states)) == 1
+
+    # -- reviews
+
+    def put_review(self, job_id: str, record_id: str, reviewer: str, label: str, note: str | None) -> dict:
+        created = utc_now()
+        self._run("INSERT OR REPLACE INTO reviews (job_id, record_id, reviewer, label, note, created_at) "
+                  "VALUES (?, ?, ?, ?, ?, ?)", (job_id, record_id, reviewer, label, note, created))
+        return dict(record_id=record_id, reviewer=reviewer, label=label, note=note, created_at=created)
+
+    def reviews(self, job_id: str) -> list[dict[str, Any]]:
+        """Every review of a job, oldest first (a replaced review counts as new)."""
+        return self._all("SELECT record_id, reviewer, label, note, created_at FROM reviews WHERE job_id = ? "
+                         "ORDER BY rowid", (job_id,))
+
+
+class Tracker:
+    """The pipeline's progress hook: counts, errors by kind and tokens/s into the job row."""
+
+    def __init__(self, db: JobDB, job_id: str, root: Path, stage: str | None):
+        self.db, self.job_id, self.root, self.stage = db, job_id, root, stage
+        self.errors: Counter[str] = Counter()
+        self.records = self.tokens = self.run_tokens = self.done = 0
+        self.started: float | None = None
+        for shard in self._shards():
+            self._add(shard_stats(shard, stage))
+        db.update(job_id, resumed=self.records, records=self.records, errors=json.dumps(self.errors),
+                  tokens=self.tokens, done=0, total=None, step=None, tokens_per_second=None)
+
+    def _shards(self) -> list[Path]:
+        return sorted((self.root / "shards").glob(f"{self.stage}-*.jsonl")) if self.stage else []
+
+    def _add(self, stats: tuple[int, Counter, int]) -> int:
+        rows, errors, tokens = stats
+        self.records += rows
+        self.errors.update(errors)
+        self.tokens += tokens
+        return tokens
+
+    def __call__(self, event: str, n: int) -> None:
+        if event == "total":
+            self.started = time.perf_counter()
+            self.db.update(self.job_id, total=n)
+        elif event == "done":
+            self.done += n
+            shards = self._shards()
+            if shards:  # run_batches appends the batch's shard, then reports it done
+                self.run_tokens += self._add(shard_stats(shards[-1], self.stage))
+            else:
+                self.records += n
+            seconds = time.perf_counter() - (self.started or time.perf_counter())
+            rate = self.run_tokens / seconds if seconds > 0 and self.stage else None
+            self.db.update(self.job_id, done=self.done, records=self.records, errors=json.dumps(self.errors),
+                           tokens=self.tokens, tokens_per_second=rate)
+        elif event.startswith("step "):
+            self.db.update(self.job_id, step=f"{event.removeprefix('step ')} ({n} requests)")
+
+
+class JobManager:
+    """Worker threads that take queued jobs oldest first and run them."""
+
+    def __init__(self, settings, db: JobDB, engine_factory: Callable[[EngineSpec], Engine]):
+        self.settings, self.db, self.engine_factory = settings, db, engine_factory
+        self._wake = threading.Condition()
+        self._shutdown = threading.Event()
+        self._cancel: set[str] = set()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        requeued = self.db.recover()
+        if requeued:
+            log.info("re-queued %d job(s) left running by a previous server; they resume from their directories",
+                     requeued)
+        self._shutdown.clear()
+        for n in range(self.settings.workers):
+            thread = threading.Thread(target=self._loop, name=f"cai-serve-worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Ask running jobs to stop after their current batch (they are queued again), then wait."""
+        self._shutdown.set()
+        self.notify()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._threads:
+            log.warning("%d job(s) still in a batch at shut-down; they resume at the next start", len(self._threads))
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a queued job now, or ask a running one to stop after its batch; the resulting state."""
+        if self.db.transition(job_id, ("queued",), state="cancelled", finished_at=utc_now(),
+                              message="cancelled before it started"):
+            return "cancelled"
+        self._cancel.add(job_id)
+        if self.db.transition(job_id, ("running",), cancel_requested=1):
+            return "running"
+        self._cancel.discard(job_id)
+        return self.db.get(job_id)["state"]
+
+    def _loop(self) -> None:
+        engines: dict[str, Engine] = {}
+        try:
+            while not self._shutdown.is_set():
+                row = self.db.claim_next()
+                if row is None:
+                    with self._wake:
+                        self._wake.wait(1.0)
+                    continue
+                self._execute(row, engines)
+        finally:
+            for engine in engines.values():
+                try:
+                    engine.close()
+                except Exception:
+                    log.exception("closing an engine failed")
+
+    def _engine(self, spec: EngineSpec, engines: dict[str, Engine], job_id: str) -> Engine:
+        """The worker's engine for `spec`, built on first use (model loading is not counted in tokens/s)."""
+        key = spec.model_dump_json()
+        if key not in engines:
+            self.db.update(job_id, step=f"starting engine {spec.backend}:{spec.model or 'embedded'}")
+            engines[key] = self.engine_factory(spec)
+            self.db.update(job_id, step=None)
+        return engines[key]
+
+    def _execute(self, row: dict[str, Any], engines: dict[str, Engine]) -> None:
+        job_id = row["id"]
+        stop = lambda: job_id in self._cancel or self._shutdown.is_set()
+        try:
+            summary, rate = self._run(row, engines, stop)
+        except JobCancelled as exc:
+            if job_id in self._cancel:
+                self.db.update(job_id, state="cancelled", finished_at=utc_now(),
+                               message=f"{exc}; POST /v1/jobs/{job_id}/resume continues it")
+            else:
+                self.db.update(job_id, state="queued", message="server stopping: queued again, resumes at next start")
+        except EngineDown as exc:
+            engines.clear()  # build the engine afresh next time: the backend may come back
+            self.db.update(job_id, state="failed", finished_at=utc_now(),
+                           message=f"engine down: {exc}; finished batches are kept, POST .../resume retries")
+        except Exception as exc:  # any other failure ends the job as failed, with its reason
+            log.exception("job %s failed", job_id)
+            self.db.update(job_id, state="failed", finished_at=utc_now(), message=f"{type(exc).__name__}: {exc}")
+        else:
+            self.db.update(job_id, state="completed", finished_at=utc_now(), summary=json.dumps(summary),
+                           tokens_per_second=rate, step=None, message=None)
+        finally:
+            self._cancel.discard(job_id)
+            self.db.update(job_id, cancel_requested=0)
+
+    def _run(self, row: dict[str, Any], engines: dict[str, Engine], stop: Callable[[], bool]):
+        """Run one job through cai; (summary as JSON data, tokens per second)."""
+        recipe, kind, root = json.loads(row["recipe"]), row["kind"], Path(row["dir"])
+        if stop():
+            raise JobCancelled("cancelled before it started")
+        if kind == "sft":
+            job = SFTJob.model_validate(recipe)
+            engine = self._engine(job.engine, engines, row["id"])
+            summary = generate_sft(job, engine=engine, progress=Tracker(self.db, row["id"], root, "sft"), stop=stop)
+            return summary.model_dump(mode="json"), summary.tokens_per_second
+        if kind == "prefs":
+            job = PrefsJob.model_validate(recipe)
+            policy = self._engine(job.policy, engines, row["id"])
+            judge = self._engine(job.judge, engines, row["id"]) if job.judge else policy
+            summary = generate_prefs(job, policy, judge, progress=Tracker(self.db, row["id"], root, "prefs"),
+                                     stop=stop)
+            rate = summary.generated_tokens_now / summary.generation_seconds if summary.generation_seconds else None
+            return summary.model_dump(mode="json"), rate
+        job = EvalJob.model_validate(recipe)
+        engine = self._engine(job.engine, engines, row["id"])
+        tracker = Tracker(self.db, row["id"], root, None)
+        items = read_eval_items(job.data, limit=job.limit, seed=job.seed)
+        tracker("total", len(items.items))
+        tracker("step judge", len(items.items) * job.judge.orders)
+        report = evaluate_judge(engine, items, job.judge, baseline=job.baseline)
+        if stop():
+            raise JobCancelled("cancelled while judging; no report written")
+        paths = write_report(report, job.out)
+        tracker.errors.update(report.cai.errors)
+        tracker("done", len(items.items))
+        summary = report.model_dump(mode="json") | {"files": [p.name for p in paths], "skipped": items.skipped}
+        return summary, None

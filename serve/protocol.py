@@ -1,0 +1,180 @@
+"""Request and response models of the job API (the OpenAPI schema at /docs comes from these).
+
+Generation settings are cai's own recipe models (`Phase1Config`, `Phase2Config`,
+`JudgeConfig`), so a request carries the same fields as a recipe file or the CLI.
+Every model forbids unknown fields: there is no field through which a client could
+pass engine options such as `trust_remote_code`, a model path or an output folder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.recipe import JudgeConfig, Phase1Config, Phase2Config
+from cai.records import Message
+
+JobKind = Literal["sft", "prefs", "judge_eval"]
+JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+ReviewLabel = Literal["agree", "flip", "discard"]
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("completed", "failed", "cancelled")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InlinePrompt(Strict):
+    """A conversation up to the turn to answer (it must end with a user turn)."""
+
+    id: str | None = Field(None, max_length=200)
+    messages: list[Message] = Field(min_length=1)
+
+
+class JobRequest(Strict):
+    """A generation job. Give prompts inline (`prompts`) or by name (`dataset`), not both."""
+
+    kind: JobKind = Field(description="sft: phase 1 (critique -> revision); prefs: phase 2 (AI-judged pairs); "
+                                      "judge_eval: judge agreement with human labels")
+    constitution: str = Field("harmless", max_length=120,
+                              description="NAME or NAME@VERSION of a constitution in the server's constitutions/")
+    constitution_yaml: str | None = Field(None, description="an inline constitution (YAML text); overrides `constitution`")
+    prompts: list[str | InlinePrompt] | None = Field(
+        None, description="inline prompts: strings or {messages: [...]} conversations (sft, prefs)")
+    dataset: str | None = Field(
+        None, max_length=300,
+        description="a dataset name under the server's data root (a .jsonl file or a save_to_disk folder), "
+                    "or a bundled set: redteam, benign. judge_eval: HH-RLHF pairs or multiple-choice JSONL")
+    engine: str | None = Field(None, max_length=100, description="engine profile name (GET /v1/engines); "
+                                                                 "default: the server's default profile")
+    judge_engine: str | None = Field(None, max_length=100, description="prefs: judge profile; default: `engine`")
+    limit: int | None = Field(None, ge=1, description="use the first N prompts (or evaluation items)")
+    batch_size: int = Field(32, ge=1, description="prompts per engine call and per shard")
+    max_tokens: int | None = Field(
+        None, ge=1, description="shortcut: max new tokens of every generation step (sft: answer, critique and "
+                                "revision; prefs: policy samples); overrides the values in phase1 / phase2")
+    phase1: Phase1Config | None = Field(None, description="sft settings (rounds, seed, sampling per step)")
+    phase2: Phase2Config | None = Field(None, description="prefs settings (samples, policy sampling, judge)")
+    judge: JudgeConfig | None = Field(None, description="judge_eval settings (mode, orders, ...)")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="prefs: export only pairs this confident")
+    require_consistent: bool = Field(True, description="prefs: export only pairs whose two orders agree")
+    baseline: bool = Field(True, description="judge_eval: also run the one-order JSON-verdict baseline judge")
+    seed: int = Field(0, description="judge_eval: which answer of an HH pair is shown as A")
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: JobState
+
+
+class Progress(BaseModel):
+    total: int | None = Field(None, description="inputs to do in this run (set when the run starts)")
+    done: int = Field(0, description="inputs finished in this run")
+    resumed: int = Field(0, description="records already in the job directory when this run started")
+    step: str | None = Field(None, description="the last engine step, e.g. 'critique (16 requests)'")
+
+
+class ReviewCounts(BaseModel):
+    agree: int = 0
+    flip: int = 0
+    discard: int = 0
+    records_reviewed: int = 0
+    agreement_rate: float | None = Field(
+        None, description="agree / (agree + flip) over all reviews: how often reviewers side with the judge")
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: JobKind
+    state: JobState
+    owner: str
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: Progress
+    records: int = Field(0, description="records in the job directory (error rows included)")
+    errors: dict[str, int] = Field(default_factory=dict, description="error rows by code")
+    tokens: int = Field(0, description="generated tokens of all records")
+    tokens_per_second: float | None = Field(None, description="generated tokens per second of engine work")
+    cancel_requested: bool = False
+    message: str | None = Field(None, description="why the job failed, or what happened to it")
+    files: list[str] = Field(default_factory=list, description="names for GET /v1/jobs/{id}/export?file=NAME")
+    reviews: ReviewCounts = Field(default_factory=ReviewCounts)
+    summary: dict[str, Any] | None = Field(None, description="the pipeline's summary once the job completed")
+    request: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
+class RecordPage(BaseModel):
+    total: int = Field(description="records matching the filters")
+    offset: int
+    limit: int
+    items: list[dict[str, Any]] = Field(
+        description="stored records (cai.records.SFTRecord / PreferenceRecord, or judge_eval predictions), "
+                    "each with `review` (the label in force) and, for prefs, `exported`")
+
+
+class ReviewRequest(Strict):
+    record_id: str = Field(max_length=200)
+    label: ReviewLabel = Field(description="agree: the judge is right; flip: the other answer is better; "
+                                           "discard: drop the row from the export")
+    reviewer: str | None = Field(None, max_length=100, description="who reviewed; default: the API key's name")
+    note: str | None = Field(None, max_length=2000)
+
+
+class Review(BaseModel):
+    record_id: str
+    label: ReviewLabel
+    reviewer: str
+    note: str | None = None
+    created_at: str
+
+
+class ReviewList(BaseModel):
+    reviews: list[Review]
+    counts: ReviewCounts
+
+
+class PrincipleInfo(BaseModel):
+    id: str
+    critique_request: str
+    revision_request: str
+    comparison_question: str
+    tags: list[str] = Field(default_factory=list)
+
+
+class ConstitutionInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    description: str
+    principles: int
+    git_commit: str | None = None
+
+
+class ConstitutionDetail(ConstitutionInfo):
+    principles: list[PrincipleInfo]  # type: ignore[assignment]
+
+
+class ConstitutionList(BaseModel):
+    constitutions: list[ConstitutionInfo]
+
+
+class EngineInfo(BaseModel):
+    name: str
+    backend: str
+    model: str | None
+    default: bool
+
+
+class EngineList(BaseModel):
+    engines: list[EngineInfo]
+
+
+class DatasetList(BaseModel):
+    datasets: list[str] = Field(description="names to pass as `dataset`")

@@ -1,0 +1,250 @@
+"""What a request may name (constitutions, datasets, engine profiles) and its recipe.
+
+A `JobRequest` becomes cai's own recipe (`SFTJob`, `PrefsJob`) or an `EvalJob`,
+after the limits are checked; inline prompts and constitutions are written into the
+job directory's `input/` folder first, so the pipeline reads files as it always does.
+Every refusal is a `Refused(status, detail)`: 400 for names that are not plain names
+under a root, 413 for sizes, 422 for caps and bad fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cai.constitution import ConstitutionError, LoadedConstitution, load_constitution
+from cai.evaluate import read_eval_items
+from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
+from cai.records import SamplingParams
+from cai.sources import BUNDLED, BUNDLED_DIR, SourceError, read_prompts
+from serve.auth import PathRefused, check_name, list_names, resolve_name
+from serve.jobs import EvalJob
+from serve.protocol import InlinePrompt, JobRequest
+
+_SPEC = re.compile(r"^([a-z0-9]+(?:-[a-z0-9]+)*)(?:@((?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){2}))?$")
+_cache: dict[tuple[str, int, int], LoadedConstitution] = {}
+_cache_lock = threading.Lock()
+
+
+class Refused(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+# ---------------------------------------------------------------- constitutions
+
+
+def _load(path: Path) -> LoadedConstitution:
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = load_constitution(path)  # safe YAML only (cai.constitution uses SafeLoader)
+        return _cache[key]
+
+
+def list_constitutions(folder: Path) -> list[LoadedConstitution]:
+    found = []
+    for name in list_names(folder, "*.y*ml"):
+        try:
+            found.append(_load((folder / name).resolve()))
+        except (ConstitutionError, OSError):
+            continue  # an invalid file is left out of the catalogue; `cai constitution validate` explains it
+    return sorted(found, key=lambda c: (c.ref.name, c.constitution.version_tuple))
+
+
+def find_constitution(folder: Path, spec: str) -> LoadedConstitution:
+    """NAME or NAME@VERSION -> the constitution in `folder/NAME.yaml` (400 bad name, 404 unknown)."""
+    try:
+        check_name(spec.partition("@")[0], "constitution")
+    except PathRefused as exc:
+        raise Refused(400, str(exc)) from None
+    match = _SPEC.match(spec)
+    if match is None:
+        raise Refused(400, f"constitution {spec!r}: expected NAME or NAME@VERSION, e.g. harmless@1.0.0")
+    name, version = match.groups()
+    try:
+        path = resolve_name(folder, name, (".yaml", ".yml"), "constitution")
+    except PathRefused as exc:
+        raise Refused(400, str(exc)) from None
+    if path is None:
+        known = ", ".join(f"{c.ref.name}@{c.ref.version}" for c in list_constitutions(folder)) or "none"
+        raise Refused(404, f"no constitution {name!r} on this server (available: {known})")
+    try:
+        loaded = _load(path)
+    except ConstitutionError as exc:
+        raise Refused(422, f"the server's constitution {name!r} is invalid: {exc}") from None
+    if version is not None and loaded.ref.version != version:
+        raise Refused(404, f"{name}@{version} not found: this server has {name}@{loaded.ref.version}")
+    return loaded
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def list_datasets(data_root: Path) -> list[str]:
+    names = [n.removesuffix(".jsonl") if n.endswith(".jsonl") else n
+             for n in list_names(data_root) if n.endswith(".jsonl") or (data_root / n).is_dir()]
+    return sorted(set(names) | set(BUNDLED))
+
+
+def find_dataset(data_root: Path, name: str) -> Path:
+    try:
+        path = resolve_name(data_root, name, ("", ".jsonl"), "dataset")
+    except PathRefused as exc:
+        raise Refused(400, str(exc)) from None
+    if path is None and name in BUNDLED:
+        return BUNDLED_DIR / f"{name}.jsonl"
+    if path is None:
+        raise Refused(422, f"dataset {name!r} not found under the server's data root; GET /v1/datasets lists them")
+    return path
+
+
+# ---------------------------------------------------------------- limits
+
+
+def _cap(value: int | None, cap: int, what: str) -> None:
+    if value is not None and value > cap:
+        raise Refused(422, f"{what} = {value} is over this server's limit of {cap}")
+
+
+def _check_sampling(params: dict[str, SamplingParams], cap: int) -> None:
+    for name, p in params.items():
+        _cap(p.max_tokens, cap, f"{name}.max_tokens")
+
+
+def _prompt_chars(prompt: str | InlinePrompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt.messages)
+
+
+def _check_system_prompt(config, limit: int, where: str) -> None:
+    text = getattr(config, "system_prompt", None) or ""
+    if len(text) > limit:
+        raise Refused(413, f"{where}.system_prompt has {len(text)} characters, over {limit}")
+
+
+def _with_max_tokens(config, fields: tuple[str, ...], max_tokens: int | None):
+    if max_tokens is None:
+        return config
+    return config.model_copy(update={f: getattr(config, f).model_copy(update={"max_tokens": max_tokens})
+                                     for f in fields})
+
+
+# ---------------------------------------------------------------- request -> recipe
+
+
+def engine_spec(settings, name: str | None) -> EngineSpec:
+    name = name or settings.default_engine
+    if name not in settings.engines:
+        raise Refused(422, f"engine {name!r} is not offered here; choose one of {sorted(settings.engines)} "
+                           "(GET /v1/engines)")
+    return settings.engines[name]
+
+
+def _constitution(req: JobRequest, settings, input_dir: Path) -> str:
+    if req.constitution_yaml is None:
+        return str(find_constitution(settings.constitutions_dir, req.constitution).ref.path)
+    size = len(req.constitution_yaml.encode())
+    if size > settings.limits.max_constitution_bytes:
+        raise Refused(413, f"inline constitution of {size} bytes is over {settings.limits.max_constitution_bytes}")
+    path = input_dir / "constitution.yaml"
+    path.write_text(req.constitution_yaml, encoding="utf-8")
+    try:
+        load_constitution(path)
+    except ConstitutionError as exc:
+        raise Refused(422, f"inline constitution: {str(exc).replace(str(path), 'constitution_yaml')}") from None
+    return str(path)
+
+
+def _prompts(req: JobRequest, settings, input_dir: Path) -> str:
+    limits = settings.limits
+    if (req.prompts is None) == (req.dataset is None):
+        raise Refused(422, "give prompts inline (`prompts`) or by name (`dataset`), exactly one of them")
+    if req.prompts is not None:
+        _cap(len(req.prompts), limits.max_rows, "number of prompts")
+        for n, prompt in enumerate(req.prompts):
+            if (chars := _prompt_chars(prompt)) > limits.max_prompt_chars:
+                raise Refused(413, f"prompts[{n}] has {chars} characters, over {limits.max_prompt_chars}")
+        path = input_dir / "prompts.jsonl"
+        rows = ({"prompt": p} if isinstance(p, str) else p.model_dump(exclude_none=True) for p in req.prompts)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path = find_dataset(settings.data_root, req.dataset)
+    try:
+        count = sum(1 for _ in read_prompts(path, limit=limits.max_rows + 1))
+    except SourceError as exc:
+        raise Refused(422, f"prompts: {str(exc).replace(str(path), req.dataset or 'prompts')}") from None
+    if count == 0:
+        raise Refused(422, "no prompts given")
+    if count > limits.max_rows and req.limit is None:
+        raise Refused(422, f"dataset {req.dataset!r} has more than {limits.max_rows} prompts (this server's "
+                           f"rows-per-job limit): pass limit <= {limits.max_rows}")
+    return str(path)
+
+
+def _eval_data(req: JobRequest, settings) -> str:
+    if req.prompts is not None or req.dataset is None:
+        raise Refused(422, "judge_eval reads labelled pairs by name: give `dataset` (HH-RLHF chosen/rejected or "
+                           "multiple-choice JSONL), not `prompts`")
+    path = find_dataset(settings.data_root, req.dataset)
+    try:
+        items = read_eval_items(path, limit=settings.limits.max_rows + 1, seed=req.seed)
+    except (ValueError, OSError) as exc:
+        raise Refused(422, f"dataset {req.dataset!r}: {str(exc).replace(str(path), req.dataset)}") from None
+    if len(items.items) > settings.limits.max_rows and req.limit is None:
+        raise Refused(422, f"dataset {req.dataset!r} has more than {settings.limits.max_rows} items: "
+                           f"pass limit <= {settings.limits.max_rows}")
+    return str(path)
+
+
+def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
+    """Check the request against the limits and turn it into the job's recipe (JSON data)."""
+    limits = settings.limits
+    _cap(req.limit, limits.max_rows, "limit")
+    _cap(req.batch_size, limits.max_batch_size, "batch_size")
+    _cap(req.max_tokens, limits.max_tokens, "max_tokens")
+    unused = {"sft": ("phase2", "judge", "judge_engine"), "prefs": ("phase1", "judge"),
+              "judge_eval": ("phase1", "phase2", "judge_engine", "max_tokens")}[req.kind]
+    given = [f for f in unused if getattr(req, f) is not None]
+    if given:
+        raise Refused(422, f"{', '.join(given)} do not apply to a {req.kind} job")
+    input_dir = job_dir / "input"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if req.kind == "judge_eval":
+            judge = req.judge or JudgeConfig()
+            _cap(judge.cot_max_tokens, limits.max_tokens, "judge.cot_max_tokens")
+            _cap(judge.structured_max_tokens, limits.max_tokens, "judge.structured_max_tokens")
+            job = EvalJob(data=_eval_data(req, settings), out=str(job_dir), engine=engine_spec(settings, req.engine),
+                          judge=judge, limit=req.limit, seed=req.seed, baseline=req.baseline)
+            return job.model_dump(mode="json")
+        common = dict(constitution=_constitution(req, settings, input_dir), out=str(job_dir), limit=req.limit,
+                      batch_size=req.batch_size, parquet=True, new_job=False)
+        if req.kind == "sft":
+            phase1 = _with_max_tokens(req.phase1 or Phase1Config(), ("answer", "critique", "revision"), req.max_tokens)
+            _cap(phase1.rounds, limits.max_rounds, "phase1.rounds")
+            _check_system_prompt(phase1, limits.max_prompt_chars, "phase1")
+            _check_sampling({f"phase1.{k}": getattr(phase1, k) for k in ("answer", "critique", "revision")},
+                            limits.max_tokens)
+            job = SFTJob(prompts=_prompts(req, settings, input_dir), engine=engine_spec(settings, req.engine),
+                         phase1=phase1, **common)
+        else:
+            phase2 = _with_max_tokens(req.phase2 or Phase2Config(), ("policy",), req.max_tokens)
+            _cap(phase2.samples, limits.max_samples, "phase2.samples")
+            _check_system_prompt(phase2, limits.max_prompt_chars, "phase2")
+            _check_sampling({"phase2.policy": phase2.policy}, limits.max_tokens)
+            _cap(phase2.judge.cot_max_tokens, limits.max_tokens, "phase2.judge.cot_max_tokens")
+            _cap(phase2.judge.structured_max_tokens, limits.max_tokens, "phase2.judge.structured_max_tokens")
+            judge = engine_spec(settings, req.judge_engine) if req.judge_engine else None
+            job = PrefsJob(prompts=_prompts(req, settings, input_dir), policy=engine_spec(settings, req.engine),
+                           judge=judge, phase2=phase2, min_confidence=req.min_confidence,
+                           require_consistent=req.require_consistent, **common)
+    except ValidationError as exc:
+        raise Refused(422, str(exc)) from None
+    return job.model_dump(mode="json")

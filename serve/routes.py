@@ -1,0 +1,310 @@
+"""HTTP routes. `public`: health probe and the review page's static files; `api`: everything
+else, behind an API key (`Authorization: Bearer KEY`). A key sees only its own jobs: another
+owner's job answers 404, exactly like a job that does not exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse
+
+from serve.auth import PathRefused, check_name, require_owner
+from serve.jobs import JobDB, TooManyActive
+from serve.protocol import (
+    ACTIVE_STATES,
+    ConstitutionDetail,
+    ConstitutionInfo,
+    ConstitutionList,
+    DatasetList,
+    EngineInfo,
+    EngineList,
+    JobCreated,
+    JobList,
+    JobRequest,
+    JobStatus,
+    PrincipleInfo,
+    Progress,
+    RecordPage,
+    Review,
+    ReviewCounts,
+    ReviewList,
+    ReviewRequest,
+)
+from serve.resolve import Refused, build_recipe, find_constitution, list_constitutions, list_datasets
+from serve.results import EXPORTS, MEDIA, STAGES, export_file, export_names, find_record, page, review_counts
+
+STATIC = Path(__file__).resolve().parent / "static"
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+_JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+
+public = APIRouter()
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_owner)])
+
+
+# ---------------------------------------------------------------- public
+
+
+@public.get("/healthz", tags=["public"])
+def healthz() -> dict[str, str]:
+    """Liveness probe; the only API route without a key."""
+    return {"status": "ok"}
+
+
+@public.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/ui")
+
+
+@public.get("/ui", include_in_schema=False)
+def ui() -> FileResponse:
+    """The review page (static HTML; it asks for a key and holds no data itself)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+
+@public.get("/ui/{asset}", include_in_schema=False)
+def ui_asset(asset: str) -> FileResponse:
+    if asset not in ASSETS:  # a fixed set of names: nothing is looked up from the request
+        raise HTTPException(404, "no such asset")
+    return FileResponse(STATIC / asset, media_type=ASSETS[asset])
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _db(request: Request) -> JobDB:
+    return request.app.state.db
+
+
+def _job(request: Request, job_id: str, owner: str) -> dict[str, Any]:
+    if not _JOB_ID.match(job_id):
+        raise HTTPException(400, "malformed job id (16 hex digits)")
+    job = _db(request).get(job_id, owner)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
+def _request_summary(body: dict[str, Any]) -> dict[str, Any]:
+    """The submitted request without its bulk (inline prompts and constitution text are in the job directory)."""
+    out = {k: v for k, v in body.items() if k not in ("prompts", "constitution_yaml")}
+    if "prompts" in body:
+        out["inline_prompts"] = len(body["prompts"])
+    if "constitution_yaml" in body:
+        out["constitution"] = "inline"
+    return out
+
+
+def _status(request: Request, job: dict[str, Any]) -> JobStatus:
+    reviews = _db(request).reviews(job["id"]) if job["kind"] in STAGES else []
+    return JobStatus(
+        id=job["id"], kind=job["kind"], state=job["state"], owner=job["owner"], created_at=job["created_at"],
+        started_at=job["started_at"], finished_at=job["finished_at"],
+        progress=Progress(total=job["total"], done=job["done"], resumed=job["resumed"], step=job["step"]),
+        records=job["records"], errors=json.loads(job["errors"]), tokens=job["tokens"],
+        tokens_per_second=job["tokens_per_second"], cancel_requested=bool(job["cancel_requested"]),
+        message=job["message"], files=export_names(job),
+        reviews=ReviewCounts(**review_counts(reviews, judged=job["kind"] == "prefs")),
+        summary=json.loads(job["summary"]) if job["summary"] else None,
+        request=_request_summary(json.loads(job["request"])),
+    )
+
+
+def _refused(exc: Refused) -> HTTPException:
+    return HTTPException(exc.status, exc.detail)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@api.post("/jobs", status_code=201, response_model=JobCreated, tags=["jobs"],
+          responses={400: {"description": "a name is not a plain name under the server's roots"},
+                     413: {"description": "body, prompt or inline constitution too large"},
+                     422: {"description": "invalid field or over a cap"},
+                     429: {"description": "too many queued or running jobs for this key"}})
+def submit(body: JobRequest, request: Request, owner: str = Depends(require_owner)) -> JobCreated:
+    """Submit a phase-1 (sft), phase-2 (prefs) or judge-evaluation (judge_eval) job; it is queued."""
+    settings, db = request.app.state.settings, _db(request)
+    if db.count_active(owner) >= settings.limits.max_active_jobs:
+        raise HTTPException(429, f"{owner} already has {settings.limits.max_active_jobs} queued or running jobs")
+    job_id = secrets.token_hex(8)
+    job_dir = settings.jobs_root / job_id
+    try:
+        recipe = build_recipe(body, settings, job_dir)
+        db.insert(id=job_id, owner=owner, kind=body.kind, request=body.model_dump(mode="json", exclude_none=True),
+                  recipe=recipe, dir=str(job_dir.resolve()), max_active=settings.limits.max_active_jobs)
+    except Refused as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise _refused(exc) from None
+    except TooManyActive as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise HTTPException(429, str(exc)) from None
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    request.app.state.manager.notify()
+    return JobCreated(id=job_id, state="queued")
+
+
+@api.get("/jobs", response_model=JobList, tags=["jobs"])
+def list_jobs(request: Request, owner: str = Depends(require_owner),
+              state: Literal["queued", "running", "completed", "failed", "cancelled"] | None = None,
+              limit: int = Query(100, ge=1, le=1000)) -> JobList:
+    """This key's jobs, newest first."""
+    return JobList(jobs=[_status(request, j) for j in _db(request).list(owner, state, limit)])
+
+
+@api.get("/jobs/{job_id}", response_model=JobStatus, tags=["jobs"])
+def get_job(job_id: str, request: Request, owner: str = Depends(require_owner)) -> JobStatus:
+    """State, progress counts, errors by kind, tokens/s, export files and review agreement."""
+    return _status(request, _job(request, job_id, owner))
+
+
+@api.post("/jobs/{job_id}/cancel", response_model=JobStatus, tags=["jobs"])
+def cancel(job_id: str, request: Request, owner: str = Depends(require_owner)) -> JobStatus:
+    """Cancel a queued job, or stop a running one after its current batch (finished batches are kept)."""
+    job = _job(request, job_id, owner)
+    if job["state"] not in ACTIVE_STATES:
+        raise HTTPException(409, f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
+    request.app.state.manager.cancel(job_id)
+    return _status(request, _job(request, job_id, owner))
+
+
+@api.post("/jobs/{job_id}/resume", response_model=JobStatus, tags=["jobs"])
+def resume(job_id: str, request: Request, owner: str = Depends(require_owner)) -> JobStatus:
+    """Queue a cancelled or failed job again; it resumes from its directory (finished batches are skipped)."""
+    job = _job(request, job_id, owner)
+    settings, db = request.app.state.settings, _db(request)
+    if job["state"] not in ("cancelled", "failed"):
+        raise HTTPException(409, f"job {job_id} is {job['state']}; only cancelled or failed jobs resume")
+    if db.count_active(owner) >= settings.limits.max_active_jobs:
+        raise HTTPException(429, f"{owner} already has {settings.limits.max_active_jobs} queued or running jobs")
+    db.transition(job_id, ("cancelled", "failed"), state="queued", finished_at=None, message="resumed")
+    request.app.state.manager.notify()
+    return _status(request, _job(request, job_id, owner))
+
+
+@api.get("/jobs/{job_id}/records", response_model=RecordPage, tags=["records"])
+def records(job_id: str, request: Request, owner: str = Depends(require_owner),
+            status: Literal["ok", "error"] | None = Query(None, description="only records without / with an error"),
+            principle: str | None = Query(None, max_length=100, description="only records that used this principle"),
+            offset: int = Query(0, ge=0), limit: int = Query(20, ge=1)) -> RecordPage:
+    """The job's records with their full trajectories / judgements (finished batches, also while running)."""
+    job = _job(request, job_id, owner)
+    cap = request.app.state.settings.limits.max_page
+    if limit > cap:
+        raise HTTPException(422, f"limit = {limit} is over this server's page limit of {cap}")
+    reviews = _db(request).reviews(job_id) if job["kind"] in STAGES else []
+    total, items = page(job, reviews, status, principle, offset, limit)
+    return RecordPage(total=total, offset=offset, limit=limit, items=items)
+
+
+@api.get("/jobs/{job_id}/export", tags=["jobs"], response_class=FileResponse,
+         responses={200: {"description": "the file", "content": {"application/jsonl": {}}}})
+def export(job_id: str, request: Request, owner: str = Depends(require_owner),
+           file: str | None = Query(None, description="export name from the job's `files` (default: the dataset)")):
+    """A dataset file of a completed job, with the reviews applied (flip swaps, discard drops)."""
+    job = _job(request, job_id, owner)
+    name = file or EXPORTS[job["kind"]][0]
+    try:
+        check_name(name, "file")
+    except PathRefused as exc:
+        raise HTTPException(400, str(exc)) from None
+    if name not in EXPORTS[job["kind"]]:
+        raise HTTPException(404, f"no export {name!r}; a {job['kind']} job has {', '.join(EXPORTS[job['kind']])}")
+    if job["state"] != "completed":
+        raise HTTPException(409, f"job {job_id} is {job['state']}; exports exist once it completed")
+    if name not in export_names(job):
+        raise HTTPException(404, f"{name}: not written for this job (no rows exported?)")
+    try:
+        path = export_file(job, name, _db(request).reviews(job_id))
+    except FileNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return FileResponse(path, media_type=MEDIA[path.suffix], filename=f"{job_id}-{name}")
+
+
+@api.get("/jobs/{job_id}/reviews", response_model=ReviewList, tags=["reviews"])
+def list_reviews(job_id: str, request: Request, owner: str = Depends(require_owner)) -> ReviewList:
+    job = _job(request, job_id, owner)
+    reviews = _db(request).reviews(job["id"])
+    counts = review_counts(reviews, judged=job["kind"] == "prefs")
+    return ReviewList(reviews=[Review(**r) for r in reviews], counts=ReviewCounts(**counts))
+
+
+@api.post("/jobs/{job_id}/reviews", response_model=Review, status_code=201, tags=["reviews"])
+def add_review(job_id: str, body: ReviewRequest, request: Request, owner: str = Depends(require_owner)) -> Review:
+    """Label a record: agree / flip (prefs only) / discard. A reviewer's new label replaces their old one."""
+    job = _job(request, job_id, owner)
+    if job["kind"] not in STAGES:
+        raise HTTPException(422, "only sft and prefs records are reviewed")
+    if body.label == "flip" and job["kind"] != "prefs":
+        raise HTTPException(422, "flip swaps a preference pair: it applies to prefs jobs only")
+    record = find_record(job, body.record_id)
+    if record is None:
+        raise HTTPException(404, f"no record {body.record_id!r} in job {job_id}")
+    if record.get("error") is not None:
+        raise HTTPException(422, f"record {body.record_id} is an error row ({record['error']['code']}); "
+                                 "it is never exported")
+    reviewer = body.reviewer or owner
+    return Review(**_db(request).put_review(job_id, body.record_id, reviewer, body.label, body.note))
+
+
+@api.get("/jobs/{job_id}/constitution", response_model=ConstitutionDetail, tags=["constitutions"])
+def job_constitution(job_id: str, request: Request, owner: str = Depends(require_owner)) -> ConstitutionDetail:
+    """The constitution a job was made with (its principles, for the record viewer)."""
+    job = _job(request, job_id, owner)
+    recipe = json.loads(job["recipe"])
+    if "constitution" not in recipe:
+        raise HTTPException(404, "a judge_eval job has no constitution")
+    from cai.constitution import load_constitution
+
+    return _detail(load_constitution(Path(recipe["constitution"])))
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+def _info(c) -> dict[str, Any]:
+    return dict(name=c.ref.name, version=c.ref.version, sha256=c.ref.sha256, git_commit=c.ref.git_commit,
+                description=c.constitution.description)
+
+
+def _detail(c) -> ConstitutionDetail:
+    return ConstitutionDetail(**_info(c), principles=[PrincipleInfo(**p.model_dump(exclude={"examples"}))
+                                                      for p in c.constitution.principles])
+
+
+@api.get("/constitutions", response_model=ConstitutionList, tags=["constitutions"])
+def constitutions(request: Request) -> ConstitutionList:
+    """Constitutions in the server's constitutions folder: name, version, content sha256."""
+    found = list_constitutions(request.app.state.settings.constitutions_dir)
+    return ConstitutionList(constitutions=[ConstitutionInfo(**_info(c), principles=len(c.constitution.principles))
+                                           for c in found])
+
+
+@api.get("/constitutions/{name:path}", response_model=ConstitutionDetail, tags=["constitutions"])
+def constitution(name: str, request: Request) -> ConstitutionDetail:
+    """One constitution (NAME or NAME@VERSION) with its principles."""
+    try:
+        return _detail(find_constitution(request.app.state.settings.constitutions_dir, name))
+    except Refused as exc:
+        raise _refused(exc) from None
+
+
+@api.get("/engines", response_model=EngineList, tags=["catalogue"])
+def engines(request: Request) -> EngineList:
+    """Engine profiles a job may name (set by the server's operator)."""
+    settings = request.app.state.settings
+    return EngineList(engines=[EngineInfo(name=n, backend=s.backend, model=s.model, default=n == settings.default_engine)
+                               for n, s in settings.engines.items()])
+
+
+@api.get("/datasets", response_model=DatasetList, tags=["catalogue"])
+def datasets(request: Request) -> DatasetList:
+    """Dataset names under the server's data root (plus the bundled prompt sets)."""
+    return DatasetList(datasets=list_datasets(request.app.state.settings.data_root))
