@@ -226,6 +226,10 @@ class VLLMEngine:
             out.append((prompt_ids + ids, sp, ("prompt", option, ids)))
         return out
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes (benchmarks: each measured run starts cold)."""
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
