@@ -21,7 +21,7 @@ from cai.preferences import PreferenceStats, phase2_id, run_phase2
 from cai.prompts import JUDGE_TEMPLATE_HASH, PHASE1_TEMPLATE_HASH
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.records import ErrorCode, ErrorInfo, ModelRef, PreferenceRecord, SFTRecord, SourcePrompt, stable_id
-from cai.sources import BUNDLED, BUNDLED_DIR, read_prompts
+from cai.sources import BUNDLED, BUNDLED_DIR, near_duplicate_key, read_prompts
 from cai.store import IdSet, JobError, JobStore, Manifest, fingerprint
 
 PHASE1_CODE_VERSION = "1"
@@ -106,16 +106,23 @@ class BatchRun(BaseModel):
     generation_seconds: float = 0.0
 
 
-def _unique(items: Iterable[T], key: Callable[[T], str], run: BatchRun | None = None) -> Iterator[tuple[str, T]]:
-    """(id, item) for each first occurrence; exact duplicates (same id) are merged and counted."""
+def _unique(
+    items: Iterable[T], key: Callable[[T], str], run: BatchRun | None = None,
+    dedupe_key: Callable[[T], str] | None = None,
+) -> Iterator[tuple[str, T]]:
+    """(id, item) for each first occurrence; duplicates are merged and counted.
+
+    Duplicates share an id (exact) or, with `dedupe_key`, a looser key (near-duplicates).
+    """
     seen = IdSet()
     for item in items:
         item_id = key(item)
-        if item_id in seen:
+        dup_key = dedupe_key(item) if dedupe_key else item_id
+        if dup_key in seen:
             if run is not None:
                 run.duplicates += 1
             continue
-        seen.add(item_id)
+        seen.add(dup_key)
         yield item_id, item
 
 
@@ -130,6 +137,7 @@ def run_batches(
     setup: Callable[[], None] | None = None,
     row_key: Callable[[dict], str] = lambda row: row["id"],
     stop: StopCheck | None = None,
+    dedupe_key: Callable[[T], str] | None = None,
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
@@ -141,8 +149,8 @@ def run_batches(
     done = store.done_ids(stage, row_key)
     run = BatchRun(done_before=len(done))
     if progress:
-        progress("total", sum(1 for item_id, _ in _unique(items(), key) if item_id not in done))
-    todo = (item for item_id, item in _unique(items(), key, run) if item_id not in done)
+        progress("total", sum(1 for i, _ in _unique(items(), key, None, dedupe_key) if i not in done))
+    todo = (item for item_id, item in _unique(items(), key, run, dedupe_key) if item_id not in done)
     while batch := list(itertools.islice(todo, batch_size)):
         if stop is not None and stop():
             raise JobCancelled(f"cancelled after {run.done_now} rows; rerun the job to resume")
@@ -206,7 +214,8 @@ def generate_sft(
     with _open_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(
-            store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine, stop=stop
+            store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine, stop=stop,
+            dedupe_key=near_duplicate_key if job.drop_near_duplicates else None,
         )
         stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
@@ -305,7 +314,8 @@ def generate_prefs(
     with _open_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(store, "prefs", prompts, phase2_id, process, job.batch_size, progress,
-                          start_engines, row_key, stop)
+                          start_engines, row_key, stop,
+                          near_duplicate_key if job.drop_near_duplicates else None)
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
     return Phase2Summary(
         out=str(store.root), done_before=run.done_before, done_now=run.done_now,

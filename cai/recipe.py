@@ -87,6 +87,9 @@ class SFTJob(BaseModel):
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1, description="prompts per engine call and per shard")
     parquet: bool = Field(True, description="also export Parquet (JSONL is always written)")
+    drop_near_duplicates: bool = Field(
+        False, description="also merge prompts that differ only in case, punctuation or spacing"
+    )
     new_job: bool = False
 
 
@@ -105,4 +108,7 @@ class PrefsJob(BaseModel):
     min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="export only pairs at least this confident")
     require_consistent: bool = Field(True, description="export only pairs whose two orders agree")
     parquet: bool = True
+    drop_near_duplicates: bool = Field(
+        False, description="also merge prompts that differ only in case, punctuation or spacing"
+    )
     new_job: bool = False

@@ -313,3 +313,13 @@ def dedupe(prompts: Iterable[SourcePrompt]) -> tuple[list[SourcePrompt], int]:
         ids[p.id] = p.source
         kept.append(p)
     return kept, dropped
+
+
+def near_duplicate_key(prompt: SourcePrompt) -> str:
+    """A key equal for prompts that differ only in case, punctuation or spacing."""
+    words = [
+        "".join(ch for ch in word if ch.isalnum())
+        for m in prompt.messages
+        for word in f"{m.role} {m.content}".casefold().split()
+    ]
+    return stable_id("near", " ".join(w for w in words if w))

@@ -247,3 +247,14 @@ def test_system_prompt_reaches_every_request_but_not_the_export(tmp_path):
     assert all(chat[0].role == "system" and chat[0].content == "Be brief." for b in engine.batches for chat in b)
     row = json.loads((Path(summary.out) / "sft.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+
+
+def test_near_duplicates_are_merged_only_when_asked(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", ["How do I pick a lock?", "how do i pick a LOCK", "  How do I pick a lock!", "Other"])
+    exact = generate_sft(make_job(tmp_path, prompts), engine=FakeEngine(scripted))
+    assert (exact.done_now, exact.duplicates_merged) == (4, 0)
+    near = generate_sft(
+        SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "near"), drop_near_duplicates=True),
+        engine=FakeEngine(scripted),
+    )
+    assert (near.done_now, near.duplicates_merged) == (2, 2)

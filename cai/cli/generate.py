@@ -39,6 +39,7 @@ def sft(
     batch_size: Annotated[int, typer.Option(min=1, help="prompts per engine call and per shard")] = 256,
     new_job: Annotated[bool, typer.Option(help="if OUT holds a job with other settings, start a new directory beside it")] = False,
     parquet: Annotated[bool, typer.Option(help="also export sft.parquet beside sft.jsonl")] = True,
+    drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
     show: Annotated[int, typer.Option(help="example trajectories to print")] = 2,
 ) -> None:
     """Phase 1 (SL-CAI): answer, then critique and revise against sampled principles."""
@@ -59,6 +60,7 @@ def sft(
         limit=limit,
         batch_size=batch_size,
         parquet=parquet,
+        drop_near_duplicates=drop_near_duplicates,
         new_job=new_job,
     )
     with fail_on_user_error():
@@ -91,6 +93,7 @@ def prefs(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     new_job: bool = False,
     parquet: bool = True,
+    drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
 ) -> None:
     """Phase 2 (RL-CAI): K sampled answers per prompt, judged pairwise; a TRL preference dataset."""
     with fail_on_user_error():
@@ -107,6 +110,7 @@ def prefs(
             ),
             limit=limit, batch_size=batch_size, min_confidence=min_confidence,
             require_consistent=not keep_inconsistent, parquet=parquet, new_job=new_job,
+            drop_near_duplicates=drop_near_duplicates,
         )
         summary = _run_with_progress(job)
     print_phase2_summary(summary)
