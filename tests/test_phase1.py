@@ -13,7 +13,7 @@ from cai.critique import run_phase1
 from cai.engine.fake import FakeEngine
 from cai.pipeline import generate_sft
 from cai.recipe import Phase1Config, SFTJob
-from cai.records import Completion, ErrorCode, Message, SamplingParams, SourcePrompt
+from cai.records import Completion, Message, SamplingParams, SourcePrompt
 from cai.store import JobError
 
 ROOT = Path(__file__).resolve().parents[1]
