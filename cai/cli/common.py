@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Optional
@@ -50,5 +51,7 @@ def fail_on_user_error() -> Iterator[None]:
     try:
         yield
     except (ConstitutionError, SourceError, JobError, FileNotFoundError, ValidationError, ValueError) as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        if os.environ.get("CAI_DEBUG"):
+            raise
+        err_console.print(f"[red]error:[/] {exc}  (CAI_DEBUG=1 shows the traceback)")
         raise typer.Exit(2) from None
