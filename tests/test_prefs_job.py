@@ -8,30 +8,15 @@ from pathlib import Path
 
 import datasets
 
+from fakes import alternating_sampler, judge_preferring
+
 from cai.engine.fake import FakeEngine
 from cai.pipeline import generate_prefs
 from cai.recipe import Phase2Config, PrefsJob
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
-
-
-def sampler():
-    counter = {"n": 0}
-
-    def respond(chat, params):
-        counter["n"] += 1
-        return ("a good careful answer" if counter["n"] % 2 else "a bad answer") + f" #{counter['n']}"
-
-    return respond
-
-
-def prefers_good(chat, options, prefix):
-    text = chat[-1].content
-    first = text.index("(A)\n")
-    second = text.index("(B)\n")
-    good_first = "good" in text[first:second]
-    return {"A": math.log(0.9 if good_first else 0.1), "B": math.log(0.1 if good_first else 0.9)}
+PREFERS_GOOD = judge_preferring("good", 0.9)
 
 
 def always_a(chat, options, prefix):
@@ -46,7 +31,7 @@ def job(tmp_path: Path, **kw) -> PrefsJob:
 
 
 def test_prefs_job_exports_trl_rows_with_lineage(tmp_path):
-    engine = FakeEngine(sampler(), chooser=prefers_good)
+    engine = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
     summary = generate_prefs(job(tmp_path), policy_engine=engine, judge_engine=engine)
     assert summary.stats.exported == 4 and summary.stats.consistency_rate == 1.0
     ds = datasets.load_dataset("json", data_files=str(Path(summary.out) / "prefs.jsonl"), split="train")
@@ -64,7 +49,7 @@ def test_prefs_job_exports_trl_rows_with_lineage(tmp_path):
 
 
 def test_position_biased_judge_rows_are_kept_raw_but_not_exported(tmp_path):
-    engine = FakeEngine(sampler(), chooser=always_a)
+    engine = FakeEngine(alternating_sampler(), chooser=always_a)
     summary = generate_prefs(job(tmp_path), policy_engine=engine, judge_engine=engine)
     assert summary.stats.exported == 0 and summary.stats.excluded == {"tie": 4}
     shards = [json.loads(l) for s in (Path(summary.out) / "shards").glob("*.jsonl") for l in s.open()]
@@ -73,20 +58,20 @@ def test_position_biased_judge_rows_are_kept_raw_but_not_exported(tmp_path):
 
 
 def test_prefs_job_resumes(tmp_path):
-    engine = FakeEngine(sampler(), chooser=prefers_good)
+    engine = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
     generate_prefs(job(tmp_path, limit=2), policy_engine=engine, judge_engine=engine)
-    again = FakeEngine(sampler(), chooser=prefers_good)
+    again = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
     summary = generate_prefs(job(tmp_path), policy_engine=again, judge_engine=again)
     assert (summary.done_before, summary.done_now) == (2, 2)
     assert [len(b) for b in again.batches] == [4]
     all_pairs = generate_prefs(
         job(tmp_path / "all", phase2=Phase2Config(samples=3, pairing="all")),
-        policy_engine=FakeEngine(sampler(), chooser=prefers_good),
-        judge_engine=FakeEngine(sampler(), chooser=prefers_good),
+        policy_engine=FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD),
+        judge_engine=FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD),
     )
     assert all_pairs.stats.records == 12  # 3 pairs per prompt
     rerun = generate_prefs(
         job(tmp_path / "all", phase2=Phase2Config(samples=3, pairing="all")),
-        policy_engine=FakeEngine(sampler(), chooser=prefers_good),
+        policy_engine=FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD),
     )
     assert rerun.done_now == 0 and rerun.done_before == 4

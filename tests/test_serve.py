@@ -17,6 +17,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 from starlette.routing import Route
 
+from fakes import judge_preferring
+
 from cai.engine.fake import FakeEngine
 from serve.app import Limits, Settings, create_app
 from serve.auth import PUBLIC_PATHS
@@ -54,13 +56,6 @@ def responder(gate: threading.Event | None = None, block_on: str | None = None, 
     return respond
 
 
-def prefers_good(chat, options, prefix):
-    text = chat[-1].content
-    first, second = text.index("(A)\n"), text.index("(B)\n")
-    good_first = "good" in text[first:second]
-    return {"A": math.log(0.9 if good_first else 0.1), "B": math.log(0.1 if good_first else 0.9)}
-
-
 @pytest.fixture
 def roots(tmp_path: Path) -> Path:
     (tmp_path / "keys.txt").write_text(f"# test keys\nalice:{ALICE}\nbob:{BOB}\n")
@@ -84,7 +79,7 @@ def settings(root: Path, **limits) -> Settings:
 
 
 def app_for(root: Path, engine: FakeEngine | None = None, **limits):
-    engine = engine or FakeEngine(responder(), chooser=prefers_good)
+    engine = engine or FakeEngine(responder(), chooser=judge_preferring("good", 0.9))
     return create_app(settings(root, **limits), engine_factory=lambda spec: engine)
 
 
@@ -199,7 +194,7 @@ def test_prefs_review_flip_discard_agree_change_the_export(client):
 
 
 def test_error_rows_counted_by_kind_and_filtered(roots):
-    engine = FakeEngine(responder(truncate="too long"), chooser=prefers_good)
+    engine = FakeEngine(responder(truncate="too long"), chooser=judge_preferring("good", 0.9))
     with TestClient(app_for(roots, engine)) as c:
         job_id = submit(c, kind="sft", prompts=["fine", "too long"], phase1={"rounds": 1}, max_tokens=8)
         job = wait(c, job_id)
@@ -215,7 +210,7 @@ def test_error_rows_counted_by_kind_and_filtered(roots):
 
 def test_cancel_running_and_queued_jobs_then_resume(roots):
     gate = threading.Event()
-    engine = FakeEngine(responder(gate, block_on="q2"), chooser=prefers_good)
+    engine = FakeEngine(responder(gate, block_on="q2"), chooser=judge_preferring("good", 0.9))
     with TestClient(app_for(roots, engine)) as c:
         running = submit(c, kind="sft", prompts=["q0", "q1", "q2", "q3"], phase1={"rounds": 1}, batch_size=1)
         queued = submit(c, kind="sft", prompts=["other"], phase1={"rounds": 1})
@@ -237,7 +232,7 @@ def test_cancel_running_and_queued_jobs_then_resume(roots):
 
 def test_restart_resumes_queued_and_running_jobs(roots):
     gate = threading.Event()
-    blocking = FakeEngine(responder(gate, block_on="q1"), chooser=prefers_good)
+    blocking = FakeEngine(responder(gate, block_on="q1"), chooser=judge_preferring("good", 0.9))
     with TestClient(app_for(roots, blocking)) as c:
         first = submit(c, kind="sft", prompts=["q0", "q1", "q2"], phase1={"rounds": 1}, batch_size=1)
         second = submit(c, kind="prefs", prompts=["p0", "p1"], max_tokens=16)
@@ -457,7 +452,7 @@ def test_big_dataset_allowed_with_a_limit_and_page_cap(client):
 
 def test_active_jobs_per_key_429(roots):
     gate = threading.Event()
-    engine = FakeEngine(responder(gate, block_on="slow"), chooser=prefers_good)
+    engine = FakeEngine(responder(gate, block_on="slow"), chooser=judge_preferring("good", 0.9))
     with TestClient(app_for(roots, engine, max_active_jobs=2)) as c:
         first = submit(c, kind="sft", prompts=["slow"], phase1={"rounds": 1})
         submit(c, kind="sft", prompts=["two"], phase1={"rounds": 1})

@@ -21,6 +21,8 @@ import pytest
 pytest.importorskip("fastapi")
 import uvicorn
 
+from fakes import alternating_sampler, judge_preferring
+
 from cai.engine.fake import FakeEngine
 from serve.app import Limits, Settings, create_app
 
@@ -42,23 +44,6 @@ def _skip_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
-def sampler():
-    counter = {"n": 0}
-
-    def respond(chat, params):
-        counter["n"] += 1
-        return ("a good careful answer" if counter["n"] % 2 else "a bad answer") + f" #{counter['n']}"
-
-    return respond
-
-
-def prefers_good(chat, options, prefix):
-    text = chat[-1].content
-    first, second = text.index("(A)\n"), text.index("(B)\n")
-    good_first = "good" in text[first:second]
-    return {"A": math.log(0.85 if good_first else 0.15), "B": math.log(0.15 if good_first else 0.85)}
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,7 +55,7 @@ def server(tmp_path):
     (tmp_path / "keys.txt").write_text(f"reviewer:{KEY}\n")
     settings = Settings(jobs_root=tmp_path / "jobs", data_root=tmp_path / "data", keys_file=tmp_path / "keys.txt",
                         keys_from_env=False, limits=Limits(max_rows=20))
-    engine = FakeEngine(sampler(), chooser=prefers_good)
+    engine = FakeEngine(alternating_sampler(), chooser=judge_preferring("good", 0.85))
     app = create_app(settings, engine_factory=lambda spec: engine)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
