@@ -22,6 +22,7 @@ from cai.records import (
     ErrorCode,
     ErrorInfo,
     Lineage,
+    ModelRef,
     SamplingParams,
     SFTRecord,
     SourcePrompt,
@@ -128,16 +129,25 @@ def run_phase1(
             lambda t: revision_chat(t.source.messages, t.last_answer, chosen[id(t)], t.steps[-1].text),
             config.revision,
         )
-    return [_to_record(t, constitution, engine, config) for t in trajectories]
+    return [_to_record(t, constitution, engine.model, config) for t in trajectories]
+
+
+def cancelled_records(
+    sources: Sequence[SourcePrompt], constitution: LoadedConstitution, model: ModelRef, config: Phase1Config,
+    reason: str,
+) -> list[SFTRecord]:
+    """A `cancelled` error row for each prompt a stopped job never started."""
+    error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
+    return [_to_record(_Trajectory(source=s, error=error), constitution, model, config) for s in sources]
 
 
 def _to_record(
-    traj: _Trajectory, constitution: LoadedConstitution, engine: Engine, config: Phase1Config
+    traj: _Trajectory, constitution: LoadedConstitution, model: ModelRef, config: Phase1Config
 ) -> SFTRecord:
     lineage = Lineage(
         constitution=constitution.ref,
         principle_ids=traj.principles,
-        model=engine.model,
+        model=model,
         sampling={"answer": config.answer, "critique": config.critique, "revision": config.revision},
         seed=config.seed,
         template_hash=PHASE1_TEMPLATE_HASH,

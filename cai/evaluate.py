@@ -296,7 +296,7 @@ def judge_metrics(name: str, items: Sequence[EvalItem], judgements: Sequence[Jud
     )
 
 
-def _results(items: Sequence[EvalItem], judgements: Sequence[Judgement]) -> list[ItemResult]:
+def item_results(items: Sequence[EvalItem], judgements: Sequence[Judgement]) -> list[ItemResult]:
     return [ItemResult(source=it.source, human=it.human, p_a=j.p_a, p_a_orders=j.p_a_orders,
                        consistent=j.consistent, error=j.error.code.value if j.error else None,
                        raw=j.error.raw if j.error else None)
@@ -317,13 +317,13 @@ def evaluate_judge(engine: Engine, items: Sequence[EvalItem] | EvalSet, config: 
     name = f"cai ({config.mode}, {config.orders} order{'s' if config.orders > 1 else ''})"
     report = JudgeReport(data=data, format=fmt, model=engine.model, config=config, n=len(items),
                          cai=judge_metrics(name, items, cai, cai_s), baseline=None,
-                         cai_items=_results(items, cai))
+                         cai_items=item_results(items, cai))
     if baseline:
         start = time.perf_counter()
         base = baseline_judge(engine, [it.item for it in items])
         metrics = judge_metrics("baseline (JSON verdict, 1 order, greedy)", items, base,
                                 time.perf_counter() - start)
-        report.baseline, report.baseline_items = metrics, _results(items, base)
+        report.baseline, report.baseline_items = metrics, item_results(items, base)
     return report
 
 

@@ -6,18 +6,20 @@ import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol, TypeVar
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from cai.constitution import load_constitution
+from cai.critique import cancelled_records as cancelled_sft
 from cai.critique import phase1_id, run_phase1
 from cai.engine import make_engine, resolve_backend
 from cai.engine.base import Engine
 from cai.engine.models import model_display_id, model_revision, resolve_model
 from cai.export import SFTExportStats, export_prefs, export_sft
 from cai.preferences import PreferenceStats, phase2_id, run_phase2
+from cai.preferences import cancelled_records as cancelled_prefs
 from cai.prompts import JUDGE_TEMPLATE_HASH, PHASE1_TEMPLATE_HASH
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.records import ErrorCode, ErrorInfo, ModelRef, PreferenceRecord, SFTRecord, SourcePrompt, stable_id
@@ -92,10 +94,13 @@ class EngineDown(RuntimeError):
 
 
 class JobCancelled(RuntimeError):
-    """`stop()` said so between two batches; finished batches are kept, a rerun resumes."""
+    """`stop()` said so between two batches: finished batches are kept, every input not started
+    got a `cancelled` error row, and a rerun drops those rows and resumes."""
 
 
 StopCheck = Callable[[], bool]
+CancelledRows = Callable[[list[T], str], Sequence[JobRecord]]
+"""(inputs not started, reason) -> their `cancelled` error rows."""
 
 
 class BatchRun(BaseModel):
@@ -138,14 +143,19 @@ def run_batches(
     row_key: Callable[[dict], str] = lambda row: row["id"],
     stop: StopCheck | None = None,
     dedupe_key: Callable[[T], str] | None = None,
+    cancelled: CancelledRows | None = None,
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
     `items` is called twice (a counting pass for progress, then the work), so nothing
     holds the whole input in memory. `setup` (e.g. starting the engine) runs once,
     untimed, only if there is work. A batch whose every row is BACKEND_UNAVAILABLE
-    raises EngineDown and is not written, so a rerun does it again.
+    raises EngineDown and is not written, so a rerun does it again. When `stop()`
+    turns true, every input not started is written as a `cancelled` row (Batch API
+    contract: each input ends as one row) and JobCancelled is raised; a rerun first
+    drops those rows, then resumes.
     """
+    store.drop_errors(stage, codes={ErrorCode.CANCELLED.value})
     done = store.done_ids(stage, row_key)
     run = BatchRun(done_before=len(done))
     if progress:
@@ -153,7 +163,7 @@ def run_batches(
     todo = (item for item_id, item in _unique(items(), key, run, dedupe_key) if item_id not in done)
     while batch := list(itertools.islice(todo, batch_size)):
         if stop is not None and stop():
-            raise JobCancelled(f"cancelled after {run.done_now} rows; rerun the job to resume")
+            _cancel_rest(store, stage, itertools.chain(batch, todo), batch_size, run, cancelled)
         if setup is not None:
             setup()
             setup = None
@@ -171,6 +181,18 @@ def run_batches(
     return run
 
 
+def _cancel_rest(
+    store: JobStore, stage: str, rest: Iterable[T], batch_size: int, run: BatchRun, cancelled: CancelledRows | None
+) -> None:
+    reason = f"job cancelled after {run.done_now} rows of this run; rerun the job to generate this input"
+    written = 0
+    while cancelled is not None and (batch := list(itertools.islice(rest, batch_size))):
+        store.append(stage, cancelled(batch, reason))
+        written += len(batch)
+    raise JobCancelled(f"cancelled after {run.done_now} rows; {written} inputs not started were written "
+                       "as `cancelled` error rows; rerun the job to resume")
+
+
 def phase1_manifest(job: SFTJob, constitution_ref, model: ModelRef) -> Manifest:
     inputs = {
         "stage": f"sft/{PHASE1_CODE_VERSION}",
@@ -184,7 +206,7 @@ def phase1_manifest(job: SFTJob, constitution_ref, model: ModelRef) -> Manifest:
     return Manifest(stage="sft", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
 
 
-def _open_store(job: SFTJob | PrefsJob, manifest: Manifest) -> JobStore:
+def open_job_store(job: SFTJob | PrefsJob, manifest: Manifest) -> JobStore:
     out = Path(job.out)
     if job.new_job and (out / "manifest.json").exists():
         existing = Manifest.model_validate_json((out / "manifest.json").read_text())
@@ -211,11 +233,12 @@ def generate_sft(
         hook = (lambda name, n: progress(f"step {name}", n)) if progress else None
         return run_phase1(batch, constitution, engines[0], job.phase1, on_step=hook)
 
-    with _open_store(job, manifest) as store:
+    with open_job_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(
             store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine, stop=stop,
             dedupe_key=near_duplicate_key if job.drop_near_duplicates else None,
+            cancelled=lambda batch, reason: cancelled_sft(batch, constitution, model, job.phase1, reason),
         )
         stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
@@ -238,16 +261,26 @@ def read_manifest(job_dir: str | Path) -> Manifest:
 
 
 def retry_errors(
-    job_dir: str | Path, engine: Engine | None = None, progress: ProgressHook | None = None
-) -> tuple[dict[str, int], Phase1Summary]:
-    """Drop a job's error rows and resume it, so only those inputs are generated again."""
+    job_dir: str | Path, progress: ProgressHook | None = None, stop: StopCheck | None = None, **engines: Engine
+) -> tuple[dict[str, int], BaseModel]:
+    """Drop a job's error rows and resume it, so only those inputs are generated again.
+
+    `engines` are the stage's own engine arguments (`engine=` for sft and judge-eval,
+    `policy_engine=`/`judge_engine=` for prefs); missing ones are built from the recipe.
+    """
+    from cai.judge_eval import EvalJob, run_judge_eval
+
     manifest = read_manifest(job_dir)
-    if manifest.stage != "sft":
-        raise JobError(f"{job_dir}: retry-errors does not handle stage {manifest.stage!r} yet")
-    job = SFTJob.model_validate({**manifest.recipe, "out": str(job_dir), "new_job": False})
+    stages: dict[str, tuple[type[BaseModel], Callable[..., BaseModel]]] = {
+        "sft": (SFTJob, generate_sft), "prefs": (PrefsJob, generate_prefs), "judge-eval": (EvalJob, run_judge_eval),
+    }
+    if manifest.stage not in stages:
+        raise JobError(f"{job_dir}: retry-errors does not know stage {manifest.stage!r}")
+    job_type, run = stages[manifest.stage]
+    job = job_type.model_validate({**manifest.recipe, "out": str(job_dir), "new_job": False})
     with JobStore.open(job_dir, manifest) as store:
         dropped = store.drop_errors(manifest.stage)
-    return dropped, generate_sft(job, engine=engine, progress=progress)
+    return dropped, run(job, progress=progress, stop=stop, **engines)
 
 
 class Phase2Summary(BaseModel):
@@ -311,11 +344,13 @@ def generate_prefs(
     def row_key(row: dict) -> str:  # "all" pairing writes one row per pair: key rows by their prompt
         return stable_id("prefs", row["prompt"])
 
-    with _open_store(job, manifest) as store:
+    with open_job_store(job, manifest) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(store, "prefs", prompts, phase2_id, process, job.batch_size, progress,
                           start_engines, row_key, stop,
-                          near_duplicate_key if job.drop_near_duplicates else None)
+                          near_duplicate_key if job.drop_near_duplicates else None,
+                          lambda batch, reason: cancelled_prefs(batch, constitution, policy_ref, judge_ref,
+                                                                job.phase2, reason))
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
     return Phase2Summary(
         out=str(store.root), done_before=run.done_before, done_now=run.done_now,

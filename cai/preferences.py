@@ -42,7 +42,9 @@ from cai.records import (
     ErrorCode,
     ErrorInfo,
     PreferenceLineage,
+    ModelRef,
     PreferenceRecord,
+    SamplingParams,
     SourcePrompt,
     stable_id,
 )
@@ -67,6 +69,11 @@ def _samples(completions) -> list[AnswerSample]:
     return out
 
 
+def _policy_params(config: Phase2Config) -> SamplingParams:
+    params = config.policy
+    return params if params.seed is not None else params.model_copy(update={"seed": config.seed})
+
+
 def _pairs(samples: list[AnswerSample]) -> list[tuple[int, int]]:
     usable = [k for k, s in enumerate(samples) if s.excluded is None]
     return list(combinations(usable, 2))
@@ -82,9 +89,7 @@ def run_phase2(
 ) -> list[PreferenceRecord]:
     """Sample, pair and judge a batch of prompts; records in source order."""
     k = config.samples
-    params = config.policy
-    if params.seed is None:
-        params = params.model_copy(update={"seed": config.seed})
+    params = _policy_params(config)
     chats = [with_system(answer_chat(s.messages), config.system_prompt) for s in sources for _ in range(k)]
     completions = policy_engine.generate(chats, params) if chats else []
     if len(completions) != len(chats):
@@ -106,18 +111,27 @@ def run_phase2(
     comparisons: list[list[Comparison]] = [[] for _ in sources]
     for (n, (a, b)), j in zip(jobs, judgements):
         comparisons[n].append(Comparison(a=a, b=b, judgement=j))
-    lineage = _lineage_parts(constitution, policy_engine, judge_engine, config, params)
+    lineage = _lineage_parts(constitution, policy_engine.model, judge_engine.model, config, params)
     records: list[PreferenceRecord] = []
     for n, source in enumerate(sources):
         records += _records(source, samples[n], comparisons[n], config, lineage)
     return records
 
 
-def _lineage_parts(constitution, policy_engine, judge_engine, config, params) -> dict[str, Any]:
+def cancelled_records(sources: Sequence[SourcePrompt], constitution: LoadedConstitution, policy: ModelRef,
+                      judge: ModelRef, config: Phase2Config, reason: str) -> list[PreferenceRecord]:
+    """A `cancelled` error row for each prompt a stopped job never started."""
+    lineage = _lineage_parts(constitution, policy, judge, config, _policy_params(config))
+    error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
+    return [_record(phase2_id(s), dict(parent_ids=[s.id], prompt=s.messages), [], None, lineage, error=error)
+            for s in sources]
+
+
+def _lineage_parts(constitution, policy: ModelRef, judge: ModelRef, config, params) -> dict[str, Any]:
     return dict(
         constitution=constitution.ref,
-        model=policy_engine.model,
-        judge_model=judge_engine.model,
+        model=policy,
+        judge_model=judge,
         judge_config=config.judge.model_dump(mode="json"),
         sampling={"policy": params, "judge": config.judge.generation()},
         seed=config.seed,

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,20 +164,26 @@ class JobStore:
         """Input ids finished in this stage (`key` maps a stored row to its input id)."""
         return IdSet(key(row) for row in self.read(stage))
 
-    def drop_errors(self, stage: str) -> dict[str, int]:
-        """Remove error rows from the shards (each shard rewritten atomically), so a resume redoes them.
-
-        A kill between two shard rewrites only leaves some error rows in place for the next call.
+    def drop_errors(self, stage: str, codes: Collection[str] | None = None) -> dict[str, int]:
+        """Remove error rows (of `codes`, or all) from the shards, each shard rewritten atomically,
+        so a resume redoes them. A kill between two rewrites only leaves some for the next call.
         """
+        def dropped_code(line: str) -> str | None:
+            error = json.loads(line).get("error")
+            return error["code"] if error is not None and (codes is None or error["code"] in codes) else None
+
         dropped: dict[str, int] = {}
         for shard in self.shard_paths(stage):
-            lines = shard.read_text(encoding="utf-8").splitlines(keepends=True)
-            keep = [line for line in lines if json.loads(line).get("error") is None]
+            text = shard.read_text(encoding="utf-8")
+            if codes is not None and not any(f'"{code}"' in text for code in codes):
+                continue  # the common case on resume: no such rows, no JSON to parse
+            lines = text.splitlines(keepends=True)
+            keep = [line for line in lines if dropped_code(line) is None]
             if len(keep) == len(lines):
                 continue
             for line in lines:
-                if (error := json.loads(line).get("error")) is not None:
-                    dropped[error["code"]] = dropped.get(error["code"], 0) + 1
+                if (code := dropped_code(line)) is not None:
+                    dropped[code] = dropped.get(code, 0) + 1
             if keep:
                 atomic_write_lines(shard, keep)
             else:

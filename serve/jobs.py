@@ -2,13 +2,14 @@
 
 A job is a row here plus a job directory under the jobs root (cai's own format:
 manifest.json, shards/, exports). The worker turns the stored recipe back into
-`SFTJob` / `PrefsJob` and calls `generate_sft` / `generate_prefs`, or runs
-`evaluate_judge` for a judge evaluation; the service generates nothing itself.
+`SFTJob` / `PrefsJob` / `EvalJob` and calls `generate_sft` / `generate_prefs` /
+`run_judge_eval`; the service generates nothing itself.
 
 Restart: jobs left `running` by a stopped or killed server are queued again at
 start-up, and rerunning a job resumes from its directory (finished batches are
 skipped by the pipeline). Cancel: a queued job is cancelled at once; a running one
-stops between two batches (`stop=` of the pipeline), keeping what it finished.
+stops between two batches (`stop=` of the pipeline), keeping what it finished and
+writing a `cancelled` row for every input not started; resume drops those and goes on.
 One server process owns a database: the cancel flags and workers live in memory.
 """
 
@@ -24,13 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from cai.engine.base import Engine
-from cai.evaluate import evaluate_judge, read_eval_items, write_report
+from cai.judge_eval import EvalJob, run_judge_eval
 from cai.pipeline import EngineDown, JobCancelled, generate_prefs, generate_sft
-from cai.recipe import EngineSpec, JudgeConfig, PrefsJob, SFTJob
-from cai.records import utc_now
+from cai.recipe import EngineSpec, PrefsJob, SFTJob
+from cai.records import ErrorCode, utc_now
 from serve.results import shard_stats
 
 log = logging.getLogger("serve")
@@ -53,19 +52,6 @@ CREATE TABLE IF NOT EXISTS reviews (
     note TEXT, created_at TEXT NOT NULL, PRIMARY KEY (job_id, record_id, reviewer)
 );
 """
-
-
-class EvalJob(BaseModel):
-    """The recipe of a judge-evaluation job (cai.evaluate has no recipe model of its own)."""
-
-    model_config = ConfigDict(extra="forbid")
-    data: str
-    out: str
-    engine: EngineSpec
-    judge: JudgeConfig
-    limit: int | None = None
-    seed: int = 0
-    baseline: bool = True
 
 
 class TooManyActive(RuntimeError):
@@ -179,10 +165,12 @@ class Tracker:
     def __init__(self, db: JobDB, job_id: str, root: Path, stage: str | None):
         self.db, self.job_id, self.root, self.stage = db, job_id, root, stage
         self.errors: Counter[str] = Counter()
-        self.records = self.tokens = self.run_tokens = self.done = 0
+        self.records = self.tokens = self.run_tokens = self.done = self.total = 0
         self.started: float | None = None
         for shard in self._shards():
             self._add(shard_stats(shard, stage))
+        # `cancelled` rows of an earlier stop are dropped and redone by the pipeline: not resumed work.
+        self.records -= self.errors.pop(ErrorCode.CANCELLED.value, 0)
         db.update(job_id, resumed=self.records, records=self.records, errors=json.dumps(self.errors),
                   tokens=self.tokens, done=0, total=None, step=None, tokens_per_second=None)
 
@@ -197,9 +185,10 @@ class Tracker:
         return tokens
 
     def __call__(self, event: str, n: int) -> None:
-        if event == "total":
-            self.started = time.perf_counter()
-            self.db.update(self.job_id, total=n)
+        if event == "total":  # judge evaluation has two passes (cai's judge, the baseline): totals add up
+            self.started = self.started or time.perf_counter()
+            self.total += n
+            self.db.update(self.job_id, total=self.total)
         elif event == "done":
             self.done += n
             shards = self._shards()
@@ -208,7 +197,7 @@ class Tracker:
             else:
                 self.records += n
             seconds = time.perf_counter() - (self.started or time.perf_counter())
-            rate = self.run_tokens / seconds if seconds > 0 and self.stage else None
+            rate = self.run_tokens / seconds if seconds > 0 and self.run_tokens else None
             self.db.update(self.job_id, done=self.done, records=self.records, errors=json.dumps(self.errors),
                            tokens=self.tokens, tokens_per_second=rate)
         elif event.startswith("step "):
@@ -333,15 +322,6 @@ class JobManager:
             return summary.model_dump(mode="json"), rate
         job = EvalJob.model_validate(recipe)
         engine = self._engine(job.engine, engines, row["id"])
-        tracker = Tracker(self.db, row["id"], root, None)
-        items = read_eval_items(job.data, limit=job.limit, seed=job.seed)
-        tracker("total", len(items.items))
-        tracker("step judge", len(items.items) * job.judge.orders)
-        report = evaluate_judge(engine, items, job.judge, baseline=job.baseline)
-        if stop():
-            raise JobCancelled("cancelled while judging; no report written")
-        paths = write_report(report, job.out)
-        tracker.errors.update(report.cai.errors)
-        tracker("done", len(items.items))
-        summary = report.model_dump(mode="json") | {"files": [p.name for p in paths], "skipped": items.skipped}
+        result = run_judge_eval(job, engine, progress=Tracker(self.db, row["id"], root, "judge-eval"), stop=stop)
+        summary = result.report.model_dump(mode="json") | {"files": [Path(p).name for p in result.files]}
         return summary, None

@@ -19,11 +19,11 @@ from pydantic import ValidationError
 
 from cai.constitution import ConstitutionError, LoadedConstitution, load_constitution
 from cai.evaluate import read_eval_items
+from cai.judge_eval import EvalJob
 from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import SamplingParams
 from cai.sources import BUNDLED, BUNDLED_DIR, SourceError, read_prompts
 from serve.auth import PathRefused, check_name, list_names, resolve_name
-from serve.jobs import EvalJob
 from serve.protocol import InlinePrompt, JobRequest
 
 _SPEC = re.compile(r"^([a-z0-9]+(?:-[a-z0-9]+)*)(?:@((?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){2}))?$")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.export import jsonl_to_parquet
+from cai.judge_eval import JudgedItem
 from cai.preferences import keep_for_export
 from cai.records import PreferenceRecord, SFTRecord
 from cai.store import atomic_write_lines, atomic_write_text
@@ -39,7 +40,7 @@ _locks_guard = threading.Lock()
 
 def shard_stats(path: Path, stage: str | None) -> tuple[int, Counter, int]:
     """(records, error codes, generated tokens) of one shard, counted the way cai counts them."""
-    model = SFTRecord if stage == "sft" else PreferenceRecord
+    model = {"sft": SFTRecord, "prefs": PreferenceRecord, "judge-eval": JudgedItem}[stage]
     rows, errors, tokens = 0, Counter(), 0
     with open(path, encoding="utf-8") as f:
         for line in f:

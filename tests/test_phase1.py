@@ -227,16 +227,31 @@ def test_bench_replays_the_same_calls_and_loops_one_prompt_at_a_time():
     assert sizes == [1] + [6] * 3 + [6] * 3 + [1] * 6
 
 
-def test_stop_between_batches_keeps_finished_work(tmp_path):
+def shard_rows(job_dir: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted((job_dir / "shards").glob("*.jsonl")) for line in p.open()]
+
+
+def test_stop_writes_cancelled_rows_for_unstarted_inputs_and_rerun_redoes_them(tmp_path):
     from cai.pipeline import JobCancelled
 
-    prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(6)])
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}" for i in range(7)])
     engine = FakeEngine(scripted)
-    with pytest.raises(JobCancelled):
+    with pytest.raises(JobCancelled, match="5 inputs not started"):
         generate_sft(make_job(tmp_path, prompts, batch_size=2), engine=engine, stop=lambda: len(engine.batches) >= 5)
-    assert len(list((tmp_path / "job" / "shards").glob("sft-*.jsonl"))) == 1
-    summary = generate_sft(make_job(tmp_path, prompts, batch_size=2), engine=FakeEngine(scripted))
-    assert (summary.done_before, summary.done_now) == (2, 4)
+    rows = shard_rows(tmp_path / "job")
+    assert len(rows) == len({r["id"] for r in rows}) == 7  # every input: one row
+    cancelled = [r for r in rows if r["error"] and r["error"]["code"] == "cancelled"]
+    assert [r["prompt"][0]["content"] for r in cancelled] == ["q2", "q3", "q4", "q5", "q6"]
+    assert all(r["lineage"]["model"]["id"] == engine.model.id for r in cancelled)
+
+    rerun_engine = FakeEngine(scripted)
+    summary = generate_sft(make_job(tmp_path, prompts, batch_size=2), engine=rerun_engine)
+    assert (summary.done_before, summary.done_now) == (2, 5)
+    first_user_turns = {chat[0].content for batch in rerun_engine.batches for chat in batch}
+    assert {f"q{i}" for i in range(7)} & first_user_turns == {"q2", "q3", "q4", "q5", "q6"}
+    rows = shard_rows(tmp_path / "job")
+    assert len(rows) == len({r["id"] for r in rows}) == 7
+    assert not any(r["error"] for r in rows) and summary.export.rows == 7
 
 
 def test_system_prompt_reaches_every_request_but_not_the_export(tmp_path):

@@ -7,12 +7,14 @@ import math
 from pathlib import Path
 
 import datasets
+import pytest
 
 from fakes import alternating_sampler, judge_preferring
 
 from cai.engine.fake import FakeEngine
 from cai.pipeline import generate_prefs
 from cai.recipe import Phase2Config, PrefsJob
+from cai.records import Completion
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
@@ -75,3 +77,39 @@ def test_prefs_job_resumes(tmp_path):
         policy_engine=FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD),
     )
     assert rerun.done_now == 0 and rerun.done_before == 4
+
+
+def test_cancelled_prefs_job_has_one_row_per_prompt_and_resumes(tmp_path):
+    from cai.pipeline import JobCancelled
+
+    engine = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
+    with pytest.raises(JobCancelled):
+        generate_prefs(job(tmp_path, batch_size=1), policy_engine=engine, judge_engine=engine,
+                       stop=lambda: len(engine.batches) >= 1)
+    rows = [json.loads(l) for s in sorted((tmp_path / "job" / "shards").glob("*.jsonl")) for l in s.open()]
+    assert [r["error"]["code"] if r["error"] else None for r in rows] == [None, "cancelled", "cancelled", "cancelled"]
+    assert rows[1]["lineage"]["judge_model"]["id"] == "fake-model"
+    again = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
+    summary = generate_prefs(job(tmp_path, batch_size=1), policy_engine=again, judge_engine=again)
+    assert (summary.done_before, summary.done_now, summary.stats.exported) == (1, 3, 4)
+    assert summary.stats.errors == {}
+
+
+def test_retry_errors_reruns_only_failed_prefs_prompts(tmp_path):
+    from cai.pipeline import retry_errors
+
+    alternating = alternating_sampler()
+
+    def sampler(chat, params):
+        if "question 2" in chat[-1].content:
+            return Completion(text="", finish_reason="stop")
+        return alternating(chat, params)
+
+    engine = FakeEngine(sampler, chooser=PREFERS_GOOD)
+    first = generate_prefs(job(tmp_path), policy_engine=engine, judge_engine=engine)
+    assert first.stats.errors == {"empty": 1} and first.stats.exported == 3
+    again = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
+    dropped, summary = retry_errors(first.out, policy_engine=again, judge_engine=again)
+    assert dropped == {"empty": 1}
+    assert [len(b) for b in again.batches] == [2]  # one prompt, two samples
+    assert summary.stats.exported == 4 and summary.stats.errors == {}

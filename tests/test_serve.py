@@ -221,6 +221,8 @@ def test_cancel_running_and_queued_jobs_then_resume(roots):
         gate.set()  # the batch in flight finishes and is kept; the job stops before the next one
         job = wait(c, running)
         assert job["state"] == "cancelled" and job["records"] == 3, job
+        rows = c.get(f"/v1/jobs/{running}/records", params={"status": "error"}, headers=A).json()["items"]
+        assert [(r["prompt"][0]["content"], r["error"]["code"]) for r in rows] == [("q3", "cancelled")]
         assert c.get(f"/v1/jobs/{running}/export", headers=A).status_code == 409
         assert c.post(f"/v1/jobs/{running}/cancel", headers=A).status_code == 409
         assert c.post(f"/v1/jobs/{running}/resume", headers=A).json()["state"] == "queued"

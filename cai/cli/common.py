@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Optional
 
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from cai.constitution import ConstitutionError
+from cai.pipeline import EngineDown, JobCancelled
 from cai.recipe import EngineSpec
 from cai.sources import SourceError
 from cai.store import JobError
@@ -55,3 +58,34 @@ def fail_on_user_error() -> Iterator[None]:
             raise
         err_console.print(f"[red]error:[/] {exc}  (CAI_DEBUG=1 shows the traceback)")
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def stoppable_job() -> Iterator[Callable[[], bool]]:
+    """Yield a `stop()` for the pipeline: the first Ctrl-C asks the job to stop after its current
+    batch (unstarted inputs become `cancelled` rows, a rerun resumes); a second one aborts at once.
+    A dead engine or a cancelled job ends the command with one line and a non-zero exit."""
+    requested = threading.Event()
+
+    def on_interrupt(signum, frame) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        err_console.print("[yellow]stopping after the current batch[/] (Ctrl-C again to abort now)")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if _main_thread() else None
+    try:
+        yield requested.is_set
+    except JobCancelled as exc:
+        err_console.print(f"[yellow]stopped:[/] {exc}")
+        raise typer.Exit(130) from None
+    except EngineDown as exc:
+        err_console.print(f"[red]engine down:[/] {exc}. Finished batches are kept; rerun the command to resume.")
+        raise typer.Exit(1) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

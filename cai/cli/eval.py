@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from cai.cli.common import EngineOpt, ModelOpt, engine_spec, fail_on_user_error
+from cai.cli.common import EngineOpt, ModelOpt, engine_spec, fail_on_user_error, stoppable_job
 from cai.cli.eval_policy import policy
-from cai.evaluate import evaluate_judge, read_eval_items, render_markdown, write_report
-from cai.pipeline import build_engine
+from cai.evaluate import render_markdown
+from cai.judge_eval import EvalJob, run_judge_eval
 from cai.recipe import JudgeConfig
 
 app = typer.Typer(help="Evaluate the AI judge and trained policies.", no_args_is_help=True)
@@ -22,7 +22,7 @@ app.command("policy")(policy)
 @app.command("judge")
 def judge(
     data: Annotated[Path, typer.Option(help="two-option multiple-choice JSONL (prompt/corrects/incorrects) or HH-RLHF chosen/rejected pairs")],
-    out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, reliability.png, predictions.jsonl")],
+    out: Annotated[Path, typer.Option(help="job directory: manifest.json, shards/, then report.json, report.md, reliability.png, predictions.jsonl")],
     judge: ModelOpt = None,
     engine: EngineOpt = "auto",
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option")] = None,
@@ -31,13 +31,19 @@ def judge(
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
     seed: Annotated[int, typer.Option(help="which answer of an HH pair is shown as A")] = 0,
     baseline: Annotated[bool, typer.Option(help="also run the one-order JSON-verdict baseline judge")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="pairs per engine call and per shard")] = 256,
+    new_job: Annotated[bool, typer.Option("--new-job", help="if --out holds a job with other settings, start a new directory beside it")] = False,
 ) -> None:
-    """Judge agreement with human labels: accuracy (95% CI), consistency, position and length bias, calibration."""
+    """Judge agreement with human labels: accuracy (95% CI), consistency, position and length bias, calibration.
+
+    Resumable: rerunning the same command skips pairs already judged.
+    """
     with fail_on_user_error():
-        config = JudgeConfig(mode=mode, orders=orders, seed=seed)
-        items = read_eval_items(data, limit=limit, seed=seed)
-        eng = build_engine(engine_spec(engine, judge, engine_option))
-        report = evaluate_judge(eng, items, config, baseline=baseline)
-        paths = write_report(report, out)
-    console.print(render_markdown(report))
-    console.print(f"report: {', '.join(str(p) for p in paths)}")
+        job = EvalJob(data=str(data), out=str(out), engine=engine_spec(engine, judge, engine_option),
+                      judge=JudgeConfig(mode=mode, orders=orders, seed=seed), limit=limit, seed=seed,
+                      baseline=baseline, batch_size=batch_size, new_job=new_job)
+        with stoppable_job() as stop:
+            summary = run_judge_eval(job, stop=stop)
+    console.print(render_markdown(summary.report))
+    console.print(f"judged now: {summary.done_now}, resumed: {summary.done_before}")
+    console.print(f"report: {', '.join(summary.files)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +13,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cai.cli.common import ConstitutionOpt, EngineOpt, ModelOpt, engine_spec, fail_on_user_error
+from cai.cli.common import ConstitutionOpt, EngineOpt, ModelOpt, engine_spec, fail_on_user_error, stoppable_job
 from cai.pipeline import Phase1Summary, Phase2Summary, generate_prefs, generate_sft
 from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import SamplingParams
@@ -63,8 +64,8 @@ def sft(
         drop_near_duplicates=drop_near_duplicates,
         new_job=new_job,
     )
-    with fail_on_user_error():
-        summary = _run_with_progress(job)
+    with fail_on_user_error(), stoppable_job() as stop:
+        summary = _run_with_progress(job, stop)
     print_phase1_summary(summary)
     print_trajectories(Path(summary.out), show)
 
@@ -112,7 +113,8 @@ def prefs(
             require_consistent=not keep_inconsistent, parquet=parquet, new_job=new_job,
             drop_near_duplicates=drop_near_duplicates,
         )
-        summary = _run_with_progress(job)
+        with stoppable_job() as stop:
+            summary = _run_with_progress(job, stop)
     print_phase2_summary(summary)
 
 
@@ -132,7 +134,7 @@ def print_phase2_summary(summary: Phase2Summary) -> None:
     )
 
 
-def _run_with_progress(job: SFTJob | PrefsJob) -> Phase1Summary | Phase2Summary:
+def _run_with_progress(job: SFTJob | PrefsJob, stop: Callable[[], bool]) -> Phase1Summary | Phase2Summary:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         name = "phase 1" if isinstance(job, SFTJob) else "phase 2"
@@ -147,8 +149,8 @@ def _run_with_progress(job: SFTJob | PrefsJob) -> Phase1Summary | Phase2Summary:
                 bar.update(task, description=f"{name}: {event.removeprefix('step ')} ({n} requests)")
 
         if isinstance(job, SFTJob):
-            return generate_sft(job, progress=on_progress)
-        return generate_prefs(job, progress=on_progress)
+            return generate_sft(job, progress=on_progress, stop=stop)
+        return generate_prefs(job, progress=on_progress, stop=stop)
 
 
 def print_phase1_summary(summary: Phase1Summary) -> None:

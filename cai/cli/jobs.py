@@ -9,9 +9,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from cai.cli.common import fail_on_user_error
-from cai.cli.generate import print_phase1_summary
-from cai.pipeline import read_manifest, retry_errors
+from cai.cli.common import fail_on_user_error, stoppable_job
+from cai.cli.generate import print_phase1_summary, print_phase2_summary
+from cai.evaluate import render_markdown
+from cai.pipeline import Phase1Summary, Phase2Summary, read_manifest, retry_errors
 from cai.store import JobStore
 
 app = typer.Typer(help="Inspect and repair job directories.", no_args_is_help=True)
@@ -46,8 +47,13 @@ def status(job_dir: Path) -> None:
 
 @app.command("retry-errors")
 def retry(job_dir: Path) -> None:
-    """Generate again only the rows that ended as errors; everything else is kept."""
-    with fail_on_user_error():
-        dropped, summary = retry_errors(job_dir)
+    """Generate again only the rows that ended as errors (any stage); everything else is kept."""
+    with fail_on_user_error(), stoppable_job() as stop:
+        dropped, summary = retry_errors(job_dir, stop=stop)
     console.print(f"retrying {sum(dropped.values())} error rows: {dropped or 'none'}")
-    print_phase1_summary(summary)
+    if isinstance(summary, Phase1Summary):
+        print_phase1_summary(summary)
+    elif isinstance(summary, Phase2Summary):
+        print_phase2_summary(summary)
+    else:
+        console.print(render_markdown(summary.report))
