@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from cai.preferences import PreferenceStats, keep_for_export, preference_row, preference_stats
+from cai.preferences import PreferenceStats, PreferenceStatsCounter, keep_for_export, preference_row
 from cai.records import PreferenceRecord, SFTRecord
 from cai.store import JobStore, atomic_write_lines, atomic_write_text
 
@@ -153,27 +153,22 @@ the `messages` column as is.
 """
 
 
-def _slim(record: PreferenceRecord) -> PreferenceRecord:
-    """What the label statistics need, without the K answers and every comparison."""
-    return record.model_copy(update={"answers": [], "comparisons": [], "prompt": []})
-
-
 def export_prefs(
     store: JobStore, min_confidence: float, require_consistent: bool, parquet: bool = True
 ) -> tuple[PreferenceStats, list[str]]:
     """Write DIR/prefs.jsonl (+ .parquet) and the data card; error and excluded rows stay in the shards."""
-    kept: list[PreferenceRecord] = []
+    counter = PreferenceStatsCounter(min_confidence, require_consistent)
 
     def rows() -> Iterable[str]:
         for row in store.read("prefs"):
             record = PreferenceRecord.model_validate(row)
-            kept.append(_slim(record))
+            counter.add(record)
             if keep_for_export(record, min_confidence, require_consistent):
                 yield json.dumps(preference_row(record), ensure_ascii=False) + "\n"
 
     jsonl = store.root / "prefs.jsonl"
     atomic_write_lines(jsonl, rows())
-    stats = preference_stats(kept, min_confidence, require_consistent)
+    stats = counter.stats()
     files = [str(jsonl)]
     if stats.exported and parquet:
         files.append(str(jsonl_to_parquet(jsonl)))

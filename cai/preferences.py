@@ -23,7 +23,8 @@ Pairing (``Phase2Config.pairing``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from itertools import combinations
 from typing import Any
 
@@ -288,33 +289,57 @@ def _exclusion(record: PreferenceRecord, min_confidence: float, require_consiste
     return None
 
 
-def preference_stats(records: Sequence[PreferenceRecord], min_confidence: float = 0.0,
+class PreferenceStatsCounter:
+    """Running sums for PreferenceStats, so an export streams records without keeping them."""
+
+    def __init__(self, min_confidence: float = 0.0, require_consistent: bool = True):
+        self.min_confidence, self.require_consistent = min_confidence, require_consistent
+        self.records = self.judged = self.exported = 0
+        self.errors: Counter[str] = Counter()
+        self.excluded: Counter[str] = Counter()
+        self.principles: Counter[str] = Counter()
+        self.sums: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # name -> [sum, count]
+
+    def _mean_of(self, name: str, value: float) -> None:
+        self.sums[name][0] += value
+        self.sums[name][1] += 1
+
+    def add(self, r: PreferenceRecord) -> None:
+        self.records += 1
+        if r.error is not None:
+            self.errors[r.error.code.value] += 1
+            return
+        if r.judgement is None:
+            return
+        j = r.judgement
+        self.judged += 1
+        self._mean_of("mean_confidence", j.confidence)
+        if j.consistent is not None:
+            self._mean_of("consistency_rate", float(j.consistent))
+        for o in j.orders:
+            if o.p_first is not None and o.p_first != 0.5:
+                self._mean_of("first_position_wins", float(o.p_first > 0.5))
+        if (why := _exclusion(r, self.min_confidence, self.require_consistent)) is not None:
+            self.excluded[why] += 1
+            return
+        self.exported += 1
+        self.principles[j.principle_id or "none"] += 1
+        self._mean_of("mean_chosen_chars", len(r.chosen))
+        self._mean_of("mean_rejected_chars", len(r.rejected))
+        if len(r.chosen) != len(r.rejected):
+            self._mean_of("chosen_longer", float(len(r.chosen) > len(r.rejected)))
+
+    def stats(self) -> PreferenceStats:
+        means = {name: total / n for name, (total, n) in self.sums.items() if n}
+        return PreferenceStats(records=self.records, judged=self.judged, exported=self.exported,
+                               errors=dict(self.errors), excluded=dict(self.excluded),
+                               principles=dict(sorted(self.principles.items())), **means)
+
+
+def preference_stats(records: Iterable[PreferenceRecord], min_confidence: float = 0.0,
                      require_consistent: bool = True) -> PreferenceStats:
     """Counts and label statistics: mean confidence, consistency, first-position wins, lengths."""
-    stats = PreferenceStats(records=len(records))
-    errors: dict[str, int] = {}
-    excluded: dict[str, int] = {}
-    judged = [r for r in records if r.error is None and r.judgement is not None]
-    for r in records:
-        if r.error is not None:
-            errors[r.error.code.value] = errors.get(r.error.code.value, 0) + 1
-        elif r.judgement is not None and (why := _exclusion(r, min_confidence, require_consistent)) is not None:
-            excluded[why] = excluded.get(why, 0) + 1
-    kept = [r for r in judged if keep_for_export(r, min_confidence, require_consistent)]
-    orders = [o for r in judged for o in r.judgement.orders if o.p_first is not None and o.p_first != 0.5]
-    principles: dict[str, int] = {}
-    for r in kept:
-        pid = r.judgement.principle_id or "none"
-        principles[pid] = principles.get(pid, 0) + 1
-    return stats.model_copy(update=dict(
-        judged=len(judged), exported=len(kept), errors=errors, excluded=excluded,
-        principles=dict(sorted(principles.items())),
-        mean_confidence=_mean([r.judgement.confidence for r in judged]),
-        consistency_rate=_mean([float(r.judgement.consistent) for r in judged
-                                if r.judgement.consistent is not None]),
-        first_position_wins=_mean([float(o.p_first > 0.5) for o in orders]),
-        mean_chosen_chars=_mean([len(r.chosen) for r in kept]),
-        mean_rejected_chars=_mean([len(r.rejected) for r in kept]),
-        chosen_longer=_mean([float(len(r.chosen) > len(r.rejected)) for r in kept
-                             if len(r.chosen) != len(r.rejected)]),
-    ))
+    counter = PreferenceStatsCounter(min_confidence, require_consistent)
+    for record in records:
+        counter.add(record)
+    return counter.stats()

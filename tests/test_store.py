@@ -144,8 +144,8 @@ MEMORY_WORKER = textwrap.dedent(
     import json, resource, sys
     from pathlib import Path
     from cai.engine.fake import FakeEngine
-    from cai.pipeline import generate_sft
-    from cai.recipe import Phase1Config, SFTJob
+    from cai.pipeline import generate_prefs, generate_sft
+    from cai.recipe import Phase1Config, PrefsJob, SFTJob
 
     n, out = int(sys.argv[2]), Path(sys.argv[3])
     out.mkdir(parents=True)
@@ -153,24 +153,38 @@ MEMORY_WORKER = textwrap.dedent(
     with open(prompts, "w") as f:
         for i in range(n):
             f.write(json.dumps({"prompt": f"prompt {i}: how would I do thing number {i}?"}) + "\\n")
-    engine = FakeEngine(lambda chat, params: "ok " + chat[-1].content[:30], keep_batches=False)
-    job = SFTJob(constitution=sys.argv[1], prompts=str(prompts), out=str(out / "job"),
-                 phase1=Phase1Config(rounds=1), parquet=False)
-    summary = generate_sft(job, engine=engine)
-    assert summary.export.rows == n, summary
+    if sys.argv[4] == "sft":
+        engine = FakeEngine(lambda chat, params: "ok " + chat[-1].content[:30], keep_batches=False)
+        job = SFTJob(constitution=sys.argv[1], prompts=str(prompts), out=str(out / "job"),
+                     phase1=Phase1Config(rounds=1), parquet=False)
+        summary = generate_sft(job, engine=engine)
+        assert summary.export.rows == n, summary
+    else:
+        calls = iter(range(1 << 40))
+        sample = lambda chat, params: ("good " if next(calls) % 2 else "bad ") + chat[-1].content[:30]
+        def judge(chat, options, prefix):
+            text = chat[0].content
+            tag = text.split("<<<BEGIN ", 1)[1].split(">>>", 1)[0]
+            first_shown = text.split(f"<<<BEGIN {tag}>>>\\n")[2]
+            return {"A": -0.1, "B": -2.3} if first_shown.startswith("good") else {"A": -2.3, "B": -0.1}
+        engine = FakeEngine(sample, chooser=judge, keep_batches=False)
+        job = PrefsJob(constitution=sys.argv[1], prompts=str(prompts), out=str(out / "job"), parquet=False)
+        summary = generate_prefs(job, policy_engine=engine, judge_engine=engine)
+        assert summary.stats.records == n and summary.stats.exported > 0, summary.stats
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """
 )
 
 
-def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "prefs"])
+def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path, stage):
     script = tmp_path / "mem.py"
     script.write_text(MEMORY_WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def peak_kib(n: int) -> int:
         out = subprocess.run(
-            [sys.executable, str(script), HARMLESS, str(n), str(tmp_path / f"n{n}")],
+            [sys.executable, str(script), HARMLESS, str(n), str(tmp_path / f"n{n}"), stage],
             env=env, capture_output=True, text=True, timeout=600, check=True,
         )
         return int(out.stdout.split()[-1])

@@ -63,7 +63,8 @@ class FakeEngine:
     ) -> list[ChoiceScores]:
         if self.chooser is None:
             raise NotImplementedError("FakeEngine needs a chooser to score options")
-        self.choice_batches.append(list(chats))
+        if self.keep_batches:
+            self.choice_batches.append(list(chats))
         results = []
         for chat in chats:
             out = self.chooser(chat, options, prefix)
