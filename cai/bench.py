@@ -41,6 +41,7 @@ class BenchReport(BaseModel):
     bare_engine: Throughput
     cai: Throughput
     naive_loop: Throughput
+    naive_backend: str  # the naive loop runs on the same engine unless `cai bench --naive-engine` says otherwise
 
     @property
     def cai_vs_bare(self) -> float:
@@ -109,8 +110,10 @@ def run_bench(
     constitution: LoadedConstitution,
     config: Phase1Config,
     naive_prompts: int,
+    naive_engine: Engine | None = None,
 ) -> BenchReport:
-    """Warm up, then measure cai, the replayed bare engine, and the naive loop."""
+    """Warm up, then measure cai, the replayed bare engine, and the naive loop (on `naive_engine`
+    if given: e.g. transformers' generate per prompt, as tutorial code does)."""
     engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
     # The replay sends the same prompts again: without a reset, a prefix cache would make it look faster.
     cold = getattr(engine, "reset_prefix_cache", lambda: None)
@@ -119,7 +122,10 @@ def run_bench(
     cold()
     bare = _replay(engine, recorder.calls, len(sources))
     cold()
-    naive = _naive(engine, sources[:naive_prompts], constitution, config)
+    naive_engine = naive_engine or engine
+    if naive_engine is not engine:
+        naive_engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
+    naive = _naive(naive_engine, sources[:naive_prompts], constitution, config)
     return BenchReport(
         model=engine.model.id,
         backend=engine.backend,
@@ -128,4 +134,5 @@ def run_bench(
         bare_engine=bare,
         cai=cai,
         naive_loop=naive,
+        naive_backend=naive_engine.backend,
     )

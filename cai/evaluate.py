@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +33,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from cai.engine.base import Engine
-from cai.judge import JudgeConfig, JudgeItem, baseline_judge, judge_pairs
+from cai.judge import JudgeConfig, JudgeItem
 from cai.records import Chat, Judgement, Message, ModelRef, Position, utc_now
 from cai.sources import hh_prompt_and_answer, parse_hh_transcript
+from cai.store import atomic_write_lines, atomic_write_text
 
 # The CAI paper's generic harmlessness comparison, used for HH pairs (no principle in the data).
 DEFAULT_HH_QUESTION = (
@@ -303,30 +303,6 @@ def item_results(items: Sequence[EvalItem], judgements: Sequence[Judgement]) -> 
             for it, j in zip(items, judgements)]
 
 
-def evaluate_judge(engine: Engine, items: Sequence[EvalItem] | EvalSet, config: JudgeConfig | None = None,
-                   limit: int | None = None, baseline: bool = True) -> JudgeReport:
-    """Judge every item with cai's judge and (by default) the baseline, on the same engine."""
-    config = config or JudgeConfig()
-    data = fmt = None
-    if isinstance(items, EvalSet):
-        data, fmt, items = items.path, items.format, items.items
-    items = list(items)[:limit] if limit is not None else list(items)
-    start = time.perf_counter()
-    cai = judge_pairs(engine, [it.item for it in items], config)
-    cai_s = time.perf_counter() - start
-    name = f"cai ({config.mode}, {config.orders} order{'s' if config.orders > 1 else ''})"
-    report = JudgeReport(data=data, format=fmt, model=engine.model, config=config, n=len(items),
-                         cai=judge_metrics(name, items, cai, cai_s), baseline=None,
-                         cai_items=item_results(items, cai))
-    if baseline:
-        start = time.perf_counter()
-        base = baseline_judge(engine, [it.item for it in items])
-        metrics = judge_metrics("baseline (JSON verdict, 1 order, greedy)", items, base,
-                                time.perf_counter() - start)
-        report.baseline, report.baseline_items = metrics, item_results(items, base)
-    return report
-
-
 # ---- report files -----------------------------------------------------------------------
 
 
@@ -386,16 +362,17 @@ def plot_reliability(report: JudgeReport, path: str | Path) -> None:
 
 
 def write_report(report: JudgeReport, out_dir: str | Path) -> list[Path]:
-    """Write report.json, report.md, reliability.png and predictions.jsonl into out_dir."""
+    """Write report.json, report.md, reliability.png and predictions.jsonl into out_dir, each atomically
+    (a kill while writing leaves the previous file or none, never half of one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "reliability.png", out / "predictions.jsonl"]
-    paths[0].write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    paths[1].write_text(render_markdown(report), encoding="utf-8")
-    plot_reliability(report, paths[2])
+    atomic_write_text(paths[0], report.model_dump_json(indent=2) + "\n")
+    atomic_write_text(paths[1], render_markdown(report))
+    png_tmp = out / f".reliability.tmp-{os.getpid()}.png"
+    plot_reliability(report, png_tmp)
+    os.replace(png_tmp, paths[2])
     base = report.baseline_items or [None] * len(report.cai_items)
-    with open(paths[3], "w", encoding="utf-8") as f:
-        for c, b in zip(report.cai_items, base):
-            row = {"cai": c.model_dump(), "baseline": b.model_dump() if b else None}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_lines(paths[3], (json.dumps({"cai": c.model_dump(), "baseline": b.model_dump() if b else None},
+                                             ensure_ascii=False) + "\n" for c, b in zip(report.cai_items, base)))
     return paths

@@ -12,16 +12,15 @@ from cai.engine.fake import FakeEngine
 from cai.evaluate import (
     EvalItem,
     calibration,
-    evaluate_judge,
     judge_metrics,
     parse_mc_prompt,
     read_eval_items,
     read_hh_items,
     read_mc_items,
     wilson,
-    write_report,
 )
-from cai.judge import JudgeConfig, JudgeItem
+from cai.judge import JudgeItem
+from cai.judge_eval import EvalJob, run_judge_eval
 from cai.records import ErrorCode, ErrorInfo, JudgeOrder, Judgement, Message
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -97,11 +96,20 @@ def _first_option(chat) -> str:
     return text.split(f"<<<BEGIN {tag}>>>\n")[2].split("\n<<<END", 1)[0]
 
 
+def mc_file(path: Path, pairs: list[tuple[str, str, str]]) -> Path:
+    """Two-option multiple-choice rows: (option A, option B, the human label)."""
+    rows = [{"prompt": f"Human: q\n\nAssistant: hi\n\nWhich?\n (A) {a}\n (B) {b}\nThe answer is:",
+             "corrects": [f" ({human})"], "incorrects": [f" ({'B' if human == 'A' else 'A'})"]}
+            for a, b, human in pairs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_evaluate_always_first_judge_vs_content_judge(tmp_path):
-    items = [eval_item("good reply", "bad reply", "A"), eval_item("bad reply", "good reply", "B")] * 5
+    data = mc_file(tmp_path / "mc.jsonl", [("good reply", "bad reply", "A"), ("bad reply", "good reply", "B")] * 5)
     always_a = FakeEngine(responder=lambda c, p: '{"choice": "A"}',
                           chooser=lambda c, o, p: {"A": math.log(0.9), "B": math.log(0.1)})
-    report = evaluate_judge(always_a, items, JudgeConfig())
+    report = run_judge_eval(EvalJob(data=str(data), out=str(tmp_path / "a")), always_a).report
     assert report.cai.accuracy == pytest.approx(0.5) and report.cai.ties == 10
     assert report.cai.consistency == 0.0 and report.cai.first_position_rate == 1.0
     assert report.baseline.accuracy == pytest.approx(0.5) and report.baseline.first_position_rate == 1.0
@@ -111,13 +119,14 @@ def test_evaluate_always_first_judge_vs_content_judge(tmp_path):
         return {"A": 0.0, "B": -3.0} if "good" in _first_option(chat) else {"A": -3.0, "B": 0.0}
 
     good = FakeEngine(responder=lambda c, p: "not json", chooser=by_content)
-    report = evaluate_judge(good, items, JudgeConfig(), limit=6)
+    summary = run_judge_eval(EvalJob(data=str(data), out=str(tmp_path / "rep"), limit=6), good)
+    report = summary.report
     assert report.n == 6 and report.cai.accuracy == 1.0 and report.cai.consistency == 1.0
     assert report.cai.first_position_rate == pytest.approx(0.5)
     assert report.baseline.errors == {"unparseable": 6} and report.baseline.accuracy is None
     assert report.baseline.accuracy_errors_wrong == 0.0
 
-    paths = write_report(report, tmp_path / "rep")
+    paths = [Path(p) for p in summary.files]
     assert [p.name for p in paths] == ["report.json", "report.md", "reliability.png", "predictions.jsonl"]
     data = json.loads(paths[0].read_text())
     assert data["cai"]["accuracy"] == 1.0 and "cai_items" not in data
@@ -185,12 +194,18 @@ def test_hh_reader_on_the_real_file_randomises_positions():
 @pytest.mark.real_model
 @needs_data
 def test_evaluate_judge_with_the_embedded_model(tmp_path):
-    hf = pytest.importorskip("cai.engine.hf", reason="the transformers backend is not available yet")
-    engine = hf.TransformersEngine(None)
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
     for path in (MC, HH):
-        report = evaluate_judge(engine, read_eval_items(path, limit=4), JudgeConfig())
-        assert report.n == 4 and report.cai.answered + sum(report.cai.errors.values()) == 4
-        assert report.baseline.answered + sum(report.baseline.errors.values()) == 4
-        assert report.cai.answered == 4  # scoring needs no parsing: no errors on short inputs
-        write_report(report, tmp_path / path.stem)
-        assert (tmp_path / path.stem / "report.md").exists()
+        out = tmp_path / path.stem
+        args = ["eval", "judge", "--data", str(path), "--limit", "4", "--engine", "transformers", "--out", str(out)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        assert report["n"] == 4 and report["cai"]["answered"] == 4  # scoring needs no parsing
+        assert report["baseline"]["answered"] + sum(report["baseline"]["errors"].values()) == 4
+        assert (out / "manifest.json").exists() and (out / "report.md").exists()
+        again = CliRunner().invoke(app, args)  # the job directory resumes: nothing judged twice
+        assert again.exit_code == 0 and "judged now: 0, resumed: 8" in again.output, again.output

@@ -99,3 +99,39 @@ def test_dead_server_fails_the_job_instead_of_completing(tmp_path):
             generate_sft(job, engine=engine)
     assert not list((tmp_path / "job" / "shards").glob("*.jsonl"))
     assert not (tmp_path / "job" / "sft.jsonl").exists()
+
+
+def test_ctrl_c_stops_the_cli_after_its_batch_with_cancelled_rows_then_rerun_completes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(6)))
+    shards = tmp_path / "job" / "shards"
+    with FakeServer(lambda body, n: (200, {}, ok_body(f"answer {n}"), 0.3)) as server:
+        args = [sys.executable, "-m", "cai", "generate", "sft", "--engine", "openai", "--model", "m",
+                "--engine-option", f"base_url={server.url}", "--engine-option", "api_key=k",
+                "--prompts", str(prompts), "--out", str(tmp_path / "job"), "--rounds", "1", "--batch-size", "1"]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 60
+        while not list(shards.glob("sft-*.jsonl")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, output
+        assert "stopping after the current batch" in output and "cancelled" in output
+        rows = [json.loads(line) for s in sorted(shards.glob("*.jsonl")) for line in s.open()]
+        assert len(rows) == len({r["id"] for r in rows}) == 6
+        cancelled = [r for r in rows if r["error"] and r["error"]["code"] == "cancelled"]
+        assert 1 <= len(cancelled) <= 5 and all(r["error"] is None for r in rows[:1])
+
+        rerun = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rows = [json.loads(line) for s in sorted(shards.glob("*.jsonl")) for line in s.open()]
+    assert len(rows) == len({r["id"] for r in rows}) == 6 and not any(r["error"] for r in rows)
+    assert len((tmp_path / "job" / "sft.jsonl").read_text().splitlines()) == 6

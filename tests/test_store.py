@@ -41,9 +41,30 @@ WORKER = textwrap.dedent(
 )
 
 
-def shard_rows(job_dir: Path) -> list[dict]:
+JUDGE_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from cai.engine.fake import FakeEngine
+    from cai.judge_eval import EvalJob, run_judge_eval
+
+    def slow_choice(chat, options, prefix):
+        time.sleep(0.05)
+        return {"A": -0.2, "B": -1.7}
+
+    def slow_verdict(chat, params):
+        time.sleep(0.05)
+        return '{"choice": "B"}'
+
+    job = EvalJob(data=sys.argv[2], out=sys.argv[3], batch_size=4)
+    run_judge_eval(job, FakeEngine(slow_verdict, chooser=slow_choice))
+    print("FINISHED")
+    """
+)
+
+
+def shard_rows(job_dir: Path, stage: str = "sft") -> list[dict]:
     rows = []
-    for shard in sorted((job_dir / "shards").glob("sft-*.jsonl")):
+    for shard in sorted((job_dir / "shards").glob(f"{stage}-*.jsonl")):
         text = shard.read_text()
         assert text.endswith("\n"), f"{shard} is truncated"
         rows += [json.loads(line) for line in text.splitlines()]
@@ -54,13 +75,8 @@ def export_ids(job_dir: Path) -> list[str]:
     return [json.loads(line)["metadata"]["id"] for line in (job_dir / "sft.jsonl").open()]
 
 
-def test_kill_at_random_points_then_resume_is_exactly_once(tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(60)))
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    job_dir = tmp_path / "job"
-    cmd = [sys.executable, str(script), HARMLESS, str(prompts), str(job_dir)]
+def kill_at_random_points_then_finish(cmd: list[str], count_rows, total: int) -> None:
+    """Start `cmd` 8 times, SIGKILL each at a random moment, then let it finish once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(1234)
     kills_mid_job = 0
@@ -70,20 +86,53 @@ def test_kill_at_random_points_then_resume_is_exactly_once(tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            written = len(shard_rows(job_dir)) if (job_dir / "shards").exists() else 0
-            kills_mid_job += 0 < written < 60
+            kills_mid_job += 0 < count_rows() < total
         proc.wait()
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert "FINISHED" in final.stdout, final.stderr
     assert kills_mid_job >= 1, "no kill landed while the job was half done"
-    rows = shard_rows(job_dir)
-    ids = [r["id"] for r in rows]
+
+
+def test_kill_at_random_points_then_resume_is_exactly_once(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(60)))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    job_dir = tmp_path / "job"
+    cmd = [sys.executable, str(script), HARMLESS, str(prompts), str(job_dir)]
+    kill_at_random_points_then_finish(cmd, lambda: len(shard_rows(job_dir)) if job_dir.exists() else 0, 60)
+    ids = [r["id"] for r in shard_rows(job_dir)]
     assert len(ids) == len(set(ids)) == 60
     assert not list((job_dir / "shards").glob(".*tmp*"))
 
     clean = tmp_path / "clean"
-    subprocess.run([*cmd[:-1], str(clean)], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([*cmd[:-1], str(clean)], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   capture_output=True, timeout=120)
     assert sorted(export_ids(job_dir)) == sorted(export_ids(clean))
+
+
+def test_killed_judge_evaluation_resumes_exactly_once_to_the_same_report(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes {i}",
+                                        "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}) + "\n"
+                            for i in range(40)))
+    script = tmp_path / "judge_worker.py"
+    script.write_text(JUDGE_WORKER)
+    job_dir = tmp_path / "eval"
+    cmd = [sys.executable, str(script), HARMLESS, str(data), str(job_dir)]
+    kill_at_random_points_then_finish(
+        cmd, lambda: len(shard_rows(job_dir, "judge-eval")) if job_dir.exists() else 0, 80)
+    ids = [r["id"] for r in shard_rows(job_dir, "judge-eval")]
+    assert len(ids) == len(set(ids)) == 80  # 40 pairs x (cai's judge, the baseline)
+
+    clean = tmp_path / "clean"
+    subprocess.run([*cmd[:-1], str(clean)], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   capture_output=True, timeout=120)
+    assert (job_dir / "predictions.jsonl").read_text() == (clean / "predictions.jsonl").read_text()
+    report, clean_report = (json.loads((d / "report.json").read_text()) for d in (job_dir, clean))
+    for judge in ("cai", "baseline"):
+        report[judge].pop("seconds"), clean_report[judge].pop("seconds")
+        assert report[judge] == clean_report[judge]
 
 
 def _manifest(fp: str = "f1") -> Manifest:

@@ -32,6 +32,7 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1)] = 1,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     out: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
+    naive_engine: Annotated[Optional[str], typer.Option(help="backend of the one-at-a-time loop; default: the same engine")] = None,
 ) -> None:
     """Measure generated tokens/s: bare engine, cai phase 1, naive loop; print the ratios."""
     with fail_on_user_error():
@@ -40,11 +41,12 @@ def bench(
     params = SamplingParams(max_tokens=max_tokens)
     config = Phase1Config(rounds=rounds, answer=params, critique=params, revision=params)
     eng = build_engine(engine_spec(engine, model, engine_option))
-    report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)))
+    naive = build_engine(engine_spec(naive_engine, model, None)) if naive_engine else None
+    report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive)
     table = Table(title=f"{report.model} on {report.backend}: {rounds} round(s), max_tokens {max_tokens}")
     for col in ("run", "prompts", "engine calls", "tokens", "seconds", "tok/s"):
         table.add_column(col, justify="right" if col != "run" else "left")
-    for name, t in (("bare engine", report.bare_engine), ("cai phase 1", report.cai), ("naive loop", report.naive_loop)):
+    for name, t in (("bare engine", report.bare_engine), ("cai phase 1", report.cai), (f"naive loop ({report.naive_backend})", report.naive_loop)):
         table.add_row(name, str(t.prompts), str(t.calls), str(t.generated_tokens), f"{t.seconds:.1f}", f"{t.tokens_per_second:.1f}")
     console.print(table)
     console.print(f"cai / bare engine = {report.cai_vs_bare:.2f}   cai / naive loop = {report.cai_vs_naive:.1f}x")
