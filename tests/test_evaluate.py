@@ -87,7 +87,7 @@ def test_judge_metrics_on_a_hand_made_set():
     assert m.mean_confidence == pytest.approx((0.6 + 0.2 + 0.0) / 3)
 
 
-# ---- evaluate_judge on the fake engine ---------------------------------------------------
+# ---- judge evaluation jobs on the fake engine ---------------------------------------------
 
 
 def _first_option(chat) -> str:
