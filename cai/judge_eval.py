@@ -13,7 +13,7 @@ evaluation ran in one go or in several.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,7 @@ from cai.engine.base import Engine
 from cai.evaluate import EvalItem, EvalSet, JudgeReport, item_results, judge_metrics, read_eval_items, write_report
 from cai.judge import JudgeConfig, baseline_judge, judge_pairs
 from cai.pipeline import (
+    JobCancelled,
     ProgressHook,
     StopCheck,
     build_engine,
@@ -36,6 +37,8 @@ from cai.records import ErrorCode, ErrorInfo, Judgement, ModelRef, stable_id
 from cai.store import Manifest, fingerprint
 
 JUDGE_EVAL_CODE_VERSION = "1"
+# What `cai jobs retry-errors` redoes here: failures of the backend, not verdicts that are measurements.
+JUDGE_EVAL_REDO = (ErrorCode.BACKEND_UNAVAILABLE.value, ErrorCode.INTERNAL.value)
 JudgeName = Literal["cai", "baseline"]
 
 
@@ -76,6 +79,7 @@ class JudgeEvalSummary(BaseModel):
     done_now: int
     report: JudgeReport
     files: list[str]
+    skipped: dict[str, int]  # data rows that are not a usable labelled pair, by reason
 
 
 def judged_id(judge: JudgeName, item: EvalItem) -> str:
@@ -118,9 +122,14 @@ def _cancelled(judge: JudgeName, mode) -> Callable[[list[EvalItem], str], list[J
 
 
 def run_judge_eval(
-    job: EvalJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None
+    job: EvalJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
+    redo: Collection[str] = (),
 ) -> JudgeEvalSummary:
-    """Judge every labelled pair with cai's judge (and the baseline), resumably; write the report."""
+    """Judge every labelled pair with cai's judge (and the baseline), resumably; write the report.
+
+    If the job is stopped, the pass in flight and every later pass write `cancelled` rows
+    for what they did not start, so each (judge, pair) still ends as one row.
+    """
     evalset = read_eval_items(job.data, limit=job.limit, seed=job.seed)
     model = engine.model if engine is not None else engine_model_ref(job.engine)
     engines: list[Engine] = [engine] if engine is not None else []
@@ -133,18 +142,26 @@ def run_judge_eval(
         ("cai", lambda batch: judge_pairs(engines[0], [it.item for it in batch], job.judge), job.judge.mode)]
     if job.baseline:
         passes.append(("baseline", lambda batch: baseline_judge(engines[0], [it.item for it in batch]), "baseline"))
+    runs, cancelled = [], None
     with open_job_store(job, judge_eval_manifest(job, model)) as store:
-        # Both judges' rows share the stage (their ids differ), so each pass skips the other's rows.
-        runs = [run_batches(store, "judge-eval", lambda: evalset.items, lambda it, n=name: judged_id(n, it),
-                            _judge_batch(name, judge), job.batch_size, progress, start_engine, stop=stop,
-                            cancelled=_cancelled(name, mode))
-                for name, judge, mode in passes]
+        for n, (name, judge, mode) in enumerate(passes):
+            # Both judges' rows share the stage (their ids differ): drop rows to redo once, before the first pass.
+            todo = {ErrorCode.CANCELLED.value, *redo} if n == 0 else ()
+            try:
+                runs.append(run_batches(
+                    store, "judge-eval", lambda: evalset.items, lambda it, name=name: judged_id(name, it),
+                    _judge_batch(name, judge), job.batch_size, progress, start_engine,
+                    stop=(lambda: True) if cancelled else stop, cancelled=_cancelled(name, mode), redo=todo))
+            except JobCancelled as exc:
+                cancelled = cancelled or exc
+        if cancelled:
+            raise cancelled
         rows = {row["id"]: row for row in store.read("judge-eval")}
         report = _report(job, model, evalset, rows)
         paths = write_report(report, store.root)
     return JudgeEvalSummary(out=str(store.root), done_before=runs[0].done_before,
                             done_now=sum(r.done_now for r in runs), report=report,
-                            files=[str(p) for p in paths])
+                            files=[str(p) for p in paths], skipped=evalset.skipped)
 
 
 def _report(job: EvalJob, model: ModelRef, evalset: EvalSet, rows: dict[str, dict]) -> JudgeReport:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -144,6 +145,7 @@ def run_batches(
     stop: StopCheck | None = None,
     dedupe_key: Callable[[T], str] | None = None,
     cancelled: CancelledRows | None = None,
+    redo: Collection[str] = (ErrorCode.CANCELLED.value,),
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
@@ -152,10 +154,11 @@ def run_batches(
     untimed, only if there is work. A batch whose every row is BACKEND_UNAVAILABLE
     raises EngineDown and is not written, so a rerun does it again. When `stop()`
     turns true, every input not started is written as a `cancelled` row (Batch API
-    contract: each input ends as one row) and JobCancelled is raised; a rerun first
-    drops those rows, then resumes.
+    contract: each input ends as one row) and JobCancelled is raised. Rows with an
+    error code in `redo` (by default `cancelled` ones) are dropped first and done again.
     """
-    store.drop_errors(stage, codes={ErrorCode.CANCELLED.value})
+    if redo:
+        store.drop_errors(stage, codes=set(redo))
     done = store.done_ids(stage, row_key)
     run = BatchRun(done_before=len(done))
     if progress:
@@ -216,7 +219,8 @@ def open_job_store(job: SFTJob | PrefsJob, manifest: Manifest) -> JobStore:
 
 
 def generate_sft(
-    job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None
+    job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
+    redo: Collection[str] = (),
 ) -> Phase1Summary:
     """Phase 1 end to end: resume-aware batches of critique-then-revise, then export."""
     started = time.perf_counter()
@@ -239,6 +243,7 @@ def generate_sft(
             store, "sft", prompts, phase1_id, process, job.batch_size, progress, start_engine, stop=stop,
             dedupe_key=near_duplicate_key if job.drop_near_duplicates else None,
             cancelled=lambda batch, reason: cancelled_sft(batch, constitution, model, job.phase1, reason),
+            redo={ErrorCode.CANCELLED.value, *redo},
         )
         stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
@@ -263,24 +268,30 @@ def read_manifest(job_dir: str | Path) -> Manifest:
 def retry_errors(
     job_dir: str | Path, progress: ProgressHook | None = None, stop: StopCheck | None = None, **engines: Engine
 ) -> tuple[dict[str, int], BaseModel]:
-    """Drop a job's error rows and resume it, so only those inputs are generated again.
+    """Resume a job, generating again the inputs that ended as error rows; (error rows redone by code, summary).
 
+    Generation stages redo every error kind. A judge evaluation redoes only failures of the
+    backend: its other error rows (unparseable, truncated...) are measurements of the judge.
     `engines` are the stage's own engine arguments (`engine=` for sft and judge-eval,
     `policy_engine=`/`judge_engine=` for prefs); missing ones are built from the recipe.
+    The error rows are dropped only once the job has reopened with the same fingerprint.
     """
-    from cai.judge_eval import EvalJob, run_judge_eval
+    from cai.judge_eval import JUDGE_EVAL_REDO, EvalJob, run_judge_eval
 
     manifest = read_manifest(job_dir)
-    stages: dict[str, tuple[type[BaseModel], Callable[..., BaseModel]]] = {
-        "sft": (SFTJob, generate_sft), "prefs": (PrefsJob, generate_prefs), "judge-eval": (EvalJob, run_judge_eval),
+    everything = {code.value for code in ErrorCode}
+    stages: dict[str, tuple[type[BaseModel], Callable[..., BaseModel], set[str]]] = {
+        "sft": (SFTJob, generate_sft, everything),
+        "prefs": (PrefsJob, generate_prefs, everything),
+        "judge-eval": (EvalJob, run_judge_eval, set(JUDGE_EVAL_REDO)),
     }
     if manifest.stage not in stages:
         raise JobError(f"{job_dir}: retry-errors does not know stage {manifest.stage!r}")
-    job_type, run = stages[manifest.stage]
+    job_type, run, codes = stages[manifest.stage]
     job = job_type.model_validate({**manifest.recipe, "out": str(job_dir), "new_job": False})
-    with JobStore.open(job_dir, manifest) as store:
-        dropped = store.drop_errors(manifest.stage)
-    return dropped, run(job, progress=progress, stop=stop, **engines)
+    redone = Counter(row["error"]["code"] for row in JobStore(Path(job_dir), manifest).read(manifest.stage)
+                     if row.get("error") and row["error"]["code"] in codes)
+    return dict(redone), run(job, progress=progress, stop=stop, redo=codes, **engines)
 
 
 class Phase2Summary(BaseModel):
@@ -315,6 +326,7 @@ def generate_prefs(
     judge_engine: Engine | None = None,
     progress: ProgressHook | None = None,
     stop: StopCheck | None = None,
+    redo: Collection[str] = (),
 ) -> Phase2Summary:
     """Phase 2 end to end: sample K answers, judge pairs in both orders, export preferences."""
     started = time.perf_counter()
@@ -350,7 +362,8 @@ def generate_prefs(
                           start_engines, row_key, stop,
                           near_duplicate_key if job.drop_near_duplicates else None,
                           lambda batch, reason: cancelled_prefs(batch, constitution, policy_ref, judge_ref,
-                                                                job.phase2, reason))
+                                                                job.phase2, reason),
+                          {ErrorCode.CANCELLED.value, *redo})
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
     return Phase2Summary(
         out=str(store.root), done_before=run.done_before, done_now=run.done_now,

@@ -141,7 +141,7 @@ class JobStore:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise JobError(f"{self.root} is being worked on by another process; wait for it or stop it")
-        for stale in self.shards.glob(".*.tmp-*"):
+        for stale in [*self.shards.glob(".*.tmp-*"), *self.root.glob(".*.tmp-*")]:  # left by a killed writer
             stale.unlink()
         return self
 

@@ -323,5 +323,6 @@ class JobManager:
         job = EvalJob.model_validate(recipe)
         engine = self._engine(job.engine, engines, row["id"])
         result = run_judge_eval(job, engine, progress=Tracker(self.db, row["id"], root, "judge-eval"), stop=stop)
-        summary = result.report.model_dump(mode="json") | {"files": [Path(p).name for p in result.files]}
+        summary = result.report.model_dump(mode="json") | {"files": [Path(p).name for p in result.files],
+                                                           "skipped": result.skipped}
         return summary, None

@@ -57,7 +57,11 @@ def iter_records(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
     root = Path(job["dir"])
     if job["kind"] in STAGES:
         for shard in sorted((root / "shards").glob(f"{STAGES[job['kind']]}-*.jsonl")):
-            with open(shard, encoding="utf-8") as f:
+            try:
+                f = open(shard, encoding="utf-8")
+            except FileNotFoundError:  # a resuming job just dropped this shard's `cancelled` rows
+                continue
+            with f:
                 for line in f:
                     yield json.loads(line)
         return

@@ -62,8 +62,8 @@ def test_cancelled_then_resumed_evaluation_matches_an_uninterrupted_one(tmp_path
     with pytest.raises(JobCancelled, match="inputs not started"):
         run_judge_eval(job(tmp_path), first, stop=lambda: len(first.choice_batches) >= 2)
     rows = shard_rows(tmp_path / "eval")
-    assert len(rows) == len({r["id"] for r in rows}) == 9  # cai pass: every item has one row
-    assert sum(r["error"] is not None and r["error"]["code"] == "cancelled" for r in rows) == 5
+    assert len(rows) == len({r["id"] for r in rows}) == 18  # every (judge, pair): one row
+    assert sum(r["error"] is not None and r["error"]["code"] == "cancelled" for r in rows) == 5 + 9
 
     again = engine()
     resumed = run_judge_eval(job(tmp_path), again)
@@ -99,13 +99,31 @@ def test_dead_judge_backend_stops_without_rows(tmp_path):
     assert shard_rows(tmp_path / "eval") == []
 
 
-def test_retry_errors_rejudges_only_unparseable_baseline_rows(tmp_path):
-    first = run_judge_eval(job(tmp_path), engine(responder=lambda c, p: "no idea"))
-    assert first.report.baseline.errors == {"unparseable": 9}
-    raw = [r for r in shard_rows(tmp_path / "eval") if r["error"]]
-    assert {r["error"]["raw"] for r in raw} == {"no idea"}  # the raw reply is kept on the error row
+def test_retry_errors_redoes_backend_failures_but_keeps_unparseable_verdicts(tmp_path):
+    down = {"code": "backend_unavailable", "message": "502 after retries"}
+
+    def flaky_baseline(chat, params):
+        text = chat[-1].content
+        if "question 3" in text:
+            return Completion(finish_reason="error", error=down)
+        return "no idea" if "question 5" in text else '{"choice": "A"}'
+
+    first = run_judge_eval(job(tmp_path), engine(flaky_baseline))
+    assert first.report.baseline.errors == {"backend_unavailable": 1, "unparseable": 1}
+    unparseable = [r for r in shard_rows(tmp_path / "eval") if r["error"] and r["error"]["code"] == "unparseable"]
+    assert [r["error"]["raw"] for r in unparseable] == ["no idea"]  # the raw reply is kept on the error row
     again = engine()
-    dropped, summary = retry_errors(tmp_path / "eval", engine=again)
-    assert dropped == {"unparseable": 9}
-    assert again.choice_batches == [] and sum(len(b) for b in again.batches) == 9
-    assert summary.report.baseline.errors == {} and summary.report.baseline.answered == 9
+    redone, summary = retry_errors(tmp_path / "eval", engine=again)
+    assert redone == {"backend_unavailable": 1}  # an unparseable verdict is a measurement: not re-rolled
+    assert again.choice_batches == [] and sum(len(b) for b in again.batches) == 1
+    assert summary.report.baseline.errors == {"unparseable": 1} and summary.report.baseline.answered == 8
+
+
+def test_stop_during_the_first_judge_leaves_one_row_per_judge_and_pair(tmp_path):
+    first = engine()
+    with pytest.raises(JobCancelled):
+        run_judge_eval(job(tmp_path), first, stop=lambda: len(first.choice_batches) >= 1)
+    rows = shard_rows(tmp_path / "eval")
+    assert len(rows) == len({r["id"] for r in rows}) == 18
+    assert sum(r["judge"] == "baseline" and r["error"]["code"] == "cancelled" for r in rows) == 9
+    assert first.batches == []  # the baseline never ran

@@ -273,3 +273,23 @@ def test_near_duplicates_are_merged_only_when_asked(tmp_path):
         engine=FakeEngine(scripted),
     )
     assert (near.done_now, near.duplicates_merged) == (2, 2)
+
+
+def test_second_ctrl_c_aborts_with_130_and_the_sigint_handler_is_restored():
+    import os
+    import signal
+
+    import typer
+
+    from cai.cli.common import stoppable_job
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(typer.Exit) as stopped:
+        with stoppable_job() as stop:
+            assert not stop()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop()  # first Ctrl-C: only a request to stop after the batch
+            os.kill(os.getpid(), signal.SIGINT)  # second: abort now
+            raise AssertionError("not reached")
+    assert stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before

@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -32,6 +33,12 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option(help="model folder or served model name; default: embedded SmolLM2-135M-Instruct"),
 ]
+
+
+def absolute_if_path(spec: str) -> str:
+    """A file or folder argument as an absolute path (names and FILE@REV stay as given), so the recipe
+    in manifest.json still resolves when `cai jobs retry-errors DIR` runs from another folder."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
 def engine_spec(backend: str, model: str | None, options: list[str] | None) -> EngineSpec:
@@ -64,7 +71,7 @@ def fail_on_user_error() -> Iterator[None]:
 def stoppable_job() -> Iterator[Callable[[], bool]]:
     """Yield a `stop()` for the pipeline: the first Ctrl-C asks the job to stop after its current
     batch (unstarted inputs become `cancelled` rows, a rerun resumes); a second one aborts at once.
-    A dead engine or a cancelled job ends the command with one line and a non-zero exit."""
+    Both exit 130; a dead engine ends the command with one line and exit 1."""
     requested = threading.Event()
 
     def on_interrupt(signum, frame) -> None:
@@ -73,18 +80,22 @@ def stoppable_job() -> Iterator[Callable[[], bool]]:
         requested.set()
         err_console.print("[yellow]stopping after the current batch[/] (Ctrl-C again to abort now)")
 
-    previous = signal.signal(signal.SIGINT, on_interrupt) if _main_thread() else None
+    installed = _main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if installed else None
     try:
         yield requested.is_set
     except JobCancelled as exc:
         err_console.print(f"[yellow]stopped:[/] {exc}")
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]aborted:[/] the batch in flight is lost; rerun the command to resume")
+        raise typer.Exit(130) from None
     except EngineDown as exc:
         err_console.print(f"[red]engine down:[/] {exc}. Finished batches are kept; rerun the command to resume.")
         raise typer.Exit(1) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if installed:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _main_thread() -> bool:

@@ -39,7 +39,8 @@ def judge(
     Resumable: rerunning the same command skips pairs already judged.
     """
     with fail_on_user_error():
-        job = EvalJob(data=str(data), out=str(out), engine=engine_spec(engine, judge, engine_option),
+        # An absolute data path keeps `cai jobs retry-errors DIR` working from any folder.
+        job = EvalJob(data=str(data.resolve()), out=str(out), engine=engine_spec(engine, judge, engine_option),
                       judge=JudgeConfig(mode=mode, orders=orders, seed=seed), limit=limit, seed=seed,
                       baseline=baseline, batch_size=batch_size, new_job=new_job)
         with stoppable_job() as stop:

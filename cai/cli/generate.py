@@ -13,7 +13,15 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cai.cli.common import ConstitutionOpt, EngineOpt, ModelOpt, engine_spec, fail_on_user_error, stoppable_job
+from cai.cli.common import (
+    ConstitutionOpt,
+    EngineOpt,
+    ModelOpt,
+    absolute_if_path,
+    engine_spec,
+    fail_on_user_error,
+    stoppable_job,
+)
 from cai.pipeline import Phase1Summary, Phase2Summary, generate_prefs, generate_sft
 from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import SamplingParams
@@ -46,8 +54,8 @@ def sft(
     """Phase 1 (SL-CAI): answer, then critique and revise against sampled principles."""
     params = dict(temperature=temperature, seed=seed)
     job = SFTJob(
-        constitution=constitution,
-        prompts=prompts,
+        constitution=absolute_if_path(constitution),
+        prompts=absolute_if_path(prompts),
         out=str(out),
         engine=engine_spec(engine, model, engine_option),
         phase1=Phase1Config(
@@ -103,7 +111,8 @@ def prefs(
         if judge is not None or judge_engine is not None:
             judge_spec = EngineSpec(backend=judge_engine or engine, model=judge)
         job = PrefsJob(
-            constitution=constitution, prompts=prompts, out=str(out), policy=policy_spec, judge=judge_spec,
+            constitution=absolute_if_path(constitution), prompts=absolute_if_path(prompts), out=str(out),
+            policy=policy_spec, judge=judge_spec,
             phase2=Phase2Config(
                 samples=samples, pairing=pairing, seed=seed, system_prompt=system,
                 policy=SamplingParams(temperature=temperature, max_tokens=max_tokens),
