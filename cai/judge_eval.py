@@ -22,6 +22,7 @@ from cai.engine.base import Engine
 from cai.evaluate import EvalItem, EvalSet, JudgeReport, item_results, judge_metrics, read_eval_items, write_report
 from cai.judge import JudgeConfig, baseline_judge, judge_pairs
 from cai.pipeline import (
+    BatchRun,
     JobCancelled,
     ProgressHook,
     StopCheck,
@@ -142,7 +143,8 @@ def run_judge_eval(
         ("cai", lambda batch: judge_pairs(engines[0], [it.item for it in batch], job.judge), job.judge.mode)]
     if job.baseline:
         passes.append(("baseline", lambda batch: baseline_judge(engines[0], [it.item for it in batch]), "baseline"))
-    runs, cancelled = [], None
+    runs: list[BatchRun] = []
+    cancelled: list[JobCancelled] = []
     with open_job_store(job, judge_eval_manifest(job, model)) as store:
         for n, (name, judge, mode) in enumerate(passes):
             # Both judges' rows share the stage (their ids differ): drop rows to redo once, before the first pass.
@@ -153,9 +155,11 @@ def run_judge_eval(
                     _judge_batch(name, judge), job.batch_size, progress, start_engine,
                     stop=(lambda: True) if cancelled else stop, cancelled=_cancelled(name, mode), redo=todo))
             except JobCancelled as exc:
-                cancelled = cancelled or exc
+                cancelled.append(exc)
         if cancelled:
-            raise cancelled
+            done, written = sum(e.done for e in cancelled), sum(e.written for e in cancelled)
+            raise JobCancelled(f"cancelled after {done} verdicts; {written} (judge, pair) rows not started were "
+                               "written as `cancelled` error rows; rerun the job to resume", done, written)
         rows = {row["id"]: row for row in store.read("judge-eval")}
         report = _report(job, model, evalset, rows)
         paths = write_report(report, store.root)

@@ -96,7 +96,11 @@ class EngineDown(RuntimeError):
 
 class JobCancelled(RuntimeError):
     """`stop()` said so between two batches: finished batches are kept, every input not started
-    got a `cancelled` error row, and a rerun drops those rows and resumes."""
+    got a `cancelled` error row (`written` of them), and a rerun drops those rows and resumes."""
+
+    def __init__(self, message: str, done: int = 0, written: int = 0):
+        super().__init__(message)
+        self.done, self.written = done, written
 
 
 StopCheck = Callable[[], bool]
@@ -193,7 +197,7 @@ def _cancel_rest(
         store.append(stage, cancelled(batch, reason))
         written += len(batch)
     raise JobCancelled(f"cancelled after {run.done_now} rows; {written} inputs not started were written "
-                       "as `cancelled` error rows; rerun the job to resume")
+                       "as `cancelled` error rows; rerun the job to resume", run.done_now, written)
 
 
 def phase1_manifest(job: SFTJob, constitution_ref, model: ModelRef) -> Manifest:

@@ -59,7 +59,7 @@ def test_cancelled_then_resumed_evaluation_matches_an_uninterrupted_one(tmp_path
     assert {Path(f).name for f in clean.files} >= {"report.json", "report.md", "predictions.jsonl"}
 
     first = engine()
-    with pytest.raises(JobCancelled, match="inputs not started"):
+    with pytest.raises(JobCancelled, match="14 .judge, pair. rows not started"):
         run_judge_eval(job(tmp_path), first, stop=lambda: len(first.choice_batches) >= 2)
     rows = shard_rows(tmp_path / "eval")
     assert len(rows) == len({r["id"] for r in rows}) == 18  # every (judge, pair): one row
