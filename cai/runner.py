@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -146,8 +148,18 @@ def _run_stage(name: str, args: list[str], run_dir: Path, log) -> StageResult:
     started = time.perf_counter()
     with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        # Ctrl-C reaches the stage too (same process group): let it stop cleanly, then report that.
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if on_main:
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode in (130, -signal.SIGINT):
+        raise RuntimeError(f"stage {name} stopped by Ctrl-C; finished work is kept, rerun the same "
+                           f"`cai run` to resume (log {run_dir / name}.log)")
     if proc.returncode != 0:
         tail = (run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); log {run_dir / name}.log:\n{tail}")

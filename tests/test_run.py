@@ -76,3 +76,43 @@ def test_tiny_end_to_end_run_on_the_embedded_model(tmp_path):
     report = json.loads((tmp_path / "run" / "06-eval" / "report.json").read_text())
     assert report["win_rates"] and (tmp_path / "run" / "06-eval" / "winrates.png").stat().st_size > 0
     assert "final" in out.stdout or "win" in out.stdout.lower()
+
+
+def test_ctrl_c_during_a_stage_stops_it_cleanly_and_says_how_to_resume(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from fakeserver import FakeServer, ok_body
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(6)))
+    job = tmp_path / "job"
+    before = signal.getsignal(signal.SIGINT)
+
+    def press_ctrl_c_after_the_first_shard() -> None:
+        deadline = time.monotonic() + 60
+        while not list((job / "shards").glob("sft-*.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        def is_stage(proc: Path) -> bool:
+            try:
+                parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                return parent == str(os.getpid()) and b"\0-m\0cai\0generate" in (proc / "cmdline").read_bytes()
+            except OSError:  # the process ended meanwhile
+                return False
+
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and is_stage(p)]
+        for pid in [*children, os.getpid()]:  # what a terminal's Ctrl-C does to the process group
+            os.kill(pid, signal.SIGINT)
+
+    with FakeServer(lambda body, n: (200, {}, ok_body(f"answer {n}"), 0.3)) as server:
+        args = ["generate", "sft", "--engine", "openai", "--model", "m", "--engine-option", f"base_url={server.url}",
+                "--engine-option", "api_key=k", "--prompts", str(prompts), "--out", str(job), "--rounds", "1",
+                "--batch-size", "1"]
+        threading.Thread(target=press_ctrl_c_after_the_first_shard, daemon=True).start()
+        with pytest.raises(RuntimeError, match="stopped by Ctrl-C.*rerun the same `cai run`"):
+            runner._run_stage("01-sft-data", args, tmp_path, log=lambda line: None)
+    assert signal.getsignal(signal.SIGINT) is before
+    rows = [json.loads(line) for s in sorted((job / "shards").glob("*.jsonl")) for line in s.open()]
+    assert len(rows) == 6 and any(r["error"] and r["error"]["code"] == "cancelled" for r in rows)
