@@ -161,9 +161,7 @@ def run_batches(
     contract: each input ends as one row) and JobCancelled is raised. Rows with an
     error code in `redo` (by default `cancelled` ones) are dropped first and done again.
     """
-    if redo:
-        store.drop_errors(stage, codes=set(redo))
-    done = store.done_ids(stage, row_key)
+    done = store.done_ids(stage, row_key, redo=set(redo))
     run = BatchRun(done_before=len(done))
     if progress:
         progress("total", sum(1 for i, _ in _unique(items(), key, None, dedupe_key) if i not in done))
@@ -280,7 +278,7 @@ def retry_errors(
     `policy_engine=`/`judge_engine=` for prefs); missing ones are built from the recipe.
     The error rows are dropped only once the job has reopened with the same fingerprint.
     """
-    from cai.judge_eval import JUDGE_EVAL_REDO, EvalJob, run_judge_eval
+    from cai.judge_eval import JUDGE_EVAL_REDO, EvalJob, run_judge_eval  # judge_eval builds on this module
 
     manifest = read_manifest(job_dir)
     everything = {code.value for code in ErrorCode}

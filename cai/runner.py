@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.engine.models import EMBEDDED_MODEL
+from cai.interrupt import sigint_handler
 from cai.records import utc_now
 from cai.sources import read_prompts
 from cai.store import atomic_write_lines, atomic_write_text
@@ -149,13 +149,8 @@ def _run_stage(name: str, args: list[str], run_dir: Path, log) -> StageResult:
     with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         # Ctrl-C reaches the stage too (same process group): let it stop cleanly, then report that.
-        on_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
-        try:
+        with sigint_handler(signal.SIG_IGN):
             _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            if on_main:
-                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode in (130, -signal.SIGINT):
         raise RuntimeError(f"stage {name} stopped by Ctrl-C; finished work is kept, rerun the same "

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,35 +161,41 @@ class JobStore:
                 for line in f:
                     yield json.loads(line)
 
-    def done_ids(self, stage: str, key: Callable[[dict[str, Any]], str] = lambda row: row["id"]) -> IdSet:
-        """Input ids finished in this stage (`key` maps a stored row to its input id)."""
-        return IdSet(key(row) for row in self.read(stage))
+    def done_ids(self, stage: str, key: Callable[[dict[str, Any]], str] = lambda row: row["id"],
+                 redo: Collection[str] = ()) -> IdSet:
+        """Input ids finished in this stage (`key` maps a stored row to its input id).
+
+        Rows with an error code in `redo` do not count as finished and are dropped from the
+        shards, so the caller generates them again; one read of the shards serves both.
+        """
+        ids, found = IdSet(), False
+        for row in self.read(stage):
+            if (error := row.get("error")) is not None and error["code"] in redo:
+                found = True
+            else:
+                ids.add(key(row))
+        if found:
+            self.drop_errors(stage, codes=redo)
+        return ids
 
     def drop_errors(self, stage: str, codes: Collection[str] | None = None) -> dict[str, int]:
         """Remove error rows (of `codes`, or all) from the shards, each shard rewritten atomically,
         so a resume redoes them. A kill between two rewrites only leaves some for the next call.
         """
-        def dropped_code(line: str) -> str | None:
-            error = json.loads(line).get("error")
-            return error["code"] if error is not None and (codes is None or error["code"] in codes) else None
-
-        dropped: dict[str, int] = {}
+        dropped: Counter[str] = Counter()
         for shard in self.shard_paths(stage):
-            text = shard.read_text(encoding="utf-8")
-            if codes is not None and not any(f'"{code}"' in text for code in codes):
-                continue  # the common case on resume: no such rows, no JSON to parse
-            lines = text.splitlines(keepends=True)
-            keep = [line for line in lines if dropped_code(line) is None]
-            if len(keep) == len(lines):
+            lines = shard.read_text(encoding="utf-8").splitlines(keepends=True)
+            errors = [json.loads(line).get("error") for line in lines]
+            drop = [e is not None and (codes is None or e["code"] in codes) for e in errors]
+            if not any(drop):
                 continue
-            for line in lines:
-                if (code := dropped_code(line)) is not None:
-                    dropped[code] = dropped.get(code, 0) + 1
+            dropped.update(e["code"] for e, d in zip(errors, drop) if d)
+            keep = [line for line, d in zip(lines, drop) if not d]
             if keep:
                 atomic_write_lines(shard, keep)
             else:
                 shard.unlink()
-        return dropped
+        return dict(dropped)
 
     def append(self, stage: str, records: Iterable[BaseModel]) -> Path:
         """Write one shard for a finished batch; visible only once complete."""

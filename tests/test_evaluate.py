@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from fakes import judge_preferring
 
 from cai.engine.fake import FakeEngine
 from cai.evaluate import (
@@ -90,12 +91,6 @@ def test_judge_metrics_on_a_hand_made_set():
 # ---- judge evaluation jobs on the fake engine ---------------------------------------------
 
 
-def _first_option(chat) -> str:
-    text = chat[0].content
-    tag = text.split("<<<BEGIN ", 1)[1].split(">>>", 1)[0]
-    return text.split(f"<<<BEGIN {tag}>>>\n")[2].split("\n<<<END", 1)[0]
-
-
 def mc_file(path: Path, pairs: list[tuple[str, str, str]]) -> Path:
     """Two-option multiple-choice rows: (option A, option B, the human label)."""
     rows = [{"prompt": f"Human: q\n\nAssistant: hi\n\nWhich?\n (A) {a}\n (B) {b}\nThe answer is:",
@@ -115,10 +110,7 @@ def test_evaluate_always_first_judge_vs_content_judge(tmp_path):
     assert report.baseline.accuracy == pytest.approx(0.5) and report.baseline.first_position_rate == 1.0
     assert [len(b) for b in always_a.choice_batches] == [20] and [len(b) for b in always_a.batches] == [10]
 
-    def by_content(chat, options, prefix):
-        return {"A": 0.0, "B": -3.0} if "good" in _first_option(chat) else {"A": -3.0, "B": 0.0}
-
-    good = FakeEngine(responder=lambda c, p: "not json", chooser=by_content)
+    good = FakeEngine(responder=lambda c, p: "not json", chooser=judge_preferring("good", 0.95))
     summary = run_judge_eval(EvalJob(data=str(data), out=str(tmp_path / "rep"), limit=6), good)
     report = summary.report
     assert report.n == 6 and report.cai.accuracy == 1.0 and report.cai.consistency == 1.0

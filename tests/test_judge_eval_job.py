@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from fakes import judge_preferring
 
 from cai.engine.fake import FakeEngine
 from cai.judge import JudgeConfig
@@ -23,22 +24,12 @@ def hh_file(path: Path, n: int = 9) -> Path:
     return path
 
 
-def _first_option(chat) -> str:
-    text = chat[0].content
-    tag = text.split("<<<BEGIN ", 1)[1].split(">>>", 1)[0]
-    return text.split(f"<<<BEGIN {tag}>>>\n")[2].split("\n<<<END", 1)[0]
-
-
-def by_content(chat, options, prefix):
-    return {"A": 0.0, "B": -3.0} if "good" in _first_option(chat) else {"A": -3.0, "B": 0.0}
-
-
 def verdict_a(chat, params):
     return '{"choice": "A"}'
 
 
 def engine(responder=verdict_a) -> FakeEngine:
-    return FakeEngine(responder=responder, chooser=by_content)
+    return FakeEngine(responder=responder, chooser=judge_preferring("good", 0.95))
 
 
 def job(tmp_path: Path, **kw) -> EvalJob:

@@ -209,14 +209,8 @@ MEMORY_WORKER = textwrap.dedent(
         summary = generate_sft(job, engine=engine)
         assert summary.export.rows == n, summary
     else:
-        calls = iter(range(1 << 40))
-        sample = lambda chat, params: ("good " if next(calls) % 2 else "bad ") + chat[-1].content[:30]
-        def judge(chat, options, prefix):
-            text = chat[0].content
-            tag = text.split("<<<BEGIN ", 1)[1].split(">>>", 1)[0]
-            first_shown = text.split(f"<<<BEGIN {tag}>>>\\n")[2]
-            return {"A": -0.1, "B": -2.3} if first_shown.startswith("good") else {"A": -2.3, "B": -0.1}
-        engine = FakeEngine(sample, chooser=judge, keep_batches=False)
+        from fakes import alternating_sampler, judge_preferring
+        engine = FakeEngine(alternating_sampler(), chooser=judge_preferring("good", 0.9), keep_batches=False)
         job = PrefsJob(constitution=sys.argv[1], prompts=str(prompts), out=str(out / "job"), parquet=False)
         summary = generate_prefs(job, policy_engine=engine, judge_engine=engine)
         assert summary.stats.records == n and summary.stats.exported > 0, summary.stats
@@ -229,7 +223,7 @@ MEMORY_WORKER = textwrap.dedent(
 def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path, stage):
     script = tmp_path / "mem.py"
     script.write_text(MEMORY_WORKER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 
     def peak_kib(n: int) -> int:
         out = subprocess.run(

@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cai.cli.train import app, parse_pairs  # noqa: E402
+from cai.cli.common import parse_pairs  # noqa: E402
+from cai.cli.train import app  # noqa: E402
 from cai.train import PPOConfig, TrainError, load_data, train_dpo, train_ppo, train_reward_model, train_sft  # noqa: E402
 from cai.train.common import check_chat_format, heldout_split  # noqa: E402
 from cai.train.dpo import soft_label_args  # noqa: E402
@@ -311,7 +312,7 @@ def test_cli_sft_and_errors(tiny, sft_data, tmp_path):
 
 
 def test_parse_pairs():
-    assert parse_pairs(["beta=0.2", "loss_type=[\"robust\"]", "lr_scheduler_type=cosine", "x=true"]) == {
+    assert parse_pairs(["beta=0.2", "loss_type=[\"robust\"]", "lr_scheduler_type=cosine", "x=true"], "--trl", "beta=0.1") == {
         "beta": 0.2, "loss_type": ["robust"], "lr_scheduler_type": "cosine", "x": True,
     }
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
 from cai.constitution import ConstitutionError
+from cai.interrupt import sigint_handler
 from cai.pipeline import EngineDown, JobCancelled
 from cai.recipe import EngineSpec
 from cai.sources import SourceError
@@ -41,17 +41,24 @@ def absolute_if_path(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
+def parse_pairs(items: list[str] | None, flag: str, example: str, json_values: bool = True) -> dict[str, Any]:
+    """Repeated KEY=VALUE flags -> dict; with `json_values`, VALUE is JSON when it parses
+    (2e-5, true, ["a"]), else the string as given."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+        try:
+            out[key.strip()] = json.loads(value) if json_values else value
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def engine_spec(backend: str, model: str | None, options: list[str] | None) -> EngineSpec:
     """Build an EngineSpec from CLI flags; `--engine-option k=v` values are parsed as JSON when they can be."""
-    parsed: dict[str, object] = {}
-    for item in options or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--engine-option {item!r}: expected KEY=VALUE, e.g. base_url=http://127.0.0.1:8000/v1")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
+    parsed = parse_pairs(options, "--engine-option", "base_url=http://127.0.0.1:8000/v1")
     return EngineSpec(backend=backend, model=model, options=parsed)
 
 
@@ -80,10 +87,9 @@ def stoppable_job() -> Iterator[Callable[[], bool]]:
         requested.set()
         err_console.print("[yellow]stopping after the current batch[/] (Ctrl-C again to abort now)")
 
-    installed = _main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if installed else None
     try:
-        yield requested.is_set
+        with sigint_handler(on_interrupt):
+            yield requested.is_set
     except JobCancelled as exc:
         err_console.print(f"[yellow]stopped:[/] {exc}")
         raise typer.Exit(130) from None
@@ -93,10 +99,3 @@ def stoppable_job() -> Iterator[Callable[[], bool]]:
     except EngineDown as exc:
         err_console.print(f"[red]engine down:[/] {exc}. Finished batches are kept; rerun the command to resume.")
         raise typer.Exit(1) from None
-    finally:
-        if installed:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from cai.cli.common import EngineOpt, ModelOpt, engine_spec, fail_on_user_error, stoppable_job
+from cai.cli.common import EngineOpt, ModelOpt, absolute_if_path, engine_spec, fail_on_user_error, stoppable_job
 from cai.cli.eval_policy import policy
 from cai.evaluate import render_markdown
 from cai.judge_eval import EvalJob, run_judge_eval
@@ -39,8 +39,7 @@ def judge(
     Resumable: rerunning the same command skips pairs already judged.
     """
     with fail_on_user_error():
-        # An absolute data path keeps `cai jobs retry-errors DIR` working from any folder.
-        job = EvalJob(data=str(data.resolve()), out=str(out), engine=engine_spec(engine, judge, engine_option),
+        job = EvalJob(data=absolute_if_path(str(data)), out=str(out), engine=engine_spec(engine, judge, engine_option),
                       judge=JudgeConfig(mode=mode, orders=orders, seed=seed), limit=limit, seed=seed,
                       baseline=baseline, batch_size=batch_size, new_job=new_job)
         with stoppable_job() as stop:

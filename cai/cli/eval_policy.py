@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cai.cli.common import EngineOpt, engine_spec, fail_on_user_error
+from cai.cli.common import EngineOpt, engine_spec, fail_on_user_error, parse_pairs
 from cai.pipeline import build_engine
 from cai.policy_eval import (
     DEFAULT_HARMLESSNESS_QUESTION,
@@ -29,16 +29,6 @@ NONE_WORDS = frozenset({"none", "no", "skip", "-"})
 
 def _factory(spec):
     return lambda: build_engine(spec)
-
-
-def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{flag} {item!r}: expected STAGE=PATH, e.g. sft=runs/x/sft/log.jsonl")
-        out[key] = value
-    return out
 
 
 def policy(
@@ -69,7 +59,7 @@ def policy(
             greedy=greedy, temperature=temperature, judge=JudgeConfig(mode=judge_mode, seed=seed),
             harmlessness_question=harmlessness_question, helpfulness_question=helpfulness_question, seed=seed,
         )
-        logs = _pairs(train_log, "--train-log")
+        logs = parse_pairs(train_log, "--train-log", "sft=runs/x/sft/log.jsonl", json_values=False)
         models = {"final": _factory(engine_spec(engine, policy, engine_option))}
         if sft and sft.lower() not in NONE_WORDS:
             models["sft"] = _factory(engine_spec(engine, sft, engine_option))

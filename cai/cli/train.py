@@ -8,7 +8,6 @@ it parses) sets any other field of that config and wins over the common flags.
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+
+from cai.cli.common import parse_pairs
 
 app = typer.Typer(
     help="Train on cai's datasets: SFT, reward model and DPO (thin over TRL), PPO (cai's own).",
@@ -39,25 +40,11 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU thread
 RefOpt = Annotated[Optional[str], typer.Option(help="reference model folder; default: a frozen copy of --model")]
 
 
-def parse_pairs(items: list[str] | None, flag: str = "--trl") -> dict[str, Any]:
-    """KEY=VALUE strings -> dict; VALUE is JSON when it parses (2e-5, true, ["a"]), else a string."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{flag} {item!r}: expected KEY=VALUE, e.g. beta=0.1")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def config_args(epochs, lr, batch_size, max_steps, trl, names: dict[str, str]) -> dict[str, Any]:
     """The common flags under the config's own field names, then --trl on top."""
     flags = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_steps": max_steps}
     args = {names[k]: v for k, v in flags.items() if v is not None}
-    return args | parse_pairs(trl)
+    return args | parse_pairs(trl, "--trl", "beta=0.1")
 
 
 TRL_NAMES = {
