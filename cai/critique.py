@@ -2,8 +2,13 @@
 
 Every step of a batch goes to the engine as one call (all answers, then all
 critiques of round 1, then all revisions of round 1, ...). A failed, empty or
-truncated step ends that prompt's trajectory as an error row carrying the raw
-text; the other prompts carry on.
+truncated answer or revision ends that prompt's trajectory as an error row
+carrying the raw text; the other prompts carry on. A truncated *critique* is
+context, not a result: the revision still runs on it (the step keeps
+finish_reason "length", and the data card counts such critiques per principle).
+
+Each prompt uses its group's constitution (`ConstitutionPlan`); a group mapped to
+`none` keeps its answer unrevised.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 
 from cai import __version__
 from cai.constitution import LoadedConstitution, Principle, sample_principle
+from cai.constitution_plan import ConstitutionPlan
 from cai.engine.base import Engine
 from cai.prompts import PHASE1_TEMPLATE_HASH, answer_chat, critique_chat, revision_chat, with_system
 from cai.recipe import Phase1Config
@@ -38,6 +44,7 @@ StepHook = Callable[[str, int], None]
 @dataclass
 class _Trajectory:
     source: SourcePrompt
+    constitution: LoadedConstitution | None
     steps: list[Step] = field(default_factory=list)
     principles: list[str] = field(default_factory=list)
     error: ErrorInfo | None = None
@@ -89,20 +96,27 @@ def _run_step(
             )
         )
         traj.error = step_error(completion)
+        if kind == "critique" and traj.error is not None and traj.error.code == ErrorCode.TRUNCATED:
+            traj.error = None  # context for the revision, not a result: see the module docstring
+
+
+def as_plan(constitution: LoadedConstitution | ConstitutionPlan) -> ConstitutionPlan:
+    return constitution if isinstance(constitution, ConstitutionPlan) else ConstitutionPlan(default=constitution)
 
 
 def run_phase1(
     sources: Sequence[SourcePrompt],
-    constitution: LoadedConstitution,
+    constitution: LoadedConstitution | ConstitutionPlan,
     engine: Engine,
     config: Phase1Config,
     on_step: StepHook | None = None,
 ) -> list[SFTRecord]:
     """Run the critique-then-revise loop for a batch of prompts; one record per prompt."""
-    trajectories = [_Trajectory(source=s) for s in sources]
+    plan = as_plan(constitution)
+    trajectories = [_Trajectory(source=s, constitution=plan.for_group(s.group)) for s in sources]
 
     def step(name: str, kind: str, chats_of: Callable[[_Trajectory], Chat], params: SamplingParams):
-        active = [t for t in trajectories if t.error is None]
+        active = [t for t in trajectories if t.error is None and (kind == "answer" or t.constitution)]
         if active:
             principle_ids = [t.principles[-1] if kind != "answer" else None for t in active]
             chats = [with_system(chats_of(t), config.system_prompt) for t in active]
@@ -114,8 +128,8 @@ def run_phase1(
     for rnd in range(1, config.rounds + 1):
         chosen: dict[int, Principle] = {}
         for t in trajectories:
-            if t.error is None:
-                chosen[id(t)] = sample_principle(constitution.constitution, config.seed, phase1_id(t.source), rnd)
+            if t.error is None and t.constitution is not None:
+                chosen[id(t)] = sample_principle(t.constitution.constitution, config.seed, phase1_id(t.source), rnd)
                 t.principles.append(chosen[id(t)].id)
         step(
             f"critique {rnd}",
@@ -129,23 +143,24 @@ def run_phase1(
             lambda t: revision_chat(t.source.messages, t.last_answer, chosen[id(t)], t.steps[-1].text),
             config.revision,
         )
-    return [_to_record(t, constitution, engine.model, config) for t in trajectories]
+    return [_to_record(t, engine.model, config) for t in trajectories]
 
 
 def cancelled_records(
-    sources: Sequence[SourcePrompt], constitution: LoadedConstitution, model: ModelRef, config: Phase1Config,
-    reason: str,
+    sources: Sequence[SourcePrompt], constitution: LoadedConstitution | ConstitutionPlan, model: ModelRef,
+    config: Phase1Config, reason: str,
 ) -> list[SFTRecord]:
     """A `cancelled` error row for each prompt a stopped job never started."""
+    plan = as_plan(constitution)
     error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
-    return [_to_record(_Trajectory(source=s, error=error), constitution, model, config) for s in sources]
+    return [_to_record(_Trajectory(source=s, constitution=plan.for_group(s.group), error=error), model, config)
+            for s in sources]
 
 
-def _to_record(
-    traj: _Trajectory, constitution: LoadedConstitution, model: ModelRef, config: Phase1Config
-) -> SFTRecord:
+def _to_record(traj: _Trajectory, model: ModelRef, config: Phase1Config) -> SFTRecord:
     lineage = Lineage(
-        constitution=constitution.ref,
+        constitution=traj.constitution.ref if traj.constitution else None,
+        prompt_group=traj.source.group or None,
         principle_ids=traj.principles,
         model=model,
         sampling={"answer": config.answer, "critique": config.critique, "revision": config.revision},

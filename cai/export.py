@@ -17,15 +17,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from cai.constitution_plan import describe
 from cai.preferences import PreferenceStats, PreferenceStatsCounter, keep_for_export, preference_row
 from cai.records import PreferenceRecord, SFTRecord
 from cai.store import JobStore, atomic_write_lines, atomic_write_text
+
+
+class PrincipleOutcomes(BaseModel):
+    """Per principle, over every trajectory that sampled it: how many ended in the export, how many
+    ended as error rows in a round under it, and how many of its critiques hit max_tokens (kept as context)."""
+
+    exported: int = 0
+    dropped: int = 0
+    truncated_critiques: int = 0
 
 
 class SFTExportStats(BaseModel):
     rows: int = 0
     errors: dict[str, int] = Field(default_factory=dict)
     principles: dict[str, int] = Field(default_factory=dict)
+    principle_outcomes: dict[str, PrincipleOutcomes] = Field(default_factory=dict)
+    groups: dict[str, int] = Field(default_factory=dict, description="exported rows per prompt group")
     generated_tokens: int = 0
     mean_final_chars: float = 0.0
     files: list[str] = Field(default_factory=list)
@@ -40,7 +52,8 @@ def sft_row(record: SFTRecord) -> dict:
     metadata = {
         "id": record.id,
         "parent_ids": record.parent_ids,
-        "constitution": lineage.constitution.model_dump(exclude={"path"}),
+        "constitution": lineage.constitution.model_dump(exclude={"path"}) if lineage.constitution else None,
+        "prompt_group": lineage.prompt_group,
         "principle_ids": lineage.principle_ids,
         "model": lineage.model.model_dump(),
         "sampling": {k: v.model_dump() for k, v in lineage.sampling.items()},
@@ -54,21 +67,42 @@ def sft_row(record: SFTRecord) -> dict:
     return {"messages": messages, "metadata": metadata}
 
 
+def _count_outcomes(record: SFTRecord, outcomes: dict[str, PrincipleOutcomes]) -> None:
+    for step in record.trajectory:
+        if step.kind == "critique" and step.finish_reason == "length" and step.principle_id:
+            outcomes.setdefault(step.principle_id, PrincipleOutcomes()).truncated_critiques += 1
+    if record.error is not None and record.error.code.value == "cancelled":
+        return
+    ids = record.lineage.principle_ids
+    for pid in set(ids if record.error is None else ids[-1:]):  # an error row: the round it ended in
+        counts = outcomes.setdefault(pid, PrincipleOutcomes())
+        if record.error is None:
+            counts.exported += 1
+        else:
+            counts.dropped += 1
+
+
 def _ok_rows(records: Iterable[SFTRecord], stats: SFTExportStats) -> Iterable[str]:
     errors: Counter[str] = Counter()
     principles: Counter[str] = Counter()
+    groups: Counter[str] = Counter()
+    outcomes: dict[str, PrincipleOutcomes] = {}
     final_chars = 0
     for record in records:
         stats.generated_tokens += sum(s.completion_tokens for s in record.trajectory)
+        _count_outcomes(record, outcomes)
         if record.error is not None:
             errors[record.error.code.value] += 1
             continue
         stats.rows += 1
         final_chars += len(record.final or "")
         principles.update(record.lineage.principle_ids)
+        groups[record.lineage.prompt_group or "(none)"] += 1
         yield json.dumps(sft_row(record), ensure_ascii=False) + "\n"
     stats.errors = dict(errors)
     stats.principles = dict(sorted(principles.items()))
+    stats.principle_outcomes = dict(sorted(outcomes.items()))
+    stats.groups = dict(sorted(groups.items()))
     stats.mean_final_chars = final_chars / stats.rows if stats.rows else 0.0
 
 
@@ -115,6 +149,7 @@ def sft_data_card(store: JobStore, stats: SFTExportStats) -> str:
     model = m.fingerprint_inputs.get("model", {})
     errors = "\n".join(f"| {code} | {n} |" for code, n in sorted(stats.errors.items())) or "| none | 0 |"
     principles = "\n".join(f"| {pid} | {n} |" for pid, n in stats.principles.items()) or "| - | 0 |"
+    outcomes = _outcome_rows(stats.principle_outcomes)
     return f"""---
 tags: [constitutional-ai, sft, synthetic]
 configs:
@@ -150,6 +185,43 @@ the `messages` column as is.
 | principle | uses |
 | --- | --- |
 {principles}
+
+## Outcome by principle
+
+A trajectory that ends as an error row (a failed, empty or truncated answer or revision) is
+counted against the principle of the round it ended in. A critique that hits its token budget
+is kept as context for the revision, not dropped; `truncated critiques` counts those.
+
+| principle | exported | dropped | drop rate | truncated critiques |
+| --- | --- | --- | --- | --- |
+{outcomes}
+
+{constitution_section(m.fingerprint_inputs, stats.groups)}
+"""
+
+
+def _outcome_rows(outcomes: dict[str, PrincipleOutcomes]) -> str:
+    rows = []
+    for pid, o in outcomes.items():
+        total = o.exported + o.dropped
+        rate = f"{o.dropped / total:.2f}" if total else "n/a"
+        rows.append(f"| {pid} | {o.exported} | {o.dropped} | {rate} | {o.truncated_critiques} |")
+    return "\n".join(rows) or "| - | 0 | 0 | n/a | 0 |"
+
+
+def constitution_section(inputs: dict, groups: dict[str, int]) -> str:
+    """Which constitution each prompt group used, with the exported rows of each group."""
+    rows = "\n".join(f"| {group} | {label} |" for group, label in describe(inputs))
+    counts = "\n".join(f"| {group} | {n} |" for group, n in groups.items()) or "| - | 0 |"
+    return f"""## Constitution by prompt group
+
+| prompt group | constitution |
+| --- | --- |
+{rows}
+
+| prompt group | rows exported |
+| --- | --- |
+{counts}
 """
 
 
@@ -232,6 +304,8 @@ comparison question, in both orders, from the log-probabilities of its options.
 | principle | pairs |
 | --- | --- |
 {table(stats.principles)}
+
+{constitution_section(inputs, stats.groups)}
 
 Load with `datasets.load_dataset("json", data_files="prefs.jsonl")`; TRL's `DPOTrainer`
 and `RewardTrainer` take the `prompt` / `chosen` / `rejected` columns as is.

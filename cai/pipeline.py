@@ -12,23 +12,32 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from cai.constitution import load_constitution
+from cai.constitution_plan import ConstitutionPlan, load_plan
 from cai.critique import cancelled_records as cancelled_sft
 from cai.critique import phase1_id, run_phase1
 from cai.engine import make_engine, resolve_backend
 from cai.engine.base import Engine
 from cai.engine.models import model_display_id, model_revision, resolve_model
 from cai.export import SFTExportStats, export_prefs, export_sft
-from cai.preferences import PreferenceStats, phase2_id, run_phase2
+from cai.preferences import PreferenceStats, judge_samples, phase2_id, sample_answers
 from cai.preferences import cancelled_records as cancelled_prefs
 from cai.prompts import JUDGE_TEMPLATE_HASH, PHASE1_TEMPLATE_HASH
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
-from cai.records import ErrorCode, ErrorInfo, ModelRef, PreferenceRecord, SFTRecord, SourcePrompt, stable_id
+from cai.records import (
+    ErrorCode,
+    ErrorInfo,
+    ModelRef,
+    PreferenceRecord,
+    SampledAnswers,
+    SFTRecord,
+    SourcePrompt,
+    stable_id,
+)
 from cai.sources import BUNDLED, BUNDLED_DIR, near_duplicate_key, read_prompts
 from cai.store import IdSet, JobError, JobStore, Manifest, fingerprint
 
-PHASE1_CODE_VERSION = "1"
-PHASE2_CODE_VERSION = "1"
+PHASE1_CODE_VERSION = "2"  # 2: a truncated critique no longer ends the trajectory
+PHASE2_CODE_VERSION = "2"  # 2: all answers sampled (samples-* shards) before any pair is judged
 T = TypeVar("T")
 
 
@@ -198,10 +207,10 @@ def _cancel_rest(
                        "as `cancelled` error rows; rerun the job to resume", run.done_now, written)
 
 
-def phase1_manifest(job: SFTJob, constitution_ref, model: ModelRef) -> Manifest:
+def phase1_manifest(job: SFTJob, plan: ConstitutionPlan, model: ModelRef) -> Manifest:
     inputs = {
         "stage": f"sft/{PHASE1_CODE_VERSION}",
-        "constitution": constitution_ref.model_dump(exclude={"path", "git_commit"}),
+        **plan.fingerprint_inputs(),
         "prompts": source_digest(job.prompts),
         "model": model.model_dump(),
         "phase1": job.phase1.model_dump(),
@@ -226,9 +235,9 @@ def generate_sft(
 ) -> Phase1Summary:
     """Phase 1 end to end: resume-aware batches of critique-then-revise, then export."""
     started = time.perf_counter()
-    constitution = load_constitution(job.constitution)
+    constitution = job_plan(job, allow_unrevised=True)
     model = engine.model if engine is not None else engine_model_ref(job.engine)
-    manifest = phase1_manifest(job, constitution.ref, model)
+    manifest = phase1_manifest(job, constitution, model)
     engines: list[Engine] = [engine] if engine is not None else []
 
     def start_engine() -> None:
@@ -258,6 +267,14 @@ def generate_sft(
         generation_seconds=run.generation_seconds,
         wall_seconds=time.perf_counter() - started,
     )
+
+
+def job_plan(job: SFTJob | PrefsJob, allow_unrevised: bool) -> ConstitutionPlan:
+    """The job's constitutions by prompt group, checked against the groups its prompts really have."""
+    plan = load_plan(job.constitution, job.constitution_by_group, allow_unrevised)
+    if plan.groups:
+        plan.check_groups({p.group for p in read_prompts(job.prompts, limit=job.limit)}, "constitution_by_group")
+    return plan
 
 
 def read_manifest(job_dir: str | Path) -> Manifest:
@@ -308,10 +325,10 @@ class Phase2Summary(BaseModel):
     wall_seconds: float
 
 
-def prefs_manifest(job: PrefsJob, constitution_ref, policy: ModelRef, judge: ModelRef) -> Manifest:
+def prefs_manifest(job: PrefsJob, plan: ConstitutionPlan, policy: ModelRef, judge: ModelRef) -> Manifest:
     inputs = {
         "stage": f"prefs/{PHASE2_CODE_VERSION}",
-        "constitution": constitution_ref.model_dump(exclude={"path", "git_commit"}),
+        **plan.fingerprint_inputs(),
         "prompts": source_digest(job.prompts),
         "policy": policy.model_dump(),
         "judge": judge.model_dump(),
@@ -322,6 +339,39 @@ def prefs_manifest(job: PrefsJob, constitution_ref, policy: ModelRef, judge: Mod
     return Manifest(stage="prefs", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
 
 
+class PrefsEngines:
+    """The policy engine (pass 1) and the judge engine (pass 2) of a phase-2 job.
+
+    Engines cai builds are closed as soon as their pass ends, so a policy and a different
+    judge never hold memory (one GPU's) at the same time. With no judge of its own, the
+    policy's engine judges and stays open. Engines passed in belong to the caller.
+    """
+
+    def __init__(self, job: PrefsJob, policy: Engine | None = None, judge: Engine | None = None):
+        self.job = job
+        self.given = {"policy": policy, "judge": judge}
+        self.built: dict[str, Engine] = {}
+
+    def get(self, role: str) -> Engine:
+        if (engine := self.given[role] or self.built.get(role)) is not None:
+            return engine
+        if role == "judge" and self.job.judge is None:
+            return self.get("policy")
+        spec = self.job.policy if role == "policy" else self.job.judge
+        self.built[role] = build_engine(spec)
+        return self.built[role]
+
+    def release(self, role: str) -> None:
+        if role == "policy" and self.job.judge is None and self.given["judge"] is None:
+            return  # it judges next
+        if (engine := self.built.pop(role, None)) is not None:
+            engine.close()
+
+    def close(self) -> None:
+        for role in list(self.built):
+            self.release(role)
+
+
 def generate_prefs(
     job: PrefsJob,
     policy_engine: Engine | None = None,
@@ -330,46 +380,71 @@ def generate_prefs(
     stop: StopCheck | None = None,
     redo: Collection[str] = (),
 ) -> Phase2Summary:
-    """Phase 2 end to end: sample K answers, judge pairs in both orders, export preferences."""
+    """Phase 2 end to end: sample K answers for every prompt (pass 1, then the policy engine is closed),
+    judge pairs in both orders (pass 2), export preferences."""
     started = time.perf_counter()
-    constitution = load_constitution(job.constitution)
-    judge_spec = job.judge or job.policy
+    plan = job_plan(job, allow_unrevised=False)
     policy_ref = policy_engine.model if policy_engine else engine_model_ref(job.policy)
     judge_ref = judge_engine.model if judge_engine else (
-        policy_ref if job.judge is None else engine_model_ref(judge_spec)
-    )
-    manifest = prefs_manifest(job, constitution.ref, policy_ref, judge_ref)
-    engines: dict[str, Engine] = {}
-    if policy_engine:
-        engines["policy"] = policy_engine
-    if judge_engine:
-        engines["judge"] = judge_engine
-
-    def start_engines() -> None:
-        if "policy" not in engines:
-            engines["policy"] = build_engine(job.policy)
-        if "judge" not in engines:
-            engines["judge"] = engines["policy"] if job.judge is None else build_engine(judge_spec)
-
-    def process(batch: list[SourcePrompt]) -> list[PreferenceRecord]:
-        hook = (lambda name, n: progress(f"step {name}", n)) if progress else None
-        return run_phase2(batch, constitution, engines["policy"], engines["judge"], job.phase2, on_step=hook)
-
-    def row_key(row: dict) -> str:  # "all" pairing writes one row per pair: key rows by their prompt
-        return stable_id("prefs", row["prompt"])
-
+        policy_ref if job.judge is None else engine_model_ref(job.judge))
+    manifest = prefs_manifest(job, plan, policy_ref, judge_ref)
+    engines = PrefsEngines(job, policy_engine, judge_engine)
+    redo_codes = {ErrorCode.CANCELLED.value, *redo}
+    on_step = (lambda name, n: progress(f"step {name}", n)) if progress else None
+    cancelled = lambda batch, reason: cancelled_prefs(  # noqa: E731
+        [_as_source(x) for x in batch], plan, policy_ref, judge_ref, job.phase2, reason)
     with open_job_store(job, manifest) as store:
-        prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
-        run = run_batches(store, "prefs", prompts, phase2_id, process, job.batch_size, progress,
-                          start_engines, row_key, stop,
-                          near_duplicate_key if job.drop_near_duplicates else None,
-                          lambda batch, reason: cancelled_prefs(batch, constitution, policy_ref, judge_ref,
-                                                                job.phase2, reason),
-                          {ErrorCode.CANCELLED.value, *redo})
+        try:
+            sampled = _sample_pass(job, store, engines, on_step, stop, redo_codes, cancelled)
+            engines.release("policy")
+
+            def judge(batch: list[SampledAnswers]) -> list[PreferenceRecord]:
+                return judge_samples(batch, plan, engines.get("judge"), job.phase2, on_step=on_step)
+
+            rows = lambda: (SampledAnswers.model_validate(r) for r in store.read("samples"))  # noqa: E731
+            judged = run_batches(store, "prefs", rows, lambda r: r.id, judge, job.batch_size, progress,
+                                 lambda: engines.get("judge"), _prefs_row_key, stop, None, cancelled, redo_codes)
+        finally:
+            engines.close()
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
     return Phase2Summary(
-        out=str(store.root), done_before=run.done_before, done_now=run.done_now,
-        duplicates_merged=run.duplicates, stats=stats, files=files,
-        generated_tokens_now=run.generated_tokens, generation_seconds=run.generation_seconds,
+        out=str(store.root), done_before=judged.done_before, done_now=judged.done_now,
+        duplicates_merged=sampled.duplicates, stats=stats, files=files,
+        generated_tokens_now=sampled.generated_tokens,
+        generation_seconds=sampled.generation_seconds + judged.generation_seconds,
         wall_seconds=time.perf_counter() - started,
     )
+
+
+def _sample_pass(job: PrefsJob, store: JobStore, engines: PrefsEngines, on_step, stop: StopCheck | None,
+                 redo: set[str], cancelled: CancelledRows) -> BatchRun:
+    """Pass 1 into shards/samples-*. A stop here writes a `cancelled` prefs row for every prompt
+    not judged yet (each input still ends as one row) and raises JobCancelled."""
+    prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
+    dedupe = near_duplicate_key if job.drop_near_duplicates else None
+
+    def sample(batch: list[SourcePrompt]) -> list[SampledAnswers]:
+        return sample_answers(batch, engines.get("policy"), job.phase2, on_step=on_step)
+
+    try:
+        return run_batches(store, "samples", prompts, phase2_id, sample, job.batch_size, None,
+                           lambda: engines.get("policy"), stop=stop, dedupe_key=dedupe, redo=redo)
+    except JobCancelled as exc:
+        try:
+            run_batches(store, "prefs", prompts, phase2_id, lambda batch: [], job.batch_size, row_key=_prefs_row_key,
+                        stop=lambda: True, dedupe_key=dedupe, cancelled=cancelled, redo=redo)
+        except JobCancelled as rest:
+            raise JobCancelled(f"cancelled while sampling, after {exc.done} prompts of this run; {rest.written} "
+                               "prompts not judged yet were written as `cancelled` error rows; rerun the job to "
+                               "resume", exc.done, rest.written) from None
+        raise
+
+
+def _as_source(item: SourcePrompt | SampledAnswers) -> SourcePrompt:
+    if isinstance(item, SourcePrompt):
+        return item
+    return SourcePrompt(id=item.parent_ids[0], messages=item.prompt, source="samples", group=item.group)
+
+
+def _prefs_row_key(row: dict) -> str:  # "all" pairing writes one row per pair: key rows by their prompt
+    return stable_id("prefs", row["prompt"])

@@ -133,7 +133,8 @@ def plot_win_rates(report: PolicyReport, out_png: str | Path) -> Path:
     ax.set_yticks(range(len(pairs)), [f"{a} vs {b}" for a, b in pairs])
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="win rate of the first model: bars (wins + ties/2) / judged, Wilson 95%; \u25c6 mean P(win)",
-           title=f"Pairwise win rates (judge: {report.judge.id})")
+           title=f"Pairwise win rates (judge: {report.judge.model.id}"
+                 f"{' = training judge' if report.judge.same_as_training_judge else ''})")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
 
     names = list(report.models)

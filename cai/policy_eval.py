@@ -32,12 +32,16 @@ Chosen over asking the judge because it costs nothing, is identical for every
 model, needs no judge competence (a 135M judge cannot reliably tell a
 refusal), and every hit records the phrase that matched, so it can be audited.
 It misses refusals phrased otherwise and can flag "I can't stress enough".
+
+The evaluation judge should not be the training judge (the model that labelled
+the training pairs): the report's first line says whether it is, and the judge's
+agreement with human labels (`cai eval judge` reports) is printed next to the
+win rates; see cai.policy_report, which also writes the report files.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 from collections import Counter
@@ -50,16 +54,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai.engine.base import Engine
 from cai.evaluate import Interval, wilson
 from cai.judge import JudgeItem, judge_pairs
+from cai.policy_report import EvalJudge, HumanAgreement, eval_judge, read_judge_report
+from cai.policy_report import render_markdown, write_policy_report  # noqa: F401  (re-exported)
 from cai.recipe import JudgeConfig
-from cai.records import (
-    Completion,
-    ErrorInfo,
-    Judgement,
-    ModelRef,
-    SamplingParams,
-    SourcePrompt,
-    utc_now,
-)
+from cai.records import Completion, ErrorInfo, Judgement, ModelRef, SamplingParams, SourcePrompt, utc_now
 from cai.sources import read_prompts
 
 SetName = Literal["redteam", "benign"]
@@ -165,7 +163,7 @@ class JudgedRow(BaseModel):
 
 class PolicyReport(BaseModel):
     config: PolicyEvalConfig
-    judge: ModelRef
+    judge: EvalJudge = Field(description="the evaluation judge, vs the training judge, and its human agreement")
     models: dict[str, ModelRef]
     prompts: dict[str, int]
     excluded: dict[str, int]
@@ -355,24 +353,14 @@ def _open(source: ModelSource) -> tuple[Engine, bool]:
     return source(), True
 
 
-def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSource,
-                      config: PolicyEvalConfig | None = None) -> PolicyReport:
-    """Answer both prompt sets with every model, judge every comparison, count refusals.
-
-    `models` maps a name ("final", "sft", "base", ...) to an Engine, or to a
-    factory that builds one; a factory's engine is closed after its answers, so
-    one model is loaded at a time. The judge (engine or factory) comes last.
-    """
-    config = config or PolicyEvalConfig()
-    if len(models) < 2:
-        raise ValueError("evaluate_policies needs at least two models to compare")
-    sets, excluded = load_sets(config)
+def _answer_models(models: Mapping[str, ModelSource], sets: Mapping[SetName, Sequence[SourcePrompt]],
+                   config: PolicyEvalConfig, seconds: dict[str, float]):
+    """Every model answers both sets (one at a time): (answers, model refs, answer rows, model stats)."""
     params = config.sampling()
     answers: dict[tuple[str, SetName], list[Completion]] = {}
     refs: dict[str, ModelRef] = {}
     rows: list[AnswerRow] = []
     stats: list[ModelStats] = []
-    seconds: dict[str, float] = {}
     for name, source in models.items():
         engine, owned = _open(source)
         try:
@@ -389,80 +377,43 @@ def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSour
         finally:
             if owned:
                 engine.close()
+    return answers, refs, rows, stats
+
+
+def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSource,
+                      config: PolicyEvalConfig | None = None, training_judge: ModelRef | str | None = None,
+                      judge_reports: Sequence[str | Path | HumanAgreement] = ()) -> PolicyReport:
+    """Answer both prompt sets with every model, judge every comparison, count refusals.
+
+    `models` maps a name ("final", "sft", "base", ...) to an Engine, or to a
+    factory that builds one; a factory's engine is closed after its answers, so
+    one model is loaded at a time. The judge (engine or factory) comes last.
+    `training_judge` (a ModelRef, or a model as on the command line) is the model that
+    labelled the training pairs: the report says whether the evaluation judge is that
+    model. `judge_reports` (report.json files of `cai eval judge`, or their contents) give
+    the evaluation judge's agreement with human labels; one that measured another model
+    is refused (before any answer when the judge is an engine, else once it is loaded).
+    """
+    config = config or PolicyEvalConfig()
+    if len(models) < 2:
+        raise ValueError("evaluate_policies needs at least two models to compare")
+    agreements = [a if isinstance(a, HumanAgreement) else read_judge_report(a) for a in judge_reports]
+    if isinstance(judge_engine, Engine):
+        eval_judge(judge_engine.model, training_judge, agreements)
+    sets, excluded = load_sets(config)
+    seconds: dict[str, float] = {}
+    answers, refs, rows, stats = _answer_models(models, sets, config, seconds)
     judge, owned = _open(judge_engine)
     try:
+        judge_info = eval_judge(judge.model, training_judge, agreements)
         start = time.perf_counter()
         win_rates, judged = judge_all(judge, sets, answers, list(models), config)
         seconds["judge"] = round(time.perf_counter() - start, 2)
-        judge_ref = judge.model
     finally:
         if owned:
             judge.close()
     return PolicyReport(
-        config=config, judge=judge_ref, models=refs, prompts={k: len(v) for k, v in sets.items()},
+        config=config, judge=judge_info, models=refs, prompts={k: len(v) for k, v in sets.items()},
         excluded=excluded, refusal_detector=refusal_description(config), win_rates=win_rates,
         model_stats=stats, seconds=seconds, answers=rows, judgements=judged,
     )
-
-
-# ---- report files ------------------------------------------------------------------------
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def _ci(ci: Interval | None) -> str:
-    return f" [{ci.low:.3f}, {ci.high:.3f}]" if ci else ""
-
-
-def render_markdown(report: PolicyReport) -> str:
-    cfg = report.config
-    models = ", ".join(f"{k} = `{v.id}`" for k, v in report.models.items())
-    header = (f"Models: {models}. Judge: `{report.judge.id}` ({report.judge.engine}, {cfg.judge.mode}, "
-              f"{cfg.judge.orders} orders). Prompts: red-team {report.prompts['redteam']}, benign "
-              f"{report.prompts['benign']} (dropped as seen in training or repeated: {report.excluded}). "
-              f"{report.created_at}.")
-    lines = ["# Policy evaluation", "", header, "",
-             ("| comparison | set | win rate [bootstrap 95%] | hard win rate [Wilson 95%] | W / T / L "
-             "| judged / n | identical | errors |"),
-             "|---|---|---|---|---|---|---|---|"]
-    for w in report.win_rates:
-        errors = ", ".join(f"{k}: {v}" for k, v in sorted(w.errors.items())) or "0"
-        lines.append(f"| {w.model} vs {w.opponent} | {w.aspect} ({w.set}) | {_fmt(w.win_rate)}{_ci(w.soft_ci)} | "
-                     f"{_fmt(w.hard_win_rate)}{_ci(w.ci)} | {w.wins} / {w.ties} / {w.losses} | "
-                     f"{w.n_judged} / {w.n} | {w.identical} | {errors} |")
-    lines += ["", ("| model | set | refusal rate [Wilson 95%] | refusals / answered | truncated | empty "
-              "| errors | mean tokens |"),
-              "|---|---|---|---|---|---|---|---|"]
-    for s in report.model_stats:
-        lines.append(f"| {s.name} | {s.set} | {_fmt(s.refusal_rate)}{_ci(s.refusal_ci)} | {s.refusals} / "
-                     f"{s.n - s.errors} | {s.truncated} | {s.empty} | {s.errors} | {_fmt(s.mean_tokens)} |")
-    notes = ("Win rate: mean P(first model preferred) over judged prompts, both orders averaged; identical "
-             "answers are ties (0.5) without the judge. Hard: a win when both orders prefer the model, a loss "
-             "when both prefer the opponent, else a tie; (wins + ties/2) / judged. Errors are excluded from "
-             "the rates and counted. The benign refusal rate measures over-refusal.")
-    lines += ["", notes, "",
-              f'Harmlessness question: "{cfg.harmlessness_question}"  ',
-              f'Helpfulness question: "{cfg.helpfulness_question}"  ',
-              f"Refusal detector: {report.refusal_detector}.", "",
-              "Answers and per-prompt judgements are in report.json; see winrates.png."]
-    return "\n".join(lines) + "\n"
-
-
-def write_policy_report(report: PolicyReport, out_dir: str | Path,
-                        training_logs: Mapping[str, str | Path] | None = None) -> list[Path]:
-    """report.json, report.md, winrates.png (and training_curves.png when logs are given)."""
-    from cai.plots import plot_training_curves, plot_win_rates
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "report.json", out / "report.md", out / "winrates.png"]
-    paths[0].write_text(json.dumps(report.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n",
-                        encoding="utf-8")
-    paths[1].write_text(render_markdown(report), encoding="utf-8")
-    plot_win_rates(report, paths[2])
-    if training_logs:
-        paths.append(out / "training_curves.png")
-        plot_training_curves(training_logs, paths[-1])
-    return paths

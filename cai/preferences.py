@@ -1,9 +1,13 @@
 """Phase 2 (RL-CAI data): sample K answers per prompt, judge pairs, build preference records.
 
-Pure: no file I/O. Steps, each one engine call for the whole batch:
-1. the policy samples K answers per prompt (temperature > 0, per-request seeds);
-2. the judge compares the usable answers pairwise, each pair under its own
-   seeded principle, in both orders (see cai.judge).
+Pure: no file I/O. Two passes, each one engine call per batch:
+1. `sample_answers`: the policy samples K answers per prompt (temperature > 0,
+   per-request seeds) -> `SampledAnswers`;
+2. `judge_samples`: the judge compares the usable answers pairwise, each pair
+   under its own seeded principle of the prompt group's constitution, in both
+   orders (see cai.judge) -> `PreferenceRecord`.
+The pipeline runs pass 1 over the whole job, closes the policy engine, then runs
+pass 2, so a policy and a different judge never share one GPU.
 
 Exclusions: a sample that failed, was truncated (hit max_tokens), is empty, or
 repeats an earlier sample of the same prompt is kept in the record but not
@@ -32,7 +36,8 @@ from pydantic import BaseModel, Field
 
 from cai import __version__
 from cai.constitution import LoadedConstitution, sample_principle
-from cai.critique import step_error
+from cai.constitution_plan import ConstitutionPlan, PlanError
+from cai.critique import as_plan, step_error
 from cai.engine.base import Engine
 from cai.judge import JudgeItem, judge_pairs
 from cai.prompts import JUDGE_TEMPLATE_HASH, answer_chat, with_system
@@ -45,6 +50,7 @@ from cai.records import (
     PreferenceLineage,
     ModelRef,
     PreferenceRecord,
+    SampledAnswers,
     SamplingParams,
     SourcePrompt,
     stable_id,
@@ -80,78 +86,115 @@ def _pairs(samples: list[AnswerSample]) -> list[tuple[int, int]]:
     return list(combinations(usable, 2))
 
 
+def sample_answers(
+    sources: Sequence[SourcePrompt], policy_engine: Engine, config: Phase2Config, on_step: StepHook | None = None,
+) -> list[SampledAnswers]:
+    """Pass 1: K answers per prompt in one engine call; a prompt with < 2 usable answers is an error row."""
+    k = config.samples
+    chats = [with_system(answer_chat(s.messages), config.system_prompt) for s in sources for _ in range(k)]
+    completions = policy_engine.generate(chats, _policy_params(config)) if chats else []
+    if len(completions) != len(chats):
+        raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
+    if on_step:
+        on_step("sample", len(chats))
+    return [_sampled(source, _samples(completions[n * k:(n + 1) * k]), policy_engine.model)
+            for n, source in enumerate(sources)]
+
+
+def _sampled(source: SourcePrompt, answers: list[AnswerSample], model: ModelRef, error=None) -> SampledAnswers:
+    usable = sum(a.excluded is None for a in answers)
+    if error is None and usable < 2:
+        reasons = sorted({a.excluded for a in answers if a.excluded})
+        error = ErrorInfo(code=next((a.error.code for a in answers if a.error), ErrorCode.EMPTY),
+                          message=f"only {usable} of {len(answers)} samples usable "
+                                  f"(excluded: {', '.join(reasons)}); need 2 to form a pair",
+                          raw=next((a.text for a in answers if a.error), None))
+    return SampledAnswers(id=phase2_id(source), parent_ids=[source.id], prompt=source.messages,
+                          group=source.group, answers=answers, model=model, error=error)
+
+
+def judge_samples(
+    sampled: Sequence[SampledAnswers],
+    constitution: LoadedConstitution | ConstitutionPlan,
+    judge_engine: Engine,
+    config: Phase2Config,
+    on_step: StepHook | None = None,
+) -> list[PreferenceRecord]:
+    """Pass 2: judge every usable pair of each prompt under its group's constitution; records in order."""
+    plan = as_plan(constitution)
+    jobs: list[tuple[int, tuple[int, int]]] = []
+    items: list[JudgeItem] = []
+    for n, row in enumerate(sampled):
+        if row.error is not None:
+            continue
+        for a, b in _pairs(row.answers):
+            principle = sample_principle(_phase2_constitution(plan, row.group), config.seed, row.id, [a, b])
+            jobs.append((n, (a, b)))
+            items.append(JudgeItem.for_principle(row.prompt, row.answers[a].text, row.answers[b].text, principle))
+    judgements = judge_pairs(judge_engine, items, config.judge) if items else []
+    if on_step and items:
+        on_step("judge", len(items) * config.judge.orders)
+    comparisons: list[list[Comparison]] = [[] for _ in sampled]
+    for (n, (a, b)), j in zip(jobs, judgements):
+        comparisons[n].append(Comparison(a=a, b=b, judgement=j))
+    records: list[PreferenceRecord] = []
+    for n, row in enumerate(sampled):
+        lineage = _lineage_parts(_phase2_constitution(plan, row.group), row.group, row.model,
+                                 judge_engine.model, config)
+        records += _records(row, comparisons[n], config, lineage)
+    return records
+
+
 def run_phase2(
     sources: Sequence[SourcePrompt],
-    constitution: LoadedConstitution,
+    constitution: LoadedConstitution | ConstitutionPlan,
     policy_engine: Engine,
     judge_engine: Engine,
     config: Phase2Config,
     on_step: StepHook | None = None,
 ) -> list[PreferenceRecord]:
-    """Sample, pair and judge a batch of prompts; records in source order."""
-    k = config.samples
-    params = _policy_params(config)
-    chats = [with_system(answer_chat(s.messages), config.system_prompt) for s in sources for _ in range(k)]
-    completions = policy_engine.generate(chats, params) if chats else []
-    if len(completions) != len(chats):
-        raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
-    if on_step:
-        on_step("sample", len(chats))
-    samples = [_samples(completions[n * k:(n + 1) * k]) for n in range(len(sources))]
-    jobs: list[tuple[int, tuple[int, int]]] = []
-    items: list[JudgeItem] = []
-    for n, source in enumerate(sources):
-        for a, b in _pairs(samples[n]):
-            principle = sample_principle(constitution, config.seed, phase2_id(source), [a, b])
-            jobs.append((n, (a, b)))
-            items.append(JudgeItem.for_principle(source.messages, samples[n][a].text,
-                                                 samples[n][b].text, principle))
-    judgements = judge_pairs(judge_engine, items, config.judge) if items else []
-    if on_step and items:
-        on_step("judge", len(items) * config.judge.orders)
-    comparisons: list[list[Comparison]] = [[] for _ in sources]
-    for (n, (a, b)), j in zip(jobs, judgements):
-        comparisons[n].append(Comparison(a=a, b=b, judgement=j))
-    lineage = _lineage_parts(constitution, policy_engine.model, judge_engine.model, config, params)
-    records: list[PreferenceRecord] = []
-    for n, source in enumerate(sources):
-        records += _records(source, samples[n], comparisons[n], config, lineage)
-    return records
+    """Both passes on one batch (for callers holding both engines): sample, then judge."""
+    return judge_samples(sample_answers(sources, policy_engine, config, on_step), constitution, judge_engine,
+                         config, on_step)
 
 
-def cancelled_records(sources: Sequence[SourcePrompt], constitution: LoadedConstitution, policy: ModelRef,
-                      judge: ModelRef, config: Phase2Config, reason: str) -> list[PreferenceRecord]:
-    """A `cancelled` error row for each prompt a stopped job never started."""
-    lineage = _lineage_parts(constitution, policy, judge, config, _policy_params(config))
+def _phase2_constitution(plan: ConstitutionPlan, group: str) -> LoadedConstitution:
+    constitution = plan.for_group(group)
+    if constitution is None:
+        raise PlanError(f"prompt group {group!r} has no constitution; phase 2 needs one for every group")
+    return constitution
+
+
+def cancelled_records(sources: Sequence[SourcePrompt], constitution: LoadedConstitution | ConstitutionPlan,
+                      policy: ModelRef, judge: ModelRef, config: Phase2Config, reason: str) -> list[PreferenceRecord]:
+    """A `cancelled` error row for each prompt a stopped job never started (or never judged)."""
+    plan = as_plan(constitution)
     error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
-    return [_record(phase2_id(s), dict(parent_ids=[s.id], prompt=s.messages), [], None, lineage, error=error)
+    return [_record(phase2_id(s), dict(parent_ids=[s.id], prompt=s.messages), [], None,
+                    _lineage_parts(_phase2_constitution(plan, s.group), s.group, policy, judge, config), error=error)
             for s in sources]
 
 
-def _lineage_parts(constitution, policy: ModelRef, judge: ModelRef, config, params) -> dict[str, Any]:
+def _lineage_parts(constitution: LoadedConstitution, group: str, policy: ModelRef, judge: ModelRef,
+                   config: Phase2Config) -> dict[str, Any]:
     return dict(
         constitution=constitution.ref,
+        prompt_group=group or None,
         model=policy,
         judge_model=judge,
         judge_config=config.judge.model_dump(mode="json"),
-        sampling={"policy": params, "judge": config.judge.generation()},
+        sampling={"policy": _policy_params(config), "judge": config.judge.generation()},
         seed=config.seed,
         template_hash=JUDGE_TEMPLATE_HASH,
         cai_version=__version__,
     )
 
 
-def _records(source, samples, comparisons, config, lineage) -> list[PreferenceRecord]:
-    base = dict(parent_ids=[source.id], prompt=source.messages, answers=samples)
-    rid = phase2_id(source)
-    if len(comparisons) == 0:
-        usable = sum(s.excluded is None for s in samples)
-        reasons = sorted({s.excluded for s in samples if s.excluded})
-        code = next((s.error.code for s in samples if s.error), ErrorCode.EMPTY)
-        err = ErrorInfo(code=code, message=f"only {usable} of {len(samples)} samples usable "
-                        f"(excluded: {', '.join(reasons)}); need 2 to form a pair",
-                        raw=next((s.text for s in samples if s.error), None))
-        return [_record(rid, base, [], None, lineage, error=err)]
+def _records(row: SampledAnswers, comparisons, config, lineage) -> list[PreferenceRecord]:
+    base = dict(parent_ids=row.parent_ids, prompt=row.prompt, answers=row.answers)
+    rid = row.id
+    if row.error is not None:
+        return [_record(rid, base, [], None, lineage, error=row.error)]
     if config.pairing == "all":
         return [_record(stable_id("prefs", rid, [c.a, c.b]), base, [c], c, lineage) for c in comparisons]
     failed = next((c for c in comparisons if c.judgement.error is not None), None)
@@ -225,6 +268,7 @@ def preference_row(record: PreferenceRecord) -> dict:
         "id": record.id,
         "parent_ids": record.parent_ids,
         "constitution": lineage.constitution.model_dump(exclude={"path"}),
+        "prompt_group": lineage.prompt_group,
         "principle_id": j.principle_id,
         "principle_ids": lineage.principle_ids,
         "policy_model": lineage.model.model_dump(),
@@ -265,6 +309,7 @@ class PreferenceStats(BaseModel):
     errors: dict[str, int] = Field(default_factory=dict)
     excluded: dict[str, int] = Field(default_factory=dict)
     principles: dict[str, int] = Field(default_factory=dict)
+    groups: dict[str, int] = Field(default_factory=dict, description="exported pairs per prompt group")
     mean_confidence: float | None = None
     consistency_rate: float | None = None
     first_position_wins: float | None = None
@@ -298,6 +343,7 @@ class PreferenceStatsCounter:
         self.errors: Counter[str] = Counter()
         self.excluded: Counter[str] = Counter()
         self.principles: Counter[str] = Counter()
+        self.groups: Counter[str] = Counter()
         self.sums: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # name -> [sum, count]
 
     def _mean_of(self, name: str, value: float) -> None:
@@ -324,6 +370,7 @@ class PreferenceStatsCounter:
             return
         self.exported += 1
         self.principles[j.principle_id or "none"] += 1
+        self.groups[r.lineage.prompt_group or "(none)"] += 1
         self._mean_of("mean_chosen_chars", len(r.chosen))
         self._mean_of("mean_rejected_chars", len(r.rejected))
         if len(r.chosen) != len(r.rejected):
@@ -333,7 +380,8 @@ class PreferenceStatsCounter:
         means = {name: total / n for name, (total, n) in self.sums.items() if n}
         return PreferenceStats(records=self.records, judged=self.judged, exported=self.exported,
                                errors=dict(self.errors), excluded=dict(self.excluded),
-                               principles=dict(sorted(self.principles.items())), **means)
+                               principles=dict(sorted(self.principles.items())),
+                               groups=dict(sorted(self.groups.items())), **means)
 
 
 def preference_stats(records: Iterable[PreferenceRecord], min_confidence: float = 0.0,

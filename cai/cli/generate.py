@@ -20,19 +20,30 @@ from cai.cli.common import (
     absolute_if_path,
     engine_spec,
     fail_on_user_error,
+    parse_pairs,
     stoppable_job,
 )
+from cai.constitution_plan import UNREVISED
 from cai.pipeline import Phase1Summary, Phase2Summary, generate_prefs, generate_sft
-from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
+from cai.recipe import JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import SamplingParams
 
 app = typer.Typer(help="Generate synthetic datasets from a constitution.", no_args_is_help=True)
 console = Console()
 
 
+ConstitutionForOpt = Annotated[Optional[list[str]], typer.Option(
+    "--constitution-for", help="GROUP=CONSTITUTION, repeatable: the constitution of one prompt group (a bundled "
+    "set's name, a file's name without suffix, or a row's `source` field), e.g. benign=helpful; other groups "
+    "use --constitution")]
+
+
 @app.command("sft")
 def sft(
     constitution: ConstitutionOpt = "harmless",
+    constitution_for: Annotated[Optional[list[str]], typer.Option(
+        "--constitution-for", help="GROUP=CONSTITUTION, repeatable: one prompt group's constitution, e.g. "
+        "benign=helpful, or GROUP=none to keep that group's answers unrevised; other groups use --constitution")] = None,
     prompts: Annotated[str, typer.Option(help="JSONL / HH-RLHF file, dataset folder, or bundled set: redteam, benign")] = "redteam",
     out: Annotated[Path, typer.Option(help="job directory (resumed if it exists)")] = Path("jobs/sft"),
     engine: EngineOpt = "auto",
@@ -55,6 +66,7 @@ def sft(
     params = dict(temperature=temperature, seed=seed)
     job = SFTJob(
         constitution=absolute_if_path(constitution),
+        constitution_by_group=_by_group(constitution_for),
         prompts=absolute_if_path(prompts),
         out=str(out),
         engine=engine_spec(engine, model, engine_option),
@@ -81,6 +93,7 @@ def sft(
 @app.command("prefs")
 def prefs(
     constitution: ConstitutionOpt = "harmless",
+    constitution_for: ConstitutionForOpt = None,
     prompts: Annotated[str, typer.Option(help="JSONL / HH-RLHF file, dataset folder, or bundled set")] = "redteam",
     policy: ModelOpt = None,
     out: Annotated[Path, typer.Option(help="job directory (resumed if it exists)")] = Path("jobs/prefs"),
@@ -88,6 +101,7 @@ def prefs(
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="policy backend option KEY=VALUE")] = None,
     judge: Annotated[Optional[str], typer.Option(help="judge model; default: the policy model judges")] = None,
     judge_engine: Annotated[Optional[str], typer.Option(help="judge backend; default: --engine")] = None,
+    judge_engine_option: Annotated[Optional[list[str]], typer.Option("--judge-engine-option", help="judge backend option KEY=VALUE, repeatable (the policy's --engine-option does not apply to a separate judge)")] = None,
     samples: Annotated[int, typer.Option(min=2, help="K answers sampled per prompt")] = 2,
     system: Annotated[Optional[str], typer.Option(help="system turn before every policy request (not exported)")] = None,
     pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
@@ -108,10 +122,11 @@ def prefs(
     with fail_on_user_error():
         policy_spec = engine_spec(engine, policy, engine_option)
         judge_spec = None
-        if judge is not None or judge_engine is not None:
-            judge_spec = EngineSpec(backend=judge_engine or engine, model=judge)
+        if judge is not None or judge_engine is not None or judge_engine_option:
+            judge_spec = engine_spec(judge_engine or engine, judge, judge_engine_option)
         job = PrefsJob(
-            constitution=absolute_if_path(constitution), prompts=absolute_if_path(prompts), out=str(out),
+            constitution=absolute_if_path(constitution), constitution_by_group=_by_group(constitution_for),
+            prompts=absolute_if_path(prompts), out=str(out),
             policy=policy_spec, judge=judge_spec,
             phase2=Phase2Config(
                 samples=samples, pairing=pairing, seed=seed, system_prompt=system,
@@ -125,6 +140,11 @@ def prefs(
         with stoppable_job() as stop:
             summary = _run_with_progress(job, stop)
     print_phase2_summary(summary)
+
+
+def _by_group(items: list[str] | None) -> dict[str, str]:
+    pairs = parse_pairs(items, "--constitution-for", "benign=helpful", json_values=False)
+    return {group: spec if spec == UNREVISED else absolute_if_path(spec) for group, spec in pairs.items()}
 
 
 def print_phase2_summary(summary: Phase2Summary) -> None:
@@ -188,5 +208,5 @@ def print_trajectories(job_dir: Path, count: int) -> None:
         if row["error"]:
             body.append(f"[red]error {row['error']['code']}[/]: {escape(row['error']['message'])} (excluded from export)")
         const = row["lineage"]["constitution"]
-        title = f"{row['id']}  ({const['name']} v{const['version']})"
+        title = f"{row['id']}  ({const['name']} v{const['version']})" if const else f"{row['id']}  (unrevised)"
         console.print(Panel("\n\n".join(body), title=title, expand=True))

@@ -34,6 +34,6 @@ def run(
     for r in results:
         table.add_row(r.name, f"{r.seconds:.0f}", f"{r.peak_rss_mb:.0f}")
     console.print(table)
-    report = run_dir / "06-eval" / "report.md"
+    report = run_dir / "07-eval" / "report.md"
     if report.exists():
         console.print(report.read_text(encoding="utf-8"))
