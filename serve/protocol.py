@@ -121,8 +121,10 @@ class RecordPage(BaseModel):
 
 class ReviewRequest(Strict):
     record_id: str = Field(max_length=200)
-    label: ReviewLabel = Field(description="agree: the judge is right; flip: the other answer is better; "
-                                           "discard: drop the row from the export")
+    label: ReviewLabel = Field(description="agree: the judge is right; flip: the other answer is better "
+                                           "(prefs: both make the exported pair a confident human label, "
+                                           "score = margin = 1.0, the judge's verdict kept in "
+                                           "metadata.judge_verdict); discard: drop the row from the export")
     reviewer: str | None = Field(None, max_length=100, description="who reviewed; default: the API key's name")
     note: str | None = Field(None, max_length=2000)
 

@@ -3,11 +3,18 @@
 The pipeline writes the datasets (`sft.jsonl` / `prefs.jsonl`, cai.export's rules).
 Exports served by the API are those files with the reviews applied, written beside
 them under `reviewed/`:
-- flip: chosen and rejected swap, `score` becomes 1 - score (the judge's probability
-  for the new chosen answer) and `margin` = 2 * score - 1; chosen/rejected indices swap;
+- agree / flip (prefs): the row becomes a human label. chosen/rejected are the reviewer's
+  (flip swaps them, and the chosen/rejected indices), and `score` = `margin` =
+  `metadata.confidence` = 1.0: a reviewer's decision is taken as a confident label, not
+  as one more noisy vote, so the trainers (`cai train rm` margins, `cai train dpo` soft
+  labels) give it full weight. `metadata.label_source` is "human";
 - discard: the row is dropped;
-- agree: the row is kept as is.
-Every row gets `metadata.review` = {label, reviewer, note} ("" when not reviewed).
+- no review: the row is kept as the judge labelled it (`label_source` "judge").
+Every prefs row keeps the judge's own verdict under `metadata.judge_verdict` = {score,
+margin, consistent, chosen_index, rejected_index, p_a, p_a_orders, first_shown,
+confidence}, as the pipeline exported it (same keys on every row, so Parquet has one schema).
+Every row gets `metadata.review` = {label, reviewer, note, reviewed_at} ("" when not
+reviewed); it holds the review store's fields only, never an API key.
 When several reviewers labelled a record, the latest review is the one applied.
 """
 
@@ -27,6 +34,9 @@ from cai.records import PreferenceRecord, SFTRecord
 from cai.store import atomic_write_lines, atomic_write_text
 
 STAGES = {"sft": "sft", "prefs": "prefs"}
+HUMAN_LABELS = ("agree", "flip")  # reviews that decide a pair; "discard" drops it
+HUMAN_SCORE = 1.0  # score, margin and confidence of a reviewed pair: a human decision is a confident label
+JUDGE_VERDICT_KEYS = ("chosen_index", "rejected_index", "p_a", "p_a_orders", "first_shown", "confidence")
 EXPORTS = {
     "sft": ("sft.jsonl", "sft.parquet", "README.md", "manifest.json"),
     "prefs": ("prefs.jsonl", "prefs.parquet", "README.md", "manifest.json"),
@@ -151,23 +161,39 @@ def export_names(job: dict[str, Any]) -> list[str]:
 
 
 def _review_meta(review: dict[str, Any] | None) -> dict[str, str]:
+    """The review in force as the export shows it: the review store's fields, named one by one."""
     if review is None:
-        return {"label": "", "reviewer": "", "note": ""}
-    return {"label": review["label"], "reviewer": review["reviewer"], "note": review.get("note") or ""}
+        return {"label": "", "reviewer": "", "note": "", "reviewed_at": ""}
+    return {"label": review["label"], "reviewer": review["reviewer"], "note": review.get("note") or "",
+            "reviewed_at": review.get("created_at") or ""}
+
+
+def judge_verdict(row: dict[str, Any]) -> dict[str, Any]:
+    """The judge's label of an exported prefs row, as the pipeline wrote it."""
+    meta = row["metadata"]
+    return {"score": row.get("score"), "margin": row.get("margin"), "consistent": row.get("consistent"),
+            **{key: meta.get(key) for key in JUDGE_VERDICT_KEYS}}
 
 
 def reviewed_row(kind: str, row: dict[str, Any], review: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An exported dataset row with its review applied; None when the review discards it."""
+    """An exported dataset row with its review applied; None when the review discards it.
+
+    prefs: agree / flip make the row a confident human label (score = margin = 1.0, chosen per the
+    reviewer); the judge's verdict stays under `metadata.judge_verdict`. See the module docstring."""
     label = review["label"] if review else None
     if label == "discard":
         return None
-    row = {**row, "metadata": {**row["metadata"], "review": _review_meta(review)}}
-    if kind == "prefs" and label == "flip":
-        meta = row["metadata"]
+    meta = {**row["metadata"], "review": _review_meta(review)}
+    row = {**row, "metadata": meta}
+    if kind != "prefs":
+        return row
+    meta["judge_verdict"] = judge_verdict(row)
+    meta["label_source"] = "human" if label in HUMAN_LABELS else "judge"
+    if label == "flip":
         row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-        row["score"] = 1.0 - row["score"]
-        row["margin"] = 2 * row["score"] - 1
         meta["chosen_index"], meta["rejected_index"] = meta.get("rejected_index"), meta.get("chosen_index")
+    if label in HUMAN_LABELS:
+        row["score"] = row["margin"] = meta["confidence"] = HUMAN_SCORE
     return row
 
 
@@ -205,20 +231,31 @@ def export_file(job: dict[str, Any], name: str, reviews: list[dict[str, Any]]) -
             jsonl_to_parquet(out / f"{stem}.jsonl")
         card = (root / "README.md").read_text(encoding="utf-8") if (root / "README.md").is_file() else ""
         counts = review_counts(reviews, judged=job["kind"] == "prefs")
-        atomic_write_text(out / "README.md", card + review_section(kept, counts))
+        atomic_write_text(out / "README.md", card + review_section(job["kind"], kept, counts))
     path = out / name
     if not path.is_file():
         raise FileNotFoundError(f"{name}: nothing to export (no rows left after review)")
     return path
 
 
-def review_section(kept: Counter, counts: dict[str, Any]) -> str:
+PREFS_REVIEW_RULES = """This export applies the reviews stored with the job. A reviewed pair is a human label:
+"agree" keeps the judge's chosen answer, "flip" swaps chosen and rejected, and both set
+`score` = `margin` = 1.0 (a human decision is taken as a confident label, so `cai train rm`
+asks for a full reward margin and `cai train dpo --soft-label smoothing` counts it as
+noise-free); `metadata.label_source` is "human". "discard" drops the row. Unreviewed rows
+keep the judge's label (`label_source` "judge"). Every row keeps the judge's own verdict
+(score, margin, consistent, chosen/rejected index, p_a, ...) under `metadata.judge_verdict`,
+and `metadata.review` names the review in force (label, reviewer, note, reviewed_at)."""
+SFT_REVIEW_RULES = """This export applies the reviews stored with the job: "discard" drops the row, "agree"
+keeps it; `metadata.review` names the review in force (label, reviewer, note, reviewed_at)."""
+
+
+def review_section(kind: str, kept: Counter, counts: dict[str, Any]) -> str:
     rate = counts["agreement_rate"]
     return f"""
 ## Human review (cai serve)
 
-This export applies the reviews stored with the job: "flip" swaps chosen and rejected
-(score becomes 1 - score), "discard" drops the row; `metadata.review` names the label in force.
+{PREFS_REVIEW_RULES if kind == "prefs" else SFT_REVIEW_RULES}
 
 | | rows |
 | --- | --- |

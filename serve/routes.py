@@ -208,7 +208,8 @@ def records(job_id: str, request: Request, owner: str = Depends(require_owner),
          responses={200: {"description": "the file", "content": {"application/jsonl": {}}}})
 def export(job_id: str, request: Request, owner: str = Depends(require_owner),
            file: str | None = Query(None, description="export name from the job's `files` (default: the dataset)")):
-    """A dataset file of a completed job, with the reviews applied (flip swaps, discard drops)."""
+    """A dataset file of a completed job, with the reviews applied (prefs: agree / flip make a pair a
+    confident human label, score = margin = 1.0, flip swapping chosen and rejected; discard drops)."""
     job = _job(request, job_id, owner)
     name = file or EXPORTS[job["kind"]][0]
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -140,7 +139,8 @@ def test_sft_job_progress_records_and_export(client):
 
     rows = export_rows(client, job_id)
     assert len(rows) == 3 and rows[0]["messages"][-1]["role"] == "assistant"
-    assert rows[0]["metadata"]["review"] == {"label": "", "reviewer": "", "note": ""}
+    assert rows[0]["metadata"]["review"] == {"label": "", "reviewer": "", "note": "", "reviewed_at": ""}
+    assert "judge_verdict" not in rows[0]["metadata"]  # SFT rows have no judge
     # a reviewer discards one trajectory: the export drops it; flip does not apply to SFT rows
     r = client.post(f"/v1/jobs/{job_id}/reviews", json={"record_id": record["id"], "label": "flip"}, headers=A)
     assert r.status_code == 422
@@ -177,20 +177,43 @@ def test_prefs_review_flip_discard_agree_change_the_export(client):
     assert drop not in after and len(after) == 3
     old, new = before[flip], after[flip]
     assert new["chosen"] == old["rejected"] and new["rejected"] == old["chosen"]
-    assert math.isclose(new["score"], 1 - old["score"]) and math.isclose(new["margin"], 2 * new["score"] - 1)
+    # a human decision is a confident label, whatever the judge thought
+    assert new["score"] == 1.0 and new["margin"] == 1.0 and new["metadata"]["confidence"] == 1.0
+    assert new["metadata"]["label_source"] == "human"
     assert new["metadata"]["review"]["label"] == "flip" and new["metadata"]["review"]["reviewer"] == "alice"
+    assert set(new["metadata"]["review"]) == {"label", "reviewer", "note", "reviewed_at"}
+    assert new["metadata"]["review"]["reviewed_at"]
     assert new["metadata"]["chosen_index"] == old["metadata"]["rejected_index"]
+    assert new["metadata"]["judge_verdict"] == judge_verdict_of(old)  # the judge's verdict as exported
     assert after[agree]["chosen"] == before[agree]["chosen"]
+    assert after[agree]["score"] == 1.0 and after[agree]["margin"] == 1.0
+    assert after[agree]["metadata"]["judge_verdict"] == judge_verdict_of(before[agree])
+    (untouched,) = set(after) - {flip, agree}
+    assert after[untouched]["score"] == before[untouched]["score"] < 1.0
+    assert after[untouched]["metadata"]["label_source"] == "judge"
+    assert ALICE not in json.dumps(list(after.values()))  # no key in the export
     parquet = client.get(f"/v1/jobs/{job_id}/export", params={"file": "prefs.parquet"}, headers=A)
     table = pq.read_table(io.BytesIO(parquet.content))
-    assert table.num_rows == 3 and table.column("metadata").to_pylist()[0]["review"]["label"] in ("flip", "agree")
+    meta = {m["id"]: m for m in table.column("metadata").to_pylist()}
+    assert table.num_rows == 3 and meta[flip]["review"]["label"] == "flip"
+    assert meta[flip]["judge_verdict"]["score"] == pytest.approx(old["score"])  # one schema for every row
+    card = client.get(f"/v1/jobs/{job_id}/export", params={"file": "README.md"}, headers=A).text
+    assert "`score` = `margin` = 1.0" in card and "metadata.judge_verdict" in card
 
     # a second reviewer's later label is the one applied; the agreement rate counts both
     client.post(f"/v1/jobs/{job_id}/reviews", json={"record_id": flip, "label": "agree", "reviewer": "carol"}, headers=A)
     again = {row["metadata"]["id"]: row for row in export_rows(client, job_id)}
-    assert again[flip]["chosen"] == before[flip]["chosen"]
+    assert again[flip]["chosen"] == before[flip]["chosen"] and again[flip]["score"] == 1.0
+    assert again[flip]["metadata"]["review"]["reviewer"] == "carol"
     reviews = client.get(f"/v1/jobs/{job_id}/reviews", headers=A).json()
     assert reviews["counts"]["agreement_rate"] == pytest.approx(2 / 3) and len(reviews["reviews"]) == 4
+
+
+def judge_verdict_of(row: dict) -> dict:
+    """What a reviewed export keeps of the judge's label of an unreviewed row."""
+    keys = ("chosen_index", "rejected_index", "p_a", "p_a_orders", "first_shown", "confidence")
+    return {"score": row["score"], "margin": row["margin"], "consistent": row["consistent"],
+            **{k: row["metadata"][k] for k in keys}}
 
 
 def test_error_rows_counted_by_kind_and_filtered(roots):

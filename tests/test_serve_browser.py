@@ -7,7 +7,6 @@ The screenshot is kept at tmp_path/review.png and copied to $CAI_TEST_ARTIFACTS 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -143,6 +142,7 @@ def test_review_page_flip_changes_the_export(server, browser, tmp_path):
         after = {row["metadata"]["id"]: row for row in map(json.loads, api.get(f"/v1/jobs/{job_id}/export").text.splitlines())}
     assert after[record_id]["chosen"] == before[record_id]["rejected"]
     assert after[record_id]["rejected"] == before[record_id]["chosen"]
-    assert math.isclose(after[record_id]["score"], 1 - before[record_id]["score"])
-    assert after[record_id]["metadata"]["review"] == {"label": "flip", "reviewer": "reviewer", "note": ""}
+    assert after[record_id]["score"] == 1.0 and after[record_id]["metadata"]["judge_verdict"]["score"] == before[record_id]["score"]
+    review = after[record_id]["metadata"]["review"]
+    assert {k: v for k, v in review.items() if k != "reviewed_at"} == {"label": "flip", "reviewer": "reviewer", "note": ""}
     assert all(after[rid]["chosen"] == before[rid]["chosen"] for rid in before if rid != record_id)

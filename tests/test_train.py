@@ -16,8 +16,8 @@ from typer.testing import CliRunner  # noqa: E402
 from cai.cli.common import parse_pairs  # noqa: E402
 from cai.cli.train import app  # noqa: E402
 from cai.train import PPOConfig, TrainError, load_data, train_dpo, train_ppo, train_reward_model, train_sft  # noqa: E402
-from cai.train.common import check_chat_format, heldout_split  # noqa: E402
-from cai.train.dpo import soft_label_args  # noqa: E402
+from cai.train.common import check_chat_format, heldout_split, load_preferences  # noqa: E402
+from cai.train.dpo import prepare_dpo_data, soft_label_args  # noqa: E402
 from cai.train.ppo import gae, load_prompts  # noqa: E402
 from cai.train.reward import prepare_pairs  # noqa: E402
 from cai.train.sft import prepare_sft_data  # noqa: E402
@@ -163,6 +163,52 @@ def test_soft_label_is_mean_flip_rate(pref_data):
     assert soft_label_args(ds, {"loss_type": "exo_pair"})["loss_type"] == ["exo_pair"]
     with pytest.raises(TrainError, match="ignores label_smoothing"):
         soft_label_args(ds, {"loss_type": "sigmoid"})
+
+
+def review(label: str) -> dict:
+    return {"label": label, "reviewer": "alice", "note": "", "reviewed_at": "2025-01-01T00:00:00+00:00"}
+
+
+def test_human_reviewed_rows_are_confident_labels(tmp_path, pref_data):
+    """Reviewed rows count as score = margin = 1, including an export from before that rule
+    (a flip stored as score = 1 - score, margin < 0), in rm margins and DPO's flip rate."""
+    rows = [json.loads(line) for line in pref_data.read_text().splitlines()][:4]
+    flipped = {**rows[0], "chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"], "score": 1 - rows[0]["score"],
+               "margin": -rows[0]["margin"], "metadata": {"id": "pair-0", "review": review("flip")}}
+    agreed = {**rows[1], "metadata": {"id": "pair-1", "review": review("agree")}}
+    plain = [{**r, "metadata": {"id": r["metadata"]["id"], "review": review("")}} for r in rows[2:]]
+    path = write_jsonl(tmp_path / "old-export.jsonl", [flipped, agreed, *plain])
+    judged = [r["score"] for r in rows[2:]]
+
+    assert load_preferences(path)["score"] == pytest.approx([1.0, 1.0, *judged])
+    pairs = prepare_pairs(path, margin_scale=2.0)
+    assert pairs["margin"] == pytest.approx([2.0, 2.0, *(2 * (2 * s - 1) for s in judged)])
+    assert pairs[0]["chosen"] == rows[0]["rejected"]  # the reviewer's answer stays chosen
+    expected = sum(1 - s for s in judged) / 4  # the two reviewed rows add no label noise
+    assert soft_label_args(load_data(path), {})["label_smoothing"] == pytest.approx(expected)
+    dataset, extra, human = prepare_dpo_data(path, "smoothing")
+    assert extra["label_smoothing"] == pytest.approx(expected) and human == 2
+    assert set(dataset.column_names) == {"prompt", "chosen", "rejected"}
+    assert dataset[0]["chosen"] == rows[0]["rejected"]
+
+
+def test_unreviewed_row_preferring_rejected_is_refused(tmp_path, pref_data, tiny):
+    rows = [json.loads(line) for line in pref_data.read_text().splitlines()][:3]
+    rows[1] |= {"score": 0.3, "margin": -0.4}
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    where = r"bad\.jsonl: row 2 \(id pair-1\) has score = 0\.3"
+    with pytest.raises(TrainError, match=where):
+        prepare_pairs(path, 1.0)
+    with pytest.raises(TrainError, match=where):
+        prepare_dpo_data(path)  # plain DPO too: the row's chosen answer is not the preferred one
+    only_margin = write_jsonl(tmp_path / "m.jsonl", [{k: v for k, v in r.items() if k != "score"} for r in rows])
+    with pytest.raises(TrainError, match=r"m\.jsonl: row 2 \(id pair-1\) has margin = -0\.4"):
+        prepare_pairs(only_margin, 1.0)
+    for command in ("rm", "dpo"):  # the CLI names the file and row, before loading a model
+        args = [command, "--data", str(path), "--model", str(tiny), "--out", str(tmp_path / command)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "row 2 (id pair-1)" in " ".join(result.output.split()), result.output
+        assert not (tmp_path / command).exists()
 
 
 def test_heldout_split_is_seeded(pref_data):

@@ -111,6 +111,64 @@ def heldout_split(ds: datasets.Dataset, fraction: float, seed: int):
     return split["train"], split["test"]
 
 
+# ---- preference labels ------------------------------------------------------------
+
+HUMAN_LABELS = ("agree", "flip")  # cai serve reviews that decide a pair (see serve/results.py)
+HUMAN_SCORE = 1.0  # score and margin of a human-reviewed pair: a confident label
+
+
+def review_label(metadata: Any) -> str:
+    """The review label a row carries in `metadata.review.label` (cai serve's exports), or ""."""
+    review = metadata.get("review") if isinstance(metadata, dict) else None
+    return (review.get("label") or "") if isinstance(review, dict) else ""
+
+
+def human_labelled(ds: datasets.Dataset) -> list[bool]:
+    """Per row: whether a human reviewer decided the pair (agree or flip)."""
+    if "metadata" not in ds.column_names:
+        return [False] * len(ds)
+    return [review_label(m) in HUMAN_LABELS for m in ds["metadata"]]
+
+
+def load_preferences(data) -> datasets.Dataset:
+    """Preference pairs whose labels a trainer can take as they are.
+
+    `chosen` must be the preferred answer. A row a human reviewed (`metadata.review.label`
+    agree or flip) is a confident label: its `score` and `margin` (where the columns exist)
+    are set to 1.0. cai serve's reviewed exports already write 1.0; older exports wrote
+    `score = 1 - score` on a flip, which this repairs (their chosen/rejected are already the
+    reviewer's). Any other row with `score` outside [0.5, 1] or a negative `margin` says the
+    rejected answer is the better one: a TrainError names the file and the row, rather than
+    training on the contradiction.
+    """
+    ds = load_data(data)
+    require_columns(ds, ("chosen", "rejected"), "a preference dataset")
+    human = human_labelled(ds)
+    check_labels(ds, human, describe(data))
+    columns = [c for c in ("score", "margin") if c in ds.column_names]
+    if any(human) and columns:
+        ds = ds.map(lambda row, i: {c: HUMAN_SCORE if human[i] else row[c] for c in columns}, with_indices=True)
+    return ds
+
+
+def check_labels(ds: datasets.Dataset, human: list[bool], source: str) -> None:
+    """TrainError on the first unreviewed row whose score or margin prefers the rejected answer."""
+    rules = {"score": (lambda v: 0.5 <= v <= 1.0, "0.5 <= score <= 1"), "margin": (lambda v: v >= 0.0, "margin >= 0")}
+    for column, (ok, rule) in rules.items():
+        if column not in ds.column_names:
+            continue
+        for i, (value, reviewed) in enumerate(zip(ds[column], human)):
+            if value is None or reviewed or ok(float(value)):
+                continue
+            meta = ds[i]["metadata"] if "metadata" in ds.column_names else None
+            row_id = f" (id {meta['id']})" if isinstance(meta, dict) and meta.get("id") else ""
+            raise TrainError(
+                f"{source}: row {i + 1}{row_id} has {column} = {value}; a preference row needs {rule} "
+                "(its chosen answer is the preferred one). Fix or drop the row; a human 'flip' belongs in "
+                "metadata.review, as cai serve's export writes it (score = margin = 1.0)"
+            )
+
+
 # ---- devices, threads, TRL configs -------------------------------------------------
 
 

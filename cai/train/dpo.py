@@ -18,6 +18,13 @@ Pairs are usually exported only above a confidence threshold, so the rate is
 small (0.05-0.2); a rate of 0.5 or more means the labels carry no signal and
 is refused. (TRL >= 1.0's `sigmoid` loss ignores `label_smoothing`, so the
 older "conservative DPO" setting would silently do nothing.)
+
+Human labels. A pair a reviewer decided in cai serve (`metadata.review.label`
+agree or flip) is taken as noise-free: its score counts as 1.0, so it adds
+nothing to the flip rate (`cai.train.common.load_preferences`, which also
+repairs older exports that stored a flip as score = 1 - score). An unreviewed
+row with score < 0.5 or a negative margin is an error naming the file and
+row, in both modes: its chosen answer is not the preferred one.
 """
 
 from __future__ import annotations
@@ -30,14 +37,14 @@ from cai.train.common import (
     TrainResult,
     check_chat_format,
     describe,
+    human_labelled,
     keep_columns,
-    load_data,
     load_model,
+    load_preferences,
     load_tokenizer,
     lora_config,
     make_config,
     model_path,
-    require_columns,
     run_trainer,
     set_threads,
 )
@@ -47,10 +54,13 @@ SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
 
 
 def soft_label_args(dataset, trl_args: dict[str, Any]) -> dict[str, Any]:
-    """label_smoothing = mean(1 - score), with a loss that uses it (see the module docstring)."""
+    """label_smoothing = mean(1 - score), with a loss that uses it (see the module docstring).
+
+    A human-reviewed row counts as score 1.0 (a confident label), whatever its `score` says."""
     if "score" not in dataset.column_names:
         raise TrainError("soft_label='smoothing' needs a `score` column (the judge's P(chosen))")
-    scores = [float(s) for s in dataset["score"] if s is not None]
+    human = human_labelled(dataset)
+    scores = [1.0 if h else float(s) for s, h in zip(dataset["score"], human) if h or s is not None]
     if not scores:
         raise TrainError("soft_label='smoothing': the `score` column is empty")
     flip_rate = sum(1.0 - s for s in scores) / len(scores)
@@ -61,6 +71,16 @@ def soft_label_args(dataset, trl_args: dict[str, Any]) -> dict[str, Any]:
     if not SMOOTHING_LOSSES & set(losses):
         raise TrainError(f"loss_type {losses} ignores label_smoothing; use one of {sorted(SMOOTHING_LOSSES)}")
     return {"loss_type": losses, "label_smoothing": flip_rate}
+
+
+def prepare_dpo_data(data, soft_label: str = "none", trl_args: dict[str, Any] | None = None):
+    """(TRL-column pairs, config fields the soft label sets, human-labelled rows): the data
+    `train_dpo` trains on, its labels checked by `load_preferences`."""
+    if soft_label not in ("none", "smoothing"):
+        raise TrainError(f"soft_label must be 'none' or 'smoothing', not {soft_label!r}")
+    raw = load_preferences(data)
+    extra = soft_label_args(raw, dict(trl_args or {})) if soft_label == "smoothing" else {}
+    return keep_columns(raw), extra, sum(human_labelled(raw))
 
 
 def train_dpo(
@@ -86,19 +106,14 @@ def train_dpo(
     """
     from trl import DPOConfig, DPOTrainer
 
-    if soft_label not in ("none", "smoothing"):
-        raise TrainError(f"soft_label must be 'none' or 'smoothing', not {soft_label!r}")
+    trl_args = dict(trl_args or {})
+    dataset, extra, human = prepare_dpo_data(data, soft_label, trl_args)  # bad labels fail before a model loads
     n_threads = set_threads(threads)
     path = model_path(model)
     tokenizer = load_tokenizer(path)
     end_ids = check_chat_format(tokenizer)
-    raw = load_data(data)
-    require_columns(raw, ("chosen", "rejected"), "a preference dataset")
-    trl_args = dict(trl_args or {})
-    extra = soft_label_args(raw, trl_args) if soft_label == "smoothing" else {}
     args = make_config(DPOConfig, out, DPO_DEFAULTS | extra, trl_args | extra)
     init = trl_args.get("model_init_kwargs")
-    dataset = keep_columns(raw)
     trainer = DPOTrainer(
         model=load_model(path, init_kwargs=init),
         ref_model=load_model(model_path(ref_model), init_kwargs=init) if ref_model else None,
@@ -109,7 +124,8 @@ def train_dpo(
     )
     summary = {
         "trainer": "dpo", "model": path, "ref_model": ref_model or path, "data": describe(data),
-        "rows": len(dataset), "lora": bool(lora), "threads": n_threads, "soft_label": soft_label, **extra,
+        "rows": len(dataset), "lora": bool(lora), "threads": n_threads, "soft_label": soft_label,
+        "human_labels": human, **extra,
     }
     metrics = run_trainer(trainer, tokenizer, out, resume, end_ids, summary)
     return TrainResult(out=str(out), metrics=metrics)

@@ -15,6 +15,14 @@ would use it). Near-ties ask for almost no reward gap and confident pairs for
 up to `margin_scale`, so the model is not pushed to separate answers the judge
 could barely tell apart. `margin_scale=0` is plain Bradley-Terry.
 
+Human labels. A pair a reviewer decided in cai serve (`metadata.review.label`
+agree or flip) is a confident label: its score and margin are 1.0, so it asks
+for the full `margin_scale` reward gap (`cai.train.common.load_preferences`;
+it also repairs older exports that stored a flip as score = 1 - score). An
+unreviewed row with score < 0.5 or a negative margin is an error naming the
+file and row: a negative margin would train the model toward the rejected
+answer's side. metrics.json counts the human labels (`human_labels`).
+
 Held-out accuracy. A seeded `eval_fraction` of the pairs (10% by default) is
 kept out of training; the fraction of held-out pairs with
 r(chosen) > r(rejected) is measured before and after training and written to
@@ -33,14 +41,14 @@ from cai.train.common import (
     check_chat_format,
     describe,
     heldout_split,
+    human_labelled,
     keep_columns,
-    load_data,
     load_model,
+    load_preferences,
     load_tokenizer,
     lora_config,
     make_config,
     model_path,
-    require_columns,
     run_trainer,
     set_threads,
 )
@@ -49,9 +57,10 @@ RM_DEFAULTS: dict[str, Any] = dict(logging_steps=1, save_steps=200)
 
 
 def prepare_pairs(path: str | Path, margin_scale: float):
-    """The pairs with TRL's columns only, plus `margin` when `margin_scale` is not 0."""
-    ds = load_data(path)
-    require_columns(ds, ("chosen", "rejected"), "a preference dataset")
+    """The pairs with TRL's columns only, plus `margin` when `margin_scale` is not 0.
+
+    Labels as `load_preferences` checks them: human-reviewed rows have margin 1.0 (times the scale)."""
+    ds = load_preferences(path)
     if margin_scale and "margin" in ds.column_names:
         ds = ds.map(lambda row: {"margin": margin_scale * float(row["margin"] or 0.0)})
     elif margin_scale and "score" in ds.column_names:
@@ -101,12 +110,13 @@ def train_reward_model(
     """
     from trl import RewardConfig, RewardTrainer
 
+    raw = load_preferences(data)  # bad labels fail before a model loads
     n_threads = set_threads(threads)
     path = model_path(model)
     tokenizer = load_tokenizer(path)
     check_chat_format(tokenizer)
     args = make_config(RewardConfig, out, RM_DEFAULTS, trl_args)
-    train, heldout = heldout_split(prepare_pairs(data, margin_scale), eval_fraction, args.seed)
+    train, heldout = heldout_split(prepare_pairs(raw, margin_scale), eval_fraction, args.seed)
     init = (trl_args or {}).get("model_init_kwargs")
     trainer = RewardTrainer(
         model=load_model(path, "reward", init, pad_token_id=tokenizer.pad_token_id),
@@ -120,6 +130,7 @@ def train_reward_model(
     summary = {
         "trainer": "rm", "model": path, "data": describe(data), "rows": len(train),
         "lora": bool(lora), "threads": n_threads, "margin_scale": margin_scale, "uses_margin": "margin" in train.column_names,
+        "human_labels": sum(human_labelled(raw)),
     }
 
     def evaluate() -> dict[str, Any]:
