@@ -20,7 +20,13 @@ from cai import __version__
 from cai.constitution import LoadedConstitution, Principle, sample_principle
 from cai.constitution_plan import ConstitutionPlan
 from cai.engine.base import Engine
-from cai.prompts import PHASE1_TEMPLATE_HASH, answer_chat, critique_chat, revision_chat, with_system
+from cai.prompts import (
+    PHASE1_TEMPLATE_HASH,
+    answer_chat,
+    critique_chat,
+    revision_chat,
+    with_system,
+)
 from cai.recipe import Phase1Config
 from cai.records import (
     Chat,
@@ -35,7 +41,6 @@ from cai.records import (
     Step,
     stable_id,
 )
-
 
 StepHook = Callable[[str, int], None]
 """Called after each engine step with (step name, number of requests)."""

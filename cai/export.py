@@ -18,7 +18,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from cai.constitution_plan import describe
-from cai.preferences import PreferenceStats, PreferenceStatsCounter, keep_for_export, preference_row
+from cai.preferences import (
+    PreferenceStats,
+    PreferenceStatsCounter,
+    keep_for_export,
+    preference_row,
+)
 from cai.records import PreferenceRecord, SFTRecord
 from cai.store import JobStore, atomic_write_lines, atomic_write_text
 
