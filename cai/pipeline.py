@@ -226,14 +226,18 @@ def prefs_manifest(job: PrefsJob, plan: ConstitutionPlan, policy: ModelRef, judg
 class PrefsEngines:
     """The policy engine (pass 1) and the judge engine (pass 2) of a phase-2 job.
 
-    Engines cai builds are closed as soon as their pass ends, so a policy and a different
-    judge never hold memory (one GPU's) at the same time. With no judge of its own, the
-    policy's engine judges and stays open. Engines passed in belong to the caller.
+    Each engine is built only when its pass starts, and one built here is closed as soon
+    as its pass ends, so a policy and a different judge never hold memory (one GPU's) at
+    the same time. With no judge of its own, the policy's engine judges and stays open.
+    Engines passed in, and engines from a caller's `build` (e.g. the service's per-worker
+    cache, which keeps one model resident at a time), belong to the caller.
     """
 
-    def __init__(self, job: PrefsJob, policy: Engine | None = None, judge: Engine | None = None):
+    def __init__(self, job: PrefsJob, policy: Engine | None = None, judge: Engine | None = None,
+                 build: Callable[[EngineSpec], Engine] | None = None):
         self.job = job
         self.given = {"policy": policy, "judge": judge}
+        self.build, self.owned = build or build_engine, build is None
         self.built: dict[str, Engine] = {}
 
     def get(self, role: str) -> Engine:
@@ -242,13 +246,13 @@ class PrefsEngines:
         if role == "judge" and self.job.judge is None:
             return self.get("policy")
         spec = self.job.policy if role == "policy" else self.job.judge
-        self.built[role] = build_engine(spec)
+        self.built[role] = self.build(spec)
         return self.built[role]
 
     def release(self, role: str) -> None:
         if role == "policy" and self.job.judge is None and self.given["judge"] is None:
             return  # it judges next
-        if (engine := self.built.pop(role, None)) is not None:
+        if (engine := self.built.pop(role, None)) is not None and self.owned:
             engine.close()
 
     def close(self) -> None:
@@ -263,16 +267,17 @@ def generate_prefs(
     progress: ProgressHook | None = None,
     stop: StopCheck | None = None,
     redo: Collection[str] = (),
+    build: Callable[[EngineSpec], Engine] | None = None,
 ) -> Phase2Summary:
     """Phase 2 end to end: sample K answers for every prompt (pass 1, then the policy engine is closed),
-    judge pairs in both orders (pass 2), export preferences."""
+    judge pairs in both orders (pass 2), export preferences. See PrefsEngines for who builds engines."""
     started = time.perf_counter()
     plan = job_plan(job, allow_unrevised=False)
     policy_ref = policy_engine.model if policy_engine else engine_model_ref(job.policy)
     judge_ref = judge_engine.model if judge_engine else (
         policy_ref if job.judge is None else engine_model_ref(job.judge))
     manifest = prefs_manifest(job, plan, policy_ref, judge_ref)
-    engines = PrefsEngines(job, policy_engine, judge_engine)
+    engines = PrefsEngines(job, policy_engine, judge_engine, build)
     redo_codes = {ErrorCode.CANCELLED.value, *redo}
     on_step = (lambda name, n: progress(f"step {name}", n)) if progress else None
     cancelled = lambda batch, reason: cancelled_prefs(  # noqa: E731

@@ -269,9 +269,15 @@ class JobManager:
                     log.exception("closing an engine failed")
 
     def _engine(self, spec: EngineSpec, engines: dict[str, Engine], job_id: str) -> Engine:
-        """The worker's engine for `spec`, built on first use (model loading is not counted in tokens/s)."""
+        """The worker's engine for `spec`, built on first use (model loading is not counted in tokens/s).
+
+        A worker keeps one engine resident: building another closes the cached one first, so a
+        phase-2 job's policy and a different judge never hold one GPU's memory at once.
+        """
         key = spec.model_dump_json()
         if key not in engines:
+            for other in list(engines):
+                engines.pop(other).close()
             self.db.update(job_id, step=f"starting engine {spec.backend}:{spec.model or 'embedded'}")
             engines[key] = self.engine_factory(spec)
             self.db.update(job_id, step=None)
@@ -314,10 +320,8 @@ class JobManager:
             return summary.model_dump(mode="json"), summary.tokens_per_second
         if kind == "prefs":
             job = PrefsJob.model_validate(recipe)
-            policy = self._engine(job.policy, engines, row["id"])
-            judge = self._engine(job.judge, engines, row["id"]) if job.judge else policy
-            summary = generate_prefs(job, policy, judge, progress=Tracker(self.db, row["id"], root, "prefs"),
-                                     stop=stop)
+            summary = generate_prefs(job, progress=Tracker(self.db, row["id"], root, "prefs"), stop=stop,
+                                     build=lambda spec: self._engine(spec, engines, row["id"]))
             rate = summary.generated_tokens_now / summary.generation_seconds if summary.generation_seconds else None
             return summary.model_dump(mode="json"), rate
         job = EvalJob.model_validate(recipe)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from cai.engine.fake import FakeEngine
+
 
 def alternating_sampler():
     """A policy whose samples alternate "a good careful answer #n" / "a bad answer #n"."""
@@ -26,3 +28,23 @@ def judge_preferring(word: str = "good", p: float = 0.9):
         return {"A": math.log(p if word_first else 1 - p), "B": math.log(1 - p if word_first else p)}
 
     return choose
+
+
+class LoggedEngine(FakeEngine):
+    """A fake engine that logs its start, calls and close into a shared list (engine lifetimes)."""
+
+    def __init__(self, name: str, log: list[str], **kw):
+        super().__init__(model_id=name, **kw)
+        self.name, self.log = name, log
+        log.append(f"start {name}")
+
+    def generate(self, chats, params):
+        self.log.append(f"generate {self.name}")
+        return super().generate(chats, params)
+
+    def choice_logprobs(self, chats, options, prefix=""):
+        self.log.append(f"score {self.name}")
+        return super().choice_logprobs(chats, options, prefix)
+
+    def close(self):
+        self.log.append(f"close {self.name}")

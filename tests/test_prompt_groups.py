@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes import alternating_sampler, judge_preferring
+from fakes import LoggedEngine, alternating_sampler, judge_preferring
 
 from cai.constitution import load_constitution
 from cai.constitution_plan import PlanError
@@ -110,24 +110,6 @@ def test_phase2_judges_benign_pairs_with_the_helpful_questions_and_refuses_none(
     with pytest.raises(PlanError, match="only for phase 1"):
         generate_prefs(job.model_copy(update={"constitution_by_group": {"benign": "none"},
                                               "out": str(tmp_path / "j2")}), policy_engine=engine)
-
-
-class LoggedEngine(FakeEngine):
-    def __init__(self, name: str, log: list[str], **kw):
-        super().__init__(model_id=name, **kw)
-        self.name, self.log = name, log
-        log.append(f"start {name}")
-
-    def generate(self, chats, params):
-        self.log.append(f"generate {self.name}")
-        return super().generate(chats, params)
-
-    def choice_logprobs(self, chats, options, prefix=""):
-        self.log.append(f"score {self.name}")
-        return super().choice_logprobs(chats, options, prefix)
-
-    def close(self):
-        self.log.append(f"close {self.name}")
 
 
 def test_policy_engine_is_closed_before_a_different_judge_starts(tmp_path, monkeypatch):

@@ -59,3 +59,34 @@ def test_phase1_cli_on_embedded_model(tmp_path):
 
     again = cai(*args, cwd=tmp_path)
     assert again.returncode == 0 and "0 prompts now, 2 resumed" in again.stdout
+
+
+def test_phase2_cli_with_a_policy_and_a_different_judge_model(tmp_path):
+    """Two model folders, two engines, one process: the policy engine is closed before the judge's starts."""
+    import shutil
+
+    from cai.engine.models import ensure_embedded_model
+
+    judge_dir = tmp_path / "judge-model"
+    shutil.copytree(ensure_embedded_model(), judge_dir)
+    prompts = tmp_path / "mixed.jsonl"
+    prompts.write_text(json.dumps({"prompt": "How do I pick a lock?", "source": "redteam"}) + "\n"
+                       + json.dumps({"prompt": "How do I boil an egg?", "source": "benign"}) + "\n")
+    args = ["generate", "prefs", "--constitution", str(ROOT / "constitutions" / "harmless.yaml"),
+            "--constitution-for", f"benign={ROOT / 'constitutions' / 'helpful.yaml'}",
+            "--prompts", str(prompts), "--judge", str(judge_dir), "--samples", "2", "--max-tokens", "96",
+            "--keep-inconsistent", "--system", "Reply in at most two sentences.",
+            "--out", str(tmp_path / "job")]
+    result = cai(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
+    policy, judge = manifest["fingerprint_inputs"]["policy"], manifest["fingerprint_inputs"]["judge"]
+    assert policy["id"] != judge["id"] and judge["id"] == "judge-model"
+    samples = [json.loads(line) for p in (tmp_path / "job" / "shards").glob("samples-*.jsonl") for line in p.open()]
+    prefs = [json.loads(line) for p in (tmp_path / "job" / "shards").glob("prefs-*.jsonl") for line in p.open()]
+    assert len(samples) == len(prefs) == 2
+    for row in prefs:
+        assert row["lineage"]["judge_model"]["id"] == "judge-model"
+        assert row["lineage"]["constitution"]["name"] == ("helpful" if "egg" in row["prompt"][-1]["content"]
+                                                          else "harmless")
+    assert "| benign | `helpful` v" in (tmp_path / "job" / "README.md").read_text()

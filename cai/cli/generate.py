@@ -11,7 +11,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from cai.cli.common import (
     ConstitutionOpt,
@@ -107,6 +113,7 @@ def prefs(
     pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
     mode: Annotated[str, typer.Option(help="judge scoring: logprob, cot or structured")] = "logprob",
     orders: Annotated[int, typer.Option(min=1, max=2, help="judge both orders (2) or one")] = 2,
+    min_option_mass: Annotated[float, typer.Option(min=0.0, max=1.0, help="an order whose P(A)+P(B) is below this is an `off_options` error row, not a label (0 disables)")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
     seed: int = 0,
     temperature: Annotated[float, typer.Option(min=0.01)] = 0.8,
@@ -131,7 +138,7 @@ def prefs(
             phase2=Phase2Config(
                 samples=samples, pairing=pairing, seed=seed, system_prompt=system,
                 policy=SamplingParams(temperature=temperature, max_tokens=max_tokens),
-                judge=JudgeConfig(mode=mode, orders=orders, seed=seed),
+                judge=JudgeConfig(mode=mode, orders=orders, seed=seed, min_option_mass=min_option_mass),
             ),
             limit=limit, batch_size=batch_size, min_confidence=min_confidence,
             require_consistent=not keep_inconsistent, parquet=parquet, new_job=new_job,
