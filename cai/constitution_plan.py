@@ -29,6 +29,11 @@ class ConstitutionPlan:
     default: LoadedConstitution
     groups: dict[str, LoadedConstitution | None] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, constitution: LoadedConstitution | ConstitutionPlan) -> ConstitutionPlan:
+        """A plan as is, or one constitution for every group."""
+        return constitution if isinstance(constitution, ConstitutionPlan) else cls(default=constitution)
+
     def for_group(self, group: str) -> LoadedConstitution | None:
         """The prompt group's constitution; None means "leave unrevised" (phase 1 only)."""
         return self.groups[group] if group in self.groups else self.default

@@ -105,10 +105,6 @@ def _run_step(
             traj.error = None  # context for the revision, not a result: see the module docstring
 
 
-def as_plan(constitution: LoadedConstitution | ConstitutionPlan) -> ConstitutionPlan:
-    return constitution if isinstance(constitution, ConstitutionPlan) else ConstitutionPlan(default=constitution)
-
-
 def run_phase1(
     sources: Sequence[SourcePrompt],
     constitution: LoadedConstitution | ConstitutionPlan,
@@ -117,7 +113,7 @@ def run_phase1(
     on_step: StepHook | None = None,
 ) -> list[SFTRecord]:
     """Run the critique-then-revise loop for a batch of prompts; one record per prompt."""
-    plan = as_plan(constitution)
+    plan = ConstitutionPlan.of(constitution)
     trajectories = [_Trajectory(source=s, constitution=plan.for_group(s.group)) for s in sources]
 
     def step(name: str, kind: str, chats_of: Callable[[_Trajectory], Chat], params: SamplingParams):
@@ -156,7 +152,7 @@ def cancelled_records(
     config: Phase1Config, reason: str,
 ) -> list[SFTRecord]:
     """A `cancelled` error row for each prompt a stopped job never started."""
-    plan = as_plan(constitution)
+    plan = ConstitutionPlan.of(constitution)
     error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
     return [_to_record(_Trajectory(source=s, constitution=plan.for_group(s.group), error=error), model, config)
             for s in sources]

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from cai import __version__
 from cai.constitution import LoadedConstitution, sample_principle
 from cai.constitution_plan import ConstitutionPlan, PlanError
-from cai.critique import as_plan, step_error
+from cai.critique import step_error
 from cai.engine.base import Engine
 from cai.judge import JudgeItem, judge_pairs
 from cai.prompts import JUDGE_TEMPLATE_HASH, answer_chat, with_system
@@ -121,7 +121,7 @@ def judge_samples(
     on_step: StepHook | None = None,
 ) -> list[PreferenceRecord]:
     """Pass 2: judge every usable pair of each prompt under its group's constitution; records in order."""
-    plan = as_plan(constitution)
+    plan = ConstitutionPlan.of(constitution)
     jobs: list[tuple[int, tuple[int, int]]] = []
     items: list[JudgeItem] = []
     for n, row in enumerate(sampled):
@@ -168,7 +168,7 @@ def _phase2_constitution(plan: ConstitutionPlan, group: str) -> LoadedConstituti
 def cancelled_records(sources: Sequence[SourcePrompt], constitution: LoadedConstitution | ConstitutionPlan,
                       policy: ModelRef, judge: ModelRef, config: Phase2Config, reason: str) -> list[PreferenceRecord]:
     """A `cancelled` error row for each prompt a stopped job never started (or never judged)."""
-    plan = as_plan(constitution)
+    plan = ConstitutionPlan.of(constitution)
     error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
     return [_record(phase2_id(s), dict(parent_ids=[s.id], prompt=s.messages), [], None,
                     _lineage_parts(_phase2_constitution(plan, s.group), s.group, policy, judge, config), error=error)
