@@ -14,6 +14,13 @@ Modes (JudgeConfig.mode):
   error carrying the raw text. logprob / cot fall back to it when the backend
   reports NO_LOGPROBS (``fallback_structured``).
 
+Option mass: in logprob and cot modes each order records ``option_mass`` = P(A) + P(B)
+before normalising. Below ``min_option_mass`` (default 0.5; 0 disables) the judge was
+mostly saying something else (its top tokens are in the message), so the order is an
+OFF_OPTIONS error rather than a label normalised from noise. Options a server did not
+return among its top tokens are bounded by the smallest returned log-prob (``bounded``);
+an order where no option was returned at all is OFF_OPTIONS whatever the threshold.
+
 With ``orders=2`` each pair is judged as (A, B) and as (B, A) and the two P(A) are
 averaged, so a judge that always picks the first position gets p_a = 0.5 and is
 flagged inconsistent. Every step sends all pairs x orders to the engine in one
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -103,18 +110,41 @@ def parse_verdict(text: str) -> tuple[StructuredVerdict | None, str]:
 # ---- probabilities ---------------------------------------------------------------------
 
 
-def option_probability(scores: ChoiceScores) -> tuple[float | None, ErrorInfo | None]:
-    """P(first option) normalised over the two options, or the error."""
+class OptionReading(NamedTuple):
+    """P(first option) normalised over the options, their unnormalised mass, or the error."""
+
+    p_first: float | None
+    mass: float | None
+    error: ErrorInfo | None
+
+
+def read_options(scores: ChoiceScores, min_mass: float = 0.0) -> OptionReading:
+    """Normalise the option log-probs; an order with too little mass on them is an OFF_OPTIONS error."""
     if scores.error is not None:
-        return None, scores.error
+        return OptionReading(None, None, scores.error)
     logprobs = scores.logprobs or {}
     values = [logprobs.get(o) for o in JUDGE_OPTIONS]
     if any(v is None or math.isnan(v) for v in values) or all(v == -math.inf for v in values):
         msg = f"no usable log-probabilities for options {list(JUDGE_OPTIONS)}: {logprobs}"
-        return None, ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=msg)
+        return OptionReading(None, None, ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=msg))
+    mass = sum(math.exp(v) for v in values)
+    if set(JUDGE_OPTIONS) <= set(scores.bounded) or mass < min_mass:
+        return OptionReading(None, mass, _off_options(scores, mass, min_mass))
     top = max(values)
     a, b = (math.exp(v - top) for v in values)
-    return a / (a + b), None
+    return OptionReading(a / (a + b), mass, None)
+
+
+def _off_options(scores: ChoiceScores, mass: float, min_mass: float) -> ErrorInfo:
+    wanted = ", ".join(f"{t.token!r} {math.exp(t.logprob):.1%}" for t in scores.top) or "unknown"
+    options = "/".join(JUDGE_OPTIONS)
+    if set(JUDGE_OPTIONS) <= set(scores.bounded):
+        said = f"none of the options {options} is among the tokens the backend returned"
+    else:
+        bound = f" at most (bounded: {', '.join(scores.bounded)})" if scores.bounded else ""
+        said = (f"the judge put{bound} {mass:.1%} of its probability on the options {options}, "
+                f"below min_option_mass {min_mass:.0%}")
+    return ErrorInfo(code=ErrorCode.OFF_OPTIONS, message=f"{said}; its top tokens: {wanted}")
 
 
 def _order(index: int, **fields) -> JudgeOrder:
@@ -173,8 +203,9 @@ def _logprob_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeCon
     scores = _score(engine, [chat for _, _, chat in requests])
     out: dict[tuple[int, int], JudgeOrder] = {}
     for (i, o, _), s in zip(requests, scores):
-        p, err = option_probability(s)
-        out[i, o] = _order(o, logprobs=s.logprobs, p_first=p, error=err)
+        p, mass, err = read_options(s, config.min_option_mass)
+        out[i, o] = _order(o, logprobs=s.logprobs, option_mass=mass, bounded=s.bounded,
+                           p_first=p, error=err)
     return out
 
 
@@ -190,10 +221,10 @@ def _cot_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig)
             scored.append((i, o, c, cot_verdict_chat(chat, c.text)))
     low, high = config.clamp
     for (i, o, c, _), s in zip(scored, _score(engine, [chat for *_, chat in scored])):
-        p, err = option_probability(s)
+        p, mass, err = read_options(s, config.min_option_mass)
         p = None if p is None else min(max(p, low), high)
-        out[i, o] = _order(o, logprobs=s.logprobs, p_first=p, raw=c.text,
-                           finish_reason=c.finish_reason, error=err)
+        out[i, o] = _order(o, logprobs=s.logprobs, option_mass=mass, bounded=s.bounded, p_first=p,
+                           raw=c.text, finish_reason=c.finish_reason, error=err)
     return out
 
 

@@ -72,7 +72,9 @@ def revision_chat(prompt: Chat, answer: str, principle: Principle, critique: str
 # two options, each in a quoted block. The verdict is read only from the judge's
 # own reply: the scored option tokens after JUDGE_ANSWER_PREFIX (logprob, cot) or
 # its JSON object (structured). With SmolLM2's tokenizer the prefix ends in " ("
-# and the options "A" / "B" are one token each.
+# and the options "A" / "B" are one token each; a tokenizer that merges "(" with the
+# letter is scored on its own merged tokens (cai.engine.tokens.plan_options), never
+# on a stand-in token.
 #
 # Injection safety: every quoted block (conversation turns, options) is wrapped in
 # <<<BEGIN tag>>> ... <<<END tag>>> lines whose tag is a hash of all the quoted

@@ -8,7 +8,7 @@ import select
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def ok_body(text: str, finish: str = "stop", logprobs=None) -> dict:
+def ok_body(text: str, finish: str = "stop", logprobs=None, prompt_tokens: int = 5) -> dict:
     return {
         "id": "cmpl-1",
         "object": "chat.completion",
@@ -22,8 +22,17 @@ def ok_body(text: str, finish: str = "stop", logprobs=None) -> dict:
                 "logprobs": logprobs,
             }
         ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3},
     }
+
+
+def chat_prompt_tokens(body: dict, honours_continuation: bool = True) -> int:
+    """Prompt tokens as a vLLM server would count them: one per message, plus an end-of-turn
+    after the last one unless it is continued (`continue_final_message`, honoured only when
+    `honours_continuation`), plus a new assistant header unless `add_generation_prompt` is false."""
+    if honours_continuation and body.get("continue_final_message") is True:
+        return len(body["messages"])
+    return len(body["messages"]) + (1 if body.get("add_generation_prompt") is False else 2)
 
 
 def error_body(message: str) -> dict:

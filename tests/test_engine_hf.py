@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cai.engine import available_backends, make_engine  # noqa: E402
+from cai.engine.base import TOP_ALTERNATIVES  # noqa: E402
 from cai.engine.hf import TransformersEngine, encode, render_prompt  # noqa: E402
 from cai.engine.models import model_revision, resolve_model  # noqa: E402
 from cai.records import ErrorCode, Message, SamplingParams  # noqa: E402
@@ -189,6 +191,16 @@ def test_choice_logprobs_normalise_over_the_vocabulary(tiny):
     assert all(v <= 0 for v in scores.logprobs.values())
 
 
+def test_choice_logprobs_report_the_top_tokens_of_the_full_distribution(tiny):
+    [scores] = tiny.choice_logprobs([chat("hi")], ["A", "B"], prefix="The answer is")
+    ids = encode(tiny.tokenizer, render_prompt(tiny.tokenizer, chat("hi"), "The answer is"))
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    best = logp.topk(TOP_ALTERNATIVES)
+    assert [t.token for t in scores.top] == [tiny.tokenizer.decode([i]) for i in best.indices.tolist()]
+    assert [t.logprob for t in scores.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
 def test_model_revision_and_resolve(tiny_dir, tmp_path):
     rev = model_revision(tiny_dir)
     assert rev == model_revision(tiny_dir) and len(rev) == 12
@@ -240,6 +252,21 @@ def test_real_transformers_engine(real_hf):
 
 
 @pytest.mark.real_model
+def test_real_judge_options_follow_the_whole_prefix_and_get_most_of_the_mass(real_hf):
+    from cai.engine.tokens import plan_options
+    from cai.prompts import JUDGE_ANSWER_PREFIX
+
+    tok = real_hf.tokenizer
+    plan = plan_options(tok, JUDGE_CHATS[0], JUDGE_OPTIONS, JUDGE_ANSWER_PREFIX)
+    assert plan.single_token  # SmolLM2: " (" then "A" / "B", no merge across the prefix
+    assert plan.context == encode(tok, render_prompt(tok, JUDGE_CHATS[0], JUDGE_ANSWER_PREFIX))
+    scores = real_hf.choice_logprobs(JUDGE_CHATS, JUDGE_OPTIONS, prefix=JUDGE_ANSWER_PREFIX)
+    for s in scores:
+        mass = sum(math.exp(v) for v in s.logprobs.values())
+        assert mass > 0.5 and s.top[0].token in JUDGE_OPTIONS
+
+
+@pytest.mark.real_model
 def test_real_vllm_matches_transformers(real_hf):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
@@ -258,5 +285,6 @@ def test_real_vllm_matches_transformers(real_hf):
             for vs, hs in zip(v, h):
                 for option in options:
                     assert vs.logprobs[option] == pytest.approx(hs.logprobs[option], abs=0.05)
+                assert vs.top[0].token == hs.top[0].token
     finally:
         engine.close()

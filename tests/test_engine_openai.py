@@ -7,8 +7,9 @@ from email.utils import formatdate
 
 import pytest
 
-from fakeserver import FakeServer, error_body, ok_body
+from fakeserver import FakeServer, chat_prompt_tokens, error_body, ok_body
 
+from cai.engine.base import EngineCapabilityError
 from cai.engine.openai_engine import OpenAIEngine, retry_after_seconds
 from cai.records import ErrorCode, Message, SamplingParams
 
@@ -169,39 +170,79 @@ def test_request_fields_and_per_request_seed():
     assert all(c["stop"] == ["\n"] and c["temperature"] == 0.7 for c in server.calls)
 
 
-def _logprob_body(top: list[tuple[str, float]]) -> dict:
+def _logprob_body(top: list[tuple[str, float]], prompt_tokens: int = 5) -> dict:
     entries = [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]
     content = [{"token": top[0][0], "logprob": top[0][1], "bytes": None, "top_logprobs": entries}]
-    return ok_body(top[0][0], finish="length", logprobs={"content": content})
+    return ok_body(top[0][0], finish="length", logprobs={"content": content}, prompt_tokens=prompt_tokens)
+
+
+def vllm_like(top: list[tuple[str, float]], honours_continuation: bool = True):
+    """A script answering `top` with the prompt tokens a vLLM server would count."""
+    def script(body, n):
+        return 200, {}, _logprob_body(top, chat_prompt_tokens(body, honours_continuation)), 0
+    return script
 
 
 def test_choice_logprobs_reads_top_logprobs_and_sends_prefix():
-    def script(body, n):
-        return 200, {}, _logprob_body([("A", -0.2), ("B", -1.9), ("C", -4.0)]), 0
-
-    with FakeServer(script) as server:
+    with FakeServer(vllm_like([("A", -0.2), ("B", -1.9), ("C", -4.0)])) as server:
         engine, _ = make(server)
         [scores] = engine.choice_logprobs([chat("q")], ["A", "B"], prefix="The answer is (")
-    assert scores.error is None
+        assert len(server.calls) == 3  # the continuation check (2 requests), then the batch
+        engine.choice_logprobs([chat("q")], ["A", "B"], prefix="The answer is (")
+        assert len(server.calls) == 4  # checked once per engine
+    assert scores.error is None and scores.bounded == []
     assert scores.logprobs == pytest.approx({"A": -0.2, "B": -1.9})
-    body = server.calls[0]
+    assert [t.token for t in scores.top] == ["A", "B", "C"]
+    body = server.calls[-1]
     assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["messages"][-1] == {"role": "assistant", "content": "The answer is ("}
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
 
 
-def test_choice_logprobs_missing_option_and_missing_logprobs():
+def test_choice_logprobs_bounds_a_missing_option_and_reports_missing_logprobs():
     def script(body, n):
         if last_user(body) == "none":
             return 200, {}, ok_body("A", finish="length"), 0
-        return 200, {}, _logprob_body([("A", -0.1), ("Z", -3.0)]), 0
+        return 200, {}, _logprob_body([("Z", -3.0), ("A", -0.1)]), 0
 
     with FakeServer(script) as server:
         engine, _ = make(server)
         missing, none = engine.choice_logprobs([chat("q"), chat("none")], ["A", "B"])
-    assert missing.error.code == ErrorCode.NO_LOGPROBS and "'Z'" in missing.error.raw
+    # B is not among the returned tokens: at most as likely as the least likely returned one
+    assert missing.error is None and missing.bounded == ["B"]
+    assert missing.logprobs == pytest.approx({"A": -0.1, "B": -3.0})
+    assert [(t.token, t.logprob) for t in missing.top] == [("A", -0.1), ("Z", -3.0)]
     assert none.error.code == ErrorCode.NO_LOGPROBS
     assert "continue_final_message" not in server.calls[0]
+
+
+def test_server_that_ignores_continue_final_message_is_one_clear_error():
+    script = vllm_like([("The", -0.1), ("A", -5.0)], honours_continuation=False)
+    with FakeServer(script) as server:
+        engine, _ = make(server)
+        with pytest.raises(EngineCapabilityError, match="ignores continue_final_message") as info:
+            engine.choice_logprobs([chat("q")] * 4, ["A", "B"], prefix="The answer is: (")
+        assert len(server.calls) == 2  # the check only: no batch of rows scored after a new turn
+        assert server.url in str(info.value) and "--mode structured" in str(info.value)
+        unchecked, _ = make(server, verify_continuation=False)
+        [scores] = unchecked.choice_logprobs([chat("q")], ["A", "B"], prefix="The answer is: (")
+    assert scores.error is None and scores.bounded == ["B"]
+
+
+def test_continuation_check_without_usage_is_retried_later():
+    answers = iter([0, 0])  # the first check gets no usage counts: unknown, not an error
+
+    def script(body, n):
+        counted = next(answers, None)
+        tokens = chat_prompt_tokens(body) if counted is None else counted
+        return 200, {}, _logprob_body([("A", -0.1), ("B", -2.0)], tokens), 0
+
+    with FakeServer(script) as server:
+        engine, _ = make(server)
+        engine.choice_logprobs([chat("q")], ["A", "B"], prefix="(")
+        assert not engine.continuation_verified
+        engine.choice_logprobs([chat("q")], ["A", "B"], prefix="(")
+        assert engine.continuation_verified
 
 
 def test_generate_inside_a_running_event_loop():

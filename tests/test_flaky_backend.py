@@ -135,3 +135,28 @@ def test_ctrl_c_stops_the_cli_after_its_batch_with_cancelled_rows_then_rerun_com
     rows = [json.loads(line) for s in sorted(shards.glob("*.jsonl")) for line in s.open()]
     assert len(rows) == len({r["id"] for r in rows}) == 6 and not any(r["error"] for r in rows)
     assert len((tmp_path / "job" / "sft.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_judge_server_that_ignores_continue_final_message_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    from fakeserver import chat_prompt_tokens
+
+    def script(body, n):
+        if body.get("logprobs"):  # the judge: a server that renders a new assistant turn after the prefix
+            content = [{"token": "A", "logprob": -0.1, "bytes": None,
+                        "top_logprobs": [{"token": "A", "logprob": -0.1, "bytes": None}]}]
+            return 200, {}, ok_body("A", finish="length", logprobs={"content": content},
+                                    prompt_tokens=chat_prompt_tokens(body, honours_continuation=False)), 0
+        return 200, {}, ok_body(f"answer {n}"), 0
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "question"}) + "\n")
+    with FakeServer(script) as server:
+        args = [sys.executable, "-m", "cai", "generate", "prefs", "--engine", "openai", "--policy", "m",
+                "--engine-option", f"base_url={server.url}", "--engine-option", "api_key=k",
+                "--prompts", str(prompts), "--out", str(tmp_path / "job")]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "continue_final_message" in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cai.engine.base import ChoiceScores
+from cai.engine.base import ChoiceScores, TokenLogprob
 from cai.engine.fake import FakeEngine
 from cai.judge import JudgeConfig, JudgeItem, baseline_judge, judge_pairs, parse_verdict
 from cai.prompts import JUDGE_ANSWER_PREFIX, cot_verdict_chat, judge_chat, neutralise, quote_tag
@@ -70,9 +70,63 @@ def test_one_order_is_not_called_consistent():
 
 
 def test_unnormalised_logprobs_are_normalised_over_the_options():
-    engine = FakeEngine(chooser=lambda c, o, p: {"A": -3.0, "B": -3.0 - math.log(3)})
+    engine = FakeEngine(chooser=lambda c, o, p: {"A": math.log(0.6), "B": math.log(0.2)})
     [j] = judge_pairs(engine, [item()], JudgeConfig(orders=1))
+    assert j.p_a == pytest.approx(0.75) and j.orders[0].option_mass == pytest.approx(0.8)
+    engine = FakeEngine(chooser=lambda c, o, p: {"A": -3.0, "B": -3.0 - math.log(3)})
+    [j] = judge_pairs(engine, [item()], JudgeConfig(orders=1, min_option_mass=0))  # check off
     assert j.p_a == pytest.approx(0.75)
+
+
+# ---- option mass: the judge is honest about what it measured ------------------------------
+
+ELSEWHERE = ChoiceScores(
+    logprobs={"A": math.log(0.02), "B": math.log(0.01)},
+    top=[TokenLogprob(token=" I", logprob=math.log(0.9)), TokenLogprob(token="A", logprob=math.log(0.02))],
+)
+
+
+def test_low_option_mass_is_an_off_options_error_naming_what_the_judge_wanted():
+    engine = FakeEngine(chooser=lambda c, o, p: ELSEWHERE)
+    [j] = judge_pairs(engine, [item()])
+    assert JudgeConfig().min_option_mass == 0.5
+    assert not j.ok and j.p_a is None and j.error.code == ErrorCode.OFF_OPTIONS
+    assert ErrorCode.OFF_OPTIONS.value == "off_options"
+    assert "3.0%" in j.error.message and "' I' 90.0%" in j.error.message
+    assert all(o.option_mass == pytest.approx(0.03) and o.p_first is None for o in j.orders)
+    assert engine.batches == []  # not re-judged in another mode
+
+
+def test_min_option_mass_is_configurable_and_recorded_on_good_orders():
+    engine = FakeEngine(chooser=lambda c, o, p: ELSEWHERE)
+    [j] = judge_pairs(engine, [item()], JudgeConfig(min_option_mass=0.01))
+    assert j.ok and j.p_a == pytest.approx(0.5)  # 2/3 one way, 2/3 the other
+    [j] = judge_pairs(FakeEngine(chooser=prefers_good), [item()])
+    assert [o.option_mass for o in j.orders] == [pytest.approx(1.0), pytest.approx(1.0)]
+    with pytest.raises(ValueError):
+        JudgeConfig(min_option_mass=1.5)
+
+
+def test_cot_checks_the_option_mass_too():
+    engine = FakeEngine(responder=lambda c, p: "reasoning", chooser=lambda c, o, p: ELSEWHERE)
+    [j] = judge_pairs(engine, [item()], JudgeConfig(mode="cot"))
+    assert j.error.code == ErrorCode.OFF_OPTIONS and j.orders[0].raw == "reasoning"
+
+
+def test_bounded_option_keeps_the_label_and_says_so():
+    bounded = ChoiceScores(logprobs={"A": math.log(0.7), "B": math.log(0.01)}, bounded=["B"])
+    engine = FakeEngine(chooser=lambda c, o, p: bounded)
+    [j] = judge_pairs(engine, [item()], JudgeConfig(orders=1))
+    assert j.ok and j.orders[0].bounded == ["B"] and j.p_a == pytest.approx(0.7 / 0.71)
+    assert engine.batches == []  # a missing option is not a reason to re-judge in structured mode
+
+
+def test_no_option_returned_at_all_is_off_options_even_without_a_threshold():
+    nothing = ChoiceScores(logprobs={"A": -6.0, "B": -6.0}, bounded=["A", "B"],
+                           top=[TokenLogprob(token="Sure", logprob=-0.1)])
+    engine = FakeEngine(chooser=lambda c, o, p: nothing)
+    [j] = judge_pairs(engine, [item()], JudgeConfig(orders=1, min_option_mass=0))
+    assert j.error.code == ErrorCode.OFF_OPTIONS and "'Sure'" in j.error.message
 
 
 def test_a_failed_order_is_an_error_row_not_a_guess():

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from cai.constitution import ConstitutionError
+from cai.engine.base import EngineCapabilityError
 from cai.interrupt import sigint_handler
 from cai.pipeline import EngineDown, JobCancelled
 from cai.recipe import EngineSpec
@@ -64,10 +65,13 @@ def engine_spec(backend: str, model: str | None, options: list[str] | None) -> E
 
 @contextmanager
 def fail_on_user_error() -> Iterator[None]:
-    """Turn errors caused by input into a one-line message and exit code 2, without a traceback."""
+    """Turn errors caused by input or by an engine unable to do what was asked (an old vLLM, a server
+    that ignores `continue_final_message`, a tokenizer that cannot spell an option) into a one-line
+    message and exit code 2, without a traceback."""
     try:
         yield
-    except (ConstitutionError, SourceError, JobError, FileNotFoundError, ValidationError, ValueError) as exc:
+    except (ConstitutionError, SourceError, JobError, EngineCapabilityError, FileNotFoundError, ValidationError,
+            ValueError) as exc:
         if os.environ.get("CAI_DEBUG"):
             raise
         err_console.print(f"[red]error:[/] {exc}  (CAI_DEBUG=1 shows the traceback)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from cai.engine.base import ChoiceScores, Engine
+from cai.engine.base import ChoiceScores, Engine, EngineCapabilityError
 from cai.engine.models import EMBEDDED_MODEL, resolve_model
 
 BACKENDS = ("auto", "vllm", "transformers", "openai")
@@ -18,6 +18,7 @@ __all__ = [
     "ChoiceScores",
     "EMBEDDED_MODEL",
     "Engine",
+    "EngineCapabilityError",
     "available_backends",
     "make_engine",
     "resolve_backend",

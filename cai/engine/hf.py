@@ -1,8 +1,7 @@
 """Local transformers backend: the embedded default on a CPU machine.
 
-Prompts are rendered with the tokenizer's chat template and tokenized with
-`add_special_tokens=False` (templates already carry BOS where the model wants
-one), so every backend sees the same token ids. Requests are sorted by length
+Prompts are rendered and tokenized as in `cai.engine.tokens` (shared with the
+vLLM backend, so both see the same token ids). Requests are sorted by length
 and run in left-padded sub-batches of `max_batch_size`.
 """
 
@@ -12,8 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from cai.engine.base import ChoiceScores
+from cai.engine.base import TOP_ALTERNATIVES, ChoiceScores, TokenLogprob
 from cai.engine.models import model_display_id, model_revision, resolve_model
+from cai.engine.tokens import encode, plan_or_error, render_prompt
 from cai.records import (
     Chat,
     Completion,
@@ -23,38 +23,10 @@ from cai.records import (
     SamplingParams,
 )
 
-
-# ---- tokenization shared with the vLLM backend -------------------------------------
-
-
-def render_prompt(tokenizer, chat: Chat) -> str:
-    """The chat as the model sees it, ending with the assistant header."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; cai needs a chat model")
-    messages = [m.model_dump() for m in chat]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+__all__ = ["TransformersEngine", "encode", "render_prompt"]
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def option_token_ids(tokenizer, prompt_text: str, prompt_ids: list[int], option: str) -> list[int]:
-    """Token ids of `option` as a continuation of `prompt_text`.
-
-    The whole string is tokenized and the ids after the prompt's own ids are the
-    option's, so a leading space merges the way the model would produce it. When
-    the tokenizer merges across the boundary (the prompt's last token changes),
-    the option is tokenized on its own and appended to the prompt's ids instead:
-    that is exactly what a generation from `prompt_ids` would have to emit.
-    """
-    if not option:
-        raise ValueError("options must be non-empty strings")
-    full = encode(tokenizer, prompt_text + option)
-    n = len(prompt_ids)
-    if len(full) > n and full[:n] == prompt_ids:
-        return full[n:]
-    return encode(tokenizer, option)
+# ---- helpers shared with the vLLM backend -------------------------------------------
 
 
 def derive_seed(seed: int | None, index: int) -> int | None:
@@ -216,25 +188,13 @@ class TransformersEngine:
         self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
     ) -> list[ChoiceScores]:
         """log P(option | chat, prefix) summed over the option's tokens, exactly:
-        every (chat, option) sequence is scored by one left-padded forward pass."""
+        every (chat, option) sequence is scored by one left-padded forward pass.
+        Token boundaries: see `plan_options`. `top` comes from the full distribution
+        at the first option position."""
         results: list[ChoiceScores | None] = [None] * len(chats)
-        rows: dict[int, list[int]] = {}
-        spans: dict[int, tuple[int, str, int]] = {}  # row -> (chat index, option, n option tokens)
-        for i, chat in enumerate(chats):
-            try:
-                seqs = self._option_rows(chat, options, prefix)
-            except Exception as exc:
-                err = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=f"cannot render chat: {exc}")
-                results[i] = ChoiceScores(error=err)
-                continue
-            longest = max(len(s) for _, s, _ in seqs)
-            if longest > self.max_model_len:
-                results[i] = ChoiceScores(error=context_error(longest, self.max_model_len))
-                continue
-            for option, seq, n_opt in seqs:
-                rows[len(rows)] = seq
-                spans[len(spans)] = (i, option, n_opt)
+        rows, spans = self._choice_rows(chats, options, prefix, results)
         scores: dict[int, dict[str, float]] = {}
+        tops: dict[int, list[TokenLogprob]] = {}
         for batch in self._sub_batches(rows):
             try:
                 values = self._score_batch([rows[r] for r in batch], [spans[r][2] for r in batch])
@@ -243,25 +203,40 @@ class TransformersEngine:
                 for r in batch:
                     results[spans[r][0]] = ChoiceScores(error=err)
                 continue
-            for r, value in zip(batch, values):
+            for r, (value, top) in zip(batch, values):
                 chat_i, option, _ = spans[r]
                 scores.setdefault(chat_i, {})[option] = value
+                tops.setdefault(chat_i, self._top_tokens(top))
         for i, logprobs in scores.items():
             if results[i] is None:
-                results[i] = ChoiceScores(logprobs={o: logprobs[o] for o in options})
+                results[i] = ChoiceScores(logprobs={o: logprobs[o] for o in options}, top=tops[i])
         return results  # type: ignore[return-value]
 
-    def _option_rows(self, chat: Chat, options: Sequence[str], prefix: str):
-        prompt_text = render_prompt(self.tokenizer, chat) + prefix
-        prompt_ids = encode(self.tokenizer, prompt_text)
-        out = []
-        for option in options:
-            opt = option_token_ids(self.tokenizer, prompt_text, prompt_ids, option)
-            out.append((option, prompt_ids + opt, len(opt)))
-        return out
+    def _choice_rows(self, chats, options, prefix, results):
+        """Token rows to score, and per row (chat index, option, n option tokens);
+        chats that cannot be scored get their error in `results`."""
+        rows: dict[int, list[int]] = {}
+        spans: dict[int, tuple[int, str, int]] = {}
+        for i, chat in enumerate(chats):
+            plan = plan_or_error(self.tokenizer, chat, options, prefix)
+            if isinstance(plan, ErrorInfo):
+                results[i] = ChoiceScores(error=plan)
+                continue
+            longest = max(len(seq) for _, seq, _ in plan.rows())
+            if longest > self.max_model_len:
+                results[i] = ChoiceScores(error=context_error(longest, self.max_model_len))
+                continue
+            for option, seq, n_opt in plan.rows():
+                rows[len(rows)] = seq
+                spans[len(spans)] = (i, option, n_opt)
+        return rows, spans
+
+    def _top_tokens(self, top: list[tuple[int, float]]) -> list[TokenLogprob]:
+        return [TokenLogprob(token=self.tokenizer.decode([t]), logprob=v) for t, v in top]
 
     @torch.inference_mode()
-    def _score_batch(self, rows: list[list[int]], n_option: list[int]) -> list[float]:
+    def _score_batch(self, rows: list[list[int]], n_option: list[int]):
+        """Per row: (summed log-prob of its last n tokens, top tokens before the first of them)."""
         enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
@@ -272,12 +247,14 @@ class TransformersEngine:
             input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
         ).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
-        values = []
+        out = []
         for b, n in enumerate(n_option):
             targets = ids[b, -n:]
             steps = logp[b, keep - n - 1 : keep - 1]
-            values.append(float(steps.gather(-1, targets[:, None]).sum()))
-        return values
+            best = steps[0].topk(min(TOP_ALTERNATIVES, steps.shape[-1]))
+            top = list(zip(best.indices.tolist(), best.values.tolist()))
+            out.append((float(steps.gather(-1, targets[:, None]).sum()), top))
+        return out
 
     def close(self) -> None:
         self.hf_model = None

