@@ -93,6 +93,7 @@ def run_batches(
     dedupe_key: Callable[[T], str] | None = None,
     cancelled: CancelledRows | None = None,
     redo: Collection[str] = (ErrorCode.CANCELLED.value,),
+    engine_down: Callable[[Sequence[JobRecord]], bool] | None = None,
 ) -> BatchRun:
     """Stream items in batches, skip ids already in the store, process, append one shard per batch.
 
@@ -118,8 +119,7 @@ def run_batches(
         t0 = time.perf_counter()
         records = process(batch)
         run.generation_seconds += time.perf_counter() - t0
-        codes = {r.error.code if r.error else None for r in records}
-        if codes == {ErrorCode.BACKEND_UNAVAILABLE}:
+        if (engine_down or _all_backend_unavailable)(records):
             raise EngineDown(f"every request of a batch failed: {records[0].error.message}")
         store.append(stage, records)
         run.done_now += len(records)
@@ -127,6 +127,10 @@ def run_batches(
         if progress:
             progress("done", len(records))
     return run
+
+
+def _all_backend_unavailable(records: Sequence[JobRecord]) -> bool:
+    return {r.error.code if r.error else None for r in records} == {ErrorCode.BACKEND_UNAVAILABLE}
 
 
 def _cancel_rest(

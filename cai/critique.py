@@ -101,7 +101,8 @@ def _run_step(
             )
         )
         traj.error = step_error(completion)
-        if kind == "critique" and traj.error is not None and traj.error.code == ErrorCode.TRUNCATED:
+        if kind == "critique" and traj.error is not None and traj.error.code == ErrorCode.TRUNCATED and \
+                completion.text.strip():
             traj.error = None  # context for the revision, not a result: see the module docstring
 
 

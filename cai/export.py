@@ -24,7 +24,7 @@ from cai.preferences import (
     keep_for_export,
     preference_row,
 )
-from cai.records import PreferenceRecord, SFTRecord
+from cai.records import ErrorCode, PreferenceRecord, SFTRecord
 from cai.store import JobStore, atomic_write_lines, atomic_write_text
 
 
@@ -76,7 +76,7 @@ def _count_outcomes(record: SFTRecord, outcomes: dict[str, PrincipleOutcomes]) -
     for step in record.trajectory:
         if step.kind == "critique" and step.finish_reason == "length" and step.principle_id:
             outcomes.setdefault(step.principle_id, PrincipleOutcomes()).truncated_critiques += 1
-    if record.error is not None and record.error.code.value == "cancelled":
+    if record.error is not None and record.error.code == ErrorCode.CANCELLED:
         return
     ids = record.lineage.principle_ids
     for pid in set(ids if record.error is None else ids[-1:]):  # an error row: the round it ended in

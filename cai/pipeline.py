@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -256,8 +256,11 @@ class PrefsEngines:
             engine.close()
 
     def close(self) -> None:
-        for role in list(self.built):
-            self.release(role)
+        """Close every engine built here (the policy that also judged included)."""
+        while self.built:
+            engine = self.built.popitem()[1]
+            if self.owned:
+                engine.close()
 
 
 def generate_prefs(
@@ -292,7 +295,8 @@ def generate_prefs(
 
             rows = lambda: (SampledAnswers.model_validate(r) for r in store.read("samples"))  # noqa: E731
             judged = run_batches(store, "prefs", rows, lambda r: r.id, judge, job.batch_size, progress,
-                                 lambda: engines.get("judge"), _prefs_row_key, stop, None, cancelled, redo_codes)
+                                 setup=lambda: engines.get("judge"), row_key=_prefs_row_key, stop=stop,
+                                 cancelled=cancelled, redo=redo_codes, engine_down=_judge_down)
         finally:
             engines.close()
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
@@ -327,6 +331,12 @@ def _sample_pass(job: PrefsJob, store: JobStore, engines: PrefsEngines, on_step,
                                "prompts not judged yet were written as `cancelled` error rows; rerun the job to "
                                "resume", exc.done, rest.written) from None
         raise
+
+
+def _judge_down(records: Sequence[PreferenceRecord]) -> bool:
+    """The judge failed for the backend on every pair it saw (rows passed on from a failed sample don't count)."""
+    judged = [r for r in records if r.comparisons]
+    return bool(judged) and all(r.error is not None and r.error.code == ErrorCode.BACKEND_UNAVAILABLE for r in judged)
 
 
 def _as_source(item: SourcePrompt | SampledAnswers) -> SourcePrompt:

@@ -318,10 +318,6 @@ class PreferenceStats(BaseModel):
     chosen_longer: float | None = None
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def _exclusion(record: PreferenceRecord, min_confidence: float, require_consistent: bool) -> str | None:
     """Why a judged, error-free record is left out of the export, or None."""
     j = record.judgement

@@ -130,7 +130,8 @@ class PrefsJob(BaseModel):
         """A CoT judge's labels are clamped: a confidence floor at or above the clamp's ceiling exports nothing."""
         if self.phase2.judge.mode == "cot":
             low, high = self.phase2.judge.clamp
-            ceiling = high - low  # both orders at the clamp's edges, averaged
+            # two orders average p_first and 1 - p_first: the clamp's edges give confidence high - low
+            ceiling = high - low if self.phase2.judge.orders == 2 else max(2 * high - 1, 1 - 2 * low)
             if self.min_confidence >= ceiling - 1e-9:
                 raise ValueError(
                     f"min_confidence {self.min_confidence} excludes every CoT pair: the clamp {list(self.phase2.judge.clamp)}"

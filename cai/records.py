@@ -257,6 +257,10 @@ class PreferenceLineage(Lineage):
     judge_config: dict = Field(default_factory=dict)
 
 
+HUMAN_LABELS = ("agree", "flip")  # review labels that decide a pair (cai serve); "discard" drops it
+HUMAN_SCORE = 1.0  # score and margin of a human-reviewed pair: a human decision is a confident label
+
+
 class PreferenceRecord(BaseModel):
     """Phase-2 result: K sampled answers for one prompt and the emitted preference pair.
 

@@ -123,17 +123,12 @@ def split_prompts(recipe: RunRecipe, run_dir: Path) -> dict[str, Any]:
     taken: dict[str, dict[str, set[int]]] = {name: {} for name in phases}
     for spec in dict.fromkeys(recipe.phase1.prompts + recipe.phase2.prompts):
         size = sum(1 for _ in read_prompts(spec))
-        order = list(range(size))
-        random.Random(f"{recipe.split_seed}:{spec}").shuffle(order)
+        counts = _split_counts(recipe, spec, size)
+        picked = random.Random(f"{recipe.split_seed}:{spec}").sample(range(size), sum(counts.values()))
         start = 0
-        for name, stage in phases.items():
-            if spec in stage.prompts:
-                count = size - start if stage.limit is None else stage.limit
-                if start + count > size:
-                    raise ValueError(f"recipe {recipe.name}: {name} asks for {count} prompts of {spec} after "
-                                     f"{start} went to phase 1, but it has {size}; lower the limits")
-                taken[name][spec] = set(order[start:start + count])
-                start += count
+        for name, count in counts.items():
+            taken[name][spec] = set(picked[start:start + count])
+            start += count
     for name in phases:
         path = run_dir / f"prompts-{name}.jsonl"
         if not path.exists():
@@ -145,6 +140,22 @@ def split_prompts(recipe: RunRecipe, run_dir: Path) -> dict[str, Any]:
     return {"seed": recipe.split_seed, **{name: {spec: len(ids) for spec, ids in taken[name].items()}
                                           for name in phases},
             "eval": "the eval sets minus every phase-1 and phase-2 prompt (cai eval policy --exclude)"}
+
+
+def _split_counts(recipe: RunRecipe, spec: str, size: int) -> dict[str, int]:
+    """How many prompts of `spec` each phase takes; refuses overlap, an empty phase or too few prompts."""
+    users = {name: stage for name, stage in (("phase1", recipe.phase1), ("phase2", recipe.phase2))
+             if spec in stage.prompts}
+    if len(users) == 2 and recipe.phase1.limit is None:
+        raise ValueError(f"recipe {recipe.name}: phase 1 and phase 2 both read {spec} and phase1.limit is unset, "
+                         "so phase 1 would take every prompt and leave phase 2 none; set phase1.limit")
+    counts = {name: stage.limit or size for name, stage in users.items()}
+    if len(users) == 2 and recipe.phase2.limit is None:
+        counts["phase2"] = size - counts["phase1"]
+    if sum(counts.values()) > size or 0 in counts.values():
+        raise ValueError(f"recipe {recipe.name}: {spec} has {size} prompts, but the phases ask for "
+                         f"{counts}; lower the limits (phase 1 and phase 2 never share a prompt)")
+    return counts
 
 
 def _group_flags(stage: DataStage) -> list[str]:

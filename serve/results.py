@@ -30,12 +30,10 @@ from typing import Any
 from cai.export import jsonl_to_parquet
 from cai.judge_eval import JudgedItem
 from cai.preferences import keep_for_export
-from cai.records import PreferenceRecord, SFTRecord
+from cai.records import HUMAN_LABELS, HUMAN_SCORE, PreferenceRecord, SFTRecord
 from cai.store import atomic_write_lines, atomic_write_text
 
 STAGES = {"sft": "sft", "prefs": "prefs"}
-HUMAN_LABELS = ("agree", "flip")  # reviews that decide a pair; "discard" drops it
-HUMAN_SCORE = 1.0  # score, margin and confidence of a reviewed pair: a human decision is a confident label
 JUDGE_VERDICT_KEYS = ("chosen_index", "rejected_index", "p_a", "p_a_orders", "first_shown", "confidence")
 EXPORTS = {
     "sft": ("sft.jsonl", "sft.parquet", "README.md", "manifest.json"),

@@ -178,3 +178,65 @@ def test_shipped_recipes_map_benign_prompts_away_from_the_harmlessness_constitut
         recipe = yaml.safe_load((ROOT / "cai" / "recipes" / f"{name}.yaml").read_text())
         assert recipe["phase1"]["constitutions"], name
         assert set(recipe["phase2"]["constitutions"].values()) == {"helpful"}, name
+
+
+def test_a_batch_of_rows_passed_on_from_failed_samples_is_not_a_dead_judge(tmp_path):
+    from cai.pipeline import JobCancelled
+    from cai.records import ErrorCode, ErrorInfo
+
+    def flaky_policy():
+        good = alternating_sampler()
+
+        def respond(chat, params):
+            if chat[-1].content == "q0":
+                down = ErrorInfo(code=ErrorCode.BACKEND_UNAVAILABLE, message="503")
+                return Completion(finish_reason="error", error=down)
+            return good(chat, params)
+        return respond
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(2)))
+    make = lambda size: PrefsJob(constitution=HARMLESS, prompts=str(prompts),  # noqa: E731
+                                 out=str(tmp_path / "job"), batch_size=size)
+    engine = FakeEngine(flaky_policy(), chooser=judge_preferring("good"))
+    with pytest.raises(JobCancelled):  # both prompts sampled in one batch, then stopped before judging
+        generate_prefs(make(2), policy_engine=engine, judge_engine=engine, stop=lambda: bool(engine.batches))
+    again = FakeEngine(flaky_policy(), chooser=judge_preferring("good"))
+    summary = generate_prefs(make(1), policy_engine=again, judge_engine=again)  # q0 alone in a judge batch
+    assert summary.stats.errors == {"backend_unavailable": 1} and summary.stats.exported == 1
+
+
+def test_a_policy_engine_that_also_judges_is_built_once_and_closed(tmp_path):
+    from cai.pipeline import PrefsEngines
+
+    log: list[str] = []
+    job = PrefsJob(constitution=HARMLESS, out=str(tmp_path), policy={"model": "one-model"})
+    engines = PrefsEngines(job, build=lambda spec: LoggedEngine(spec.model, log))
+    assert engines.get("policy") is engines.get("judge")
+    engines.release("policy")
+    engines.close()
+    assert log == ["start one-model"]  # a caller's build keeps its engines
+    owned = PrefsEngines(job)
+    owned.built["policy"] = LoggedEngine("one-model", log)
+    owned.release("policy")
+    owned.close()
+    assert log[-1] == "close one-model"
+
+
+def test_judge_engine_options_alone_keep_the_policy_model_as_judge(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cai.cli.generate as generate
+    from cai.cli import app
+
+    seen = {}
+
+    def capture(job, stop):
+        seen["job"] = job
+        raise SystemExit(0)
+
+    monkeypatch.setattr(generate, "_run_with_progress", capture)
+    CliRunner().invoke(app, ["generate", "prefs", "--policy", "models/p", "--engine", "openai",
+                             "--judge-engine-option", "max_model_len=4096", "--out", str(tmp_path / "j")])
+    judge = seen["job"].judge
+    assert (judge.model, judge.backend, judge.options) == ("models/p", "openai", {"max_model_len": 4096})

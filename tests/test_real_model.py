@@ -62,7 +62,7 @@ def test_phase1_cli_on_embedded_model(tmp_path):
 
 
 def test_phase2_cli_with_a_policy_and_a_different_judge_model(tmp_path):
-    """Two model folders, two engines, one process: the policy engine is closed before the judge's starts."""
+    """Two model folders, two engines, one process (the closing order is tested in test_prompt_groups.py)."""
     import shutil
 
     from cai.engine.models import ensure_embedded_model

@@ -76,6 +76,9 @@ def test_phase1_phase2_prompts_are_disjoint_seeded_and_keep_their_group(tmp_path
     other.mkdir()
     runner.split_prompts(recipe.model_copy(update={"split_seed": 1}), other)
     assert (other / "prompts-phase2.jsonl").read_text() != (tmp_path / "prompts-phase2.jsonl").read_text()
+    unset = recipe.model_copy(update={"phase1": recipe.phase1.model_copy(update={"limit": None})})
+    with pytest.raises(ValueError, match="set phase1.limit"):
+        runner.split_prompts(unset, tmp_path / "x")
     with pytest.raises(ValueError, match="has 32"):
         runner.split_prompts(recipe.model_copy(update={"phase2": recipe.phase2.model_copy(update={"limit": 30})}),
                              tmp_path / "x")

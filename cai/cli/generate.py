@@ -40,16 +40,14 @@ console = Console()
 
 ConstitutionForOpt = Annotated[Optional[list[str]], typer.Option(
     "--constitution-for", help="GROUP=CONSTITUTION, repeatable: the constitution of one prompt group (a bundled "
-    "set's name, a file's name without suffix, or a row's `source` field), e.g. benign=helpful; other groups "
-    "use --constitution")]
+    "set's name, a file's name without suffix, or a JSONL row's `source` field), e.g. benign=helpful; other groups "
+    "use --constitution; phase 1 also takes GROUP=none (that group's answers kept unrevised)")]
 
 
 @app.command("sft")
 def sft(
     constitution: ConstitutionOpt = "harmless",
-    constitution_for: Annotated[Optional[list[str]], typer.Option(
-        "--constitution-for", help="GROUP=CONSTITUTION, repeatable: one prompt group's constitution, e.g. "
-        "benign=helpful, or GROUP=none to keep that group's answers unrevised; other groups use --constitution")] = None,
+    constitution_for: ConstitutionForOpt = None,
     prompts: Annotated[str, typer.Option(help="JSONL / HH-RLHF file, dataset folder, or bundled set: redteam, benign")] = "redteam",
     out: Annotated[Path, typer.Option(help="job directory (resumed if it exists)")] = Path("jobs/sft"),
     engine: EngineOpt = "auto",
@@ -130,7 +128,7 @@ def prefs(
         policy_spec = engine_spec(engine, policy, engine_option)
         judge_spec = None
         if judge is not None or judge_engine is not None or judge_engine_option:
-            judge_spec = engine_spec(judge_engine or engine, judge, judge_engine_option)
+            judge_spec = engine_spec(judge_engine or engine, judge or policy, judge_engine_option)
         job = PrefsJob(
             constitution=absolute_if_path(constitution), constitution_by_group=_by_group(constitution_for),
             prompts=absolute_if_path(prompts), out=str(out),

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from cai.engine.models import resolve_model  # noqa: E402
+from cai.records import HUMAN_LABELS, HUMAN_SCORE  # noqa: E402
 
 log = logging.getLogger("cai.train")
 
@@ -113,8 +114,6 @@ def heldout_split(ds: datasets.Dataset, fraction: float, seed: int):
 
 # ---- preference labels ------------------------------------------------------------
 
-HUMAN_LABELS = ("agree", "flip")  # cai serve reviews that decide a pair (see serve/results.py)
-HUMAN_SCORE = 1.0  # score and margin of a human-reviewed pair: a confident label
 
 
 def review_label(metadata: Any) -> str:
