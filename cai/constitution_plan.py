@@ -48,14 +48,18 @@ class ConstitutionPlan:
         return inputs
 
     def check_groups(self, seen: Iterable[str], where: str) -> None:
-        """Refuse a mapped group no prompt belongs to: a typo would silently apply the default."""
-        seen = set(seen)
-        unknown = sorted(set(self.groups) - seen)
-        if unknown:
-            raise PlanError(
-                f"{where}: group(s) {', '.join(unknown)} match no prompt; the prompts' groups are "
-                f"{', '.join(sorted(seen)) or 'none'} (a bundled set's name, a file's name without "
-                "suffix, or a row's `source` field)")
+        check_groups(self.groups, seen, where)
+
+
+def check_groups(mapped: Iterable[str], seen: Iterable[str], where: str) -> None:
+    """Refuse a mapped group no prompt belongs to: a typo would silently apply the default."""
+    seen = set(seen)
+    unknown = sorted(set(mapped) - seen)
+    if unknown:
+        raise PlanError(
+            f"{where}: group(s) {', '.join(unknown)} match no prompt; the prompts' groups are "
+            f"{', '.join(sorted(seen)) or 'none'} (a bundled set's name, a file's name without "
+            "suffix, or a row's `source` field)")
 
 
 def load_plan(default: str, by_group: Mapping[str, str], allow_unrevised: bool) -> ConstitutionPlan:

@@ -30,6 +30,8 @@ class InlinePrompt(Strict):
     """A conversation up to the turn to answer (it must end with a user turn)."""
 
     id: str | None = Field(None, max_length=200)
+    source: str | None = Field(None, min_length=1, max_length=100,
+                               description="the prompt's group, for `constitution_for` (e.g. redteam, benign)")
     messages: list[Message] = Field(min_length=1)
 
 
@@ -41,6 +43,11 @@ class JobRequest(Strict):
     constitution: str = Field("harmless", max_length=120,
                               description="NAME or NAME@VERSION of a constitution in the server's constitutions/")
     constitution_yaml: str | None = Field(None, description="an inline constitution (YAML text); overrides `constitution`")
+    constitution_for: dict[str, str] | None = Field(
+        None, max_length=16,
+        description="prompt group -> NAME or NAME@VERSION of the constitution for that group's prompts (a group is "
+                    "an inline prompt's `source`, a bundled set's name or a dataset's name without suffix); other "
+                    "groups use `constitution`. sft also takes `none`: that group's answers are kept unrevised")
     prompts: list[str | InlinePrompt] | None = Field(
         None, description="inline prompts: strings or {messages: [...]} conversations (sft, prefs)")
     dataset: str | None = Field(

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cai.constitution import ConstitutionError, LoadedConstitution, load_constitution
+from cai.constitution_plan import UNREVISED, PlanError, check_groups
 from cai.evaluate import read_eval_items
 from cai.judge_eval import EvalJob
 from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
@@ -162,6 +163,22 @@ def _constitution(req: JobRequest, settings, input_dir: Path) -> str:
     return str(path)
 
 
+def _constitution_for(req: JobRequest, settings) -> dict[str, str]:
+    """Each group's constitution as a path under the server's constitutions/ (or `none`, sft only)."""
+    out = {}
+    for group, spec in (req.constitution_for or {}).items():
+        if not 0 < len(group) <= 100:
+            raise Refused(422, "constitution_for: a group name has 1 to 100 characters")
+        if spec == UNREVISED:
+            if req.kind != "sft":
+                raise Refused(422, f"constitution_for.{group}: `none` (keep answers unrevised) is for sft jobs; "
+                                   "a prefs job judges every pair under a constitution")
+            out[group] = UNREVISED
+        else:
+            out[group] = str(find_constitution(settings.constitutions_dir, spec).ref.path)
+    return out
+
+
 def _prompts(req: JobRequest, settings, input_dir: Path) -> str:
     limits = settings.limits
     if (req.prompts is None) == (req.dataset is None):
@@ -210,7 +227,7 @@ def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
     _cap(req.batch_size, limits.max_batch_size, "batch_size")
     _cap(req.max_tokens, limits.max_tokens, "max_tokens")
     unused = {"sft": ("phase2", "judge", "judge_engine"), "prefs": ("phase1", "judge"),
-              "judge_eval": ("phase1", "phase2", "judge_engine", "max_tokens")}[req.kind]
+              "judge_eval": ("phase1", "phase2", "judge_engine", "max_tokens", "constitution_for")}[req.kind]
     given = [f for f in unused if getattr(req, f) is not None]
     if given:
         raise Refused(422, f"{', '.join(given)} do not apply to a {req.kind} job")
@@ -225,7 +242,8 @@ def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
                           judge=judge, limit=req.limit, seed=req.seed, baseline=req.baseline)
             return job.model_dump(mode="json")
         common = dict(constitution=_constitution(req, settings, input_dir), out=str(job_dir), limit=req.limit,
-                      batch_size=req.batch_size, parquet=True, new_job=False)
+                      constitution_by_group=_constitution_for(req, settings), batch_size=req.batch_size,
+                      parquet=True, new_job=False)
         if req.kind == "sft":
             phase1 = _with_max_tokens(req.phase1 or Phase1Config(), ("answer", "critique", "revision"), req.max_tokens)
             _cap(phase1.rounds, limits.max_rounds, "phase1.rounds")
@@ -245,6 +263,8 @@ def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
             job = PrefsJob(prompts=_prompts(req, settings, input_dir), policy=engine_spec(settings, req.engine),
                            judge=judge, phase2=phase2, min_confidence=req.min_confidence,
                            require_consistent=req.require_consistent, **common)
-    except ValidationError as exc:
+        groups = {p.group for p in read_prompts(job.prompts, limit=job.limit or settings.limits.max_rows)}
+        check_groups(job.constitution_by_group, groups, "constitution_for")
+    except (ValidationError, PlanError) as exc:
         raise Refused(422, str(exc)) from None
     return job.model_dump(mode="json")
