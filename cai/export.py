@@ -289,6 +289,7 @@ comparison question, in both orders, from the log-probabilities of its options.
 | mean confidence (abs(P − 0.5)·2) | {_fmt(stats.mean_confidence)} |
 | consistency rate (both orders agree) | {_fmt(stats.consistency_rate)} |
 | share of first-position wins (per order) | {_fmt(stats.first_position_wins)} |
+| mean P(A) + P(B) before normalising (per order; logprob and cot) | {_fmt(stats.mean_option_mass)} |
 | mean length chosen / rejected (chars, exported) | {_fmt(stats.mean_chosen_chars, '.0f')} / {_fmt(stats.mean_rejected_chars, '.0f')} |
 | chosen is the longer answer (exported) | {_fmt(stats.chosen_longer)} |
 

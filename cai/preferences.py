@@ -313,6 +313,7 @@ class PreferenceStats(BaseModel):
     mean_confidence: float | None = None
     consistency_rate: float | None = None
     first_position_wins: float | None = None
+    mean_option_mass: float | None = None
     mean_chosen_chars: float | None = None
     mean_rejected_chars: float | None = None
     chosen_longer: float | None = None
@@ -359,6 +360,8 @@ class PreferenceStatsCounter:
         if j.consistent is not None:
             self._mean_of("consistency_rate", float(j.consistent))
         for o in j.orders:
+            if o.option_mass is not None:
+                self._mean_of("mean_option_mass", o.option_mass)
             if o.p_first is not None and o.p_first != 0.5:
                 self._mean_of("first_position_wins", float(o.p_first > 0.5))
         if (why := _exclusion(r, self.min_confidence, self.require_consistent)) is not None:

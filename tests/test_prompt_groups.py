@@ -107,6 +107,9 @@ def test_phase2_judges_benign_pairs_with_the_helpful_questions_and_refuses_none(
     assert {(r["metadata"]["prompt_group"], r["metadata"]["constitution"]["name"]) for r in rows} == {
         ("redteam", "harmless"), ("benign", "helpful")}
     assert "| benign | `helpful` v" in (Path(summary.out) / "README.md").read_text()
+    assert summary.stats.mean_option_mass == pytest.approx(1.0)  # the fake judge puts 0.9 + 0.1 on A/B
+    assert "| mean P(A) + P(B) before normalising (per order; logprob and cot) | 1.000 |" in (
+        Path(summary.out) / "README.md").read_text()
     with pytest.raises(PlanError, match="only for phase 1"):
         generate_prefs(job.model_copy(update={"constitution_by_group": {"benign": "none"},
                                               "out": str(tmp_path / "j2")}), policy_engine=engine)
