@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from cai.engine.base import StopRequested, stop_scope
 from cai.records import ErrorCode, ErrorInfo
 from cai.store import IdSet, JobStore
 
@@ -38,7 +39,8 @@ class EngineDown(RuntimeError):
 
 
 class JobCancelled(RuntimeError):
-    """`stop()` said so between two batches: finished batches are kept, every input not started
+    """`stop()` said so between two batches, or inside one (an engine or judge retry loop raised
+    StopRequested): finished batches are kept, the batch in flight and every input not started
     got a `cancelled` error row (`written` of them), and a rerun drops those rows and resumes."""
 
     def __init__(self, message: str, done: int = 0, written: int = 0):
@@ -102,7 +104,10 @@ def run_batches(
     untimed, only if there is work. A batch whose every row is BACKEND_UNAVAILABLE
     raises EngineDown and is not written, so a rerun does it again. When `stop()`
     turns true, every input not started is written as a `cancelled` row (Batch API
-    contract: each input ends as one row) and JobCancelled is raised. Rows with an
+    contract: each input ends as one row) and JobCancelled is raised. `stop` is also
+    the current stop check (`cai.engine.base.stop_scope`) while a batch is processed:
+    when a retry or request loop inside raises StopRequested, the batch in flight is
+    written as `cancelled` rows too. Rows with an
     error code in `redo` (by default `cancelled` ones) are dropped first and done again.
     """
     done = store.done_ids(stage, row_key, redo=set(redo))
@@ -117,7 +122,11 @@ def run_batches(
             setup()
             setup = None
         t0 = time.perf_counter()
-        records = process(batch)
+        try:
+            with stop_scope(stop):  # retry and request loops inside `process` check it too
+                records = process(batch)
+        except StopRequested:
+            _cancel_rest(store, stage, itertools.chain(batch, todo), batch_size, run, cancelled)
         run.generation_seconds += time.perf_counter() - t0
         if (engine_down or _all_backend_unavailable)(records):
             raise EngineDown(f"every request of a batch failed: {records[0].error.message}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,9 +18,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from cai.records import ConstitutionRef, sha256_text
-
-CONSTITUTIONS_DIR = Path(__file__).resolve().parents[1] / "constitutions"
+from cai.constitution_source import (  # noqa: F401  (CONSTITUTIONS_DIR, display_path: part of this module's API)
+    CONSTITUTIONS_DIR,
+    ConstitutionError,
+    display_path,
+    git,
+    git_location,
+    read_source,
+    split_spec,
+)
+from cai.records import ConstitutionRef, check_unicode, sha256_text
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Slug = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")]
@@ -100,102 +106,51 @@ class LoadedConstitution(BaseModel):
     ref: ConstitutionRef
 
 
-class ConstitutionError(Exception):
-    """A problem in a constitution file, located by file, line and field, with what to do about it."""
-
-    def __init__(self, file: str, line: int | None, field: str | None, message: str):
-        super().__init__(file, line, field, message)
-        self.file, self.line, self.field, self.message = file, line, field, message
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+MAX_DEPTH = 24  # a constitution is 6 levels deep (principles[0].examples[0].prompt)
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep — a constitution is a flat list of principles"
 
 
-# --- git
-
-def _git(cwd: Path, *args: str) -> str | None:
-    """stdout of a git command, or None when git is missing or the command fails."""
-    try:
-        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8", check=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
+class _NotPlain(yaml.MarkedYAMLError):
+    """An alias, too deep nesting or invalid Unicode: refused on purpose, not a syntax error."""
 
 
-def _git_location(path: Path) -> tuple[Path, str] | None:
-    """(repository top, path relative to it) when `path` lies inside a git work tree."""
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        return None
-    out = _git(parent, "rev-parse", "--show-toplevel", "--show-prefix")
-    if out is None:
-        return None
-    top, _, prefix = out.partition("\n")
-    return Path(top.strip()), prefix.strip() + path.name
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (`*name`: a few hundred bytes of nested aliases expand to
+    billions of nodes) and nesting deeper than MAX_DEPTH (the composer recurses per level)."""
 
+    def fetch_flow_collection_start(self, TokenClass):  # `[[[[...`: refused while scanning, before parsing
+        if self.flow_level >= MAX_DEPTH:
+            raise _NotPlain(None, None, _TOO_DEEP, self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
 
-def _git_commit_of_working_file(path: Path) -> str | None:
-    """Last commit touching the file, if it is tracked and unmodified; else None."""
-    location = _git_location(path)
-    if location is None:
-        return None
-    top, rel = location
-    status = _git(top, "status", "--porcelain", "--untracked-files=all", "--", rel)
-    if status is None or status.strip():  # modified, staged or untracked
-        return None
-    return (_git(top, "log", "-1", "--format=%H", "--", rel) or "").strip() or None  # empty: ignored, never committed
-
-
-def _split_spec(spec: str | Path) -> tuple[Path, str | None]:
-    text = str(spec)
-    if isinstance(spec, Path) or Path(text).exists() or "@" not in text:
-        return _named(Path(text)), None
-    path, rev = text.rsplit("@", 1)
-    return Path(path), rev
-
-
-def _named(path: Path) -> Path:
-    """A bare name like `harmless` means constitutions/harmless.yaml (here, or in cai's checkout)."""
-    if path.exists() or path.suffix or len(path.parts) > 1:
-        return path
-    for folder in (Path.cwd() / "constitutions", CONSTITUTIONS_DIR):
-        if (folder / f"{path}.yaml").is_file():
-            return folder / f"{path}.yaml"
-    return path
-
-
-# --- reading
-
-def _read_source(spec: str | Path) -> tuple[str, str, str | None]:
-    """(display name, YAML text, git commit) for a path or `path@REV` spec."""
-    path, rev = _split_spec(spec)
-    if rev is None:
-        if not path.is_file():
-            raise ConstitutionError(str(path), None, None, "no such file — check the path")
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _NotPlain(None, None, "aliases (*name) are not allowed in a constitution — "
+                                        "write the text out in full", self.peek_event().start_mark)
+        self.depth = getattr(self, "depth", 0) + 1
         try:
-            return str(path), path.read_text(encoding="utf-8"), _git_commit_of_working_file(path)
-        except UnicodeDecodeError as exc:
-            raise ConstitutionError(str(path), None, None, f"not UTF-8 text ({exc.reason}) — save it as UTF-8")
-    display = f"{path}@{rev}"
-    location = _git_location(path)
-    if location is None:
-        raise ConstitutionError(display, None, None, "not inside a git repository — drop '@REV' or check the path")
-    top, rel = location
-    text = _git(top, "show", f"{rev}:{rel}")
-    if text is None:
-        why = f"git cannot show {rel} at '{rev}' — check the revision exists and the file was committed there"
-        raise ConstitutionError(display, None, None, why)
-    commit = (_git(top, "rev-list", "-1", rev, "--", rel) or "").strip() or None
-    return display, text, commit
+            if self.depth > MAX_DEPTH:
+                raise _NotPlain(None, None, _TOO_DEEP, self.peek_event().start_mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(node, yaml.ScalarNode):  # "\ud800" escapes: a lone surrogate no file or hash can encode
+            try:
+                check_unicode(node.value)
+            except ValueError as exc:
+                raise _NotPlain(None, None, str(exc), node.start_mark) from None
+        return node
 
 
 def _compose(text: str, file: str) -> tuple[yaml.Node | None, Any]:
-    """Parse YAML into (node tree, plain data), safe constructors only."""
-    loader = yaml.SafeLoader(text)
+    """Parse YAML into (node tree, plain data), safe constructors only, no aliases, bounded depth."""
+    loader = _PlainLoader(text)
     try:
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
+    except _NotPlain as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConstitutionError(file, line, None, f"invalid YAML: {exc.problem}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         detail = " ".join(part for part in (exc.context, exc.problem) if part)
@@ -348,24 +303,30 @@ def _parse(text: str, file: str) -> tuple[Constitution | None, list[Constitution
 # --- public API
 
 def load_constitution(spec: str | Path) -> LoadedConstitution:
-    """Load a constitution from a path or `path@REV`; raises the first ConstitutionError found."""
-    file, text, commit = _read_source(spec)
+    """Load a constitution from a path or `path@REV`; raises the first ConstitutionError found.
+    `ref.path` names the file by display_path (a `path@REV` spec: as given)."""
+    file, text, commit = read_source(spec)
     constitution, errors, _ = _parse(text, file)
     if errors:
         raise errors[0]
     assert constitution is not None
     ref = ConstitutionRef(name=constitution.name, version=constitution.version,
-                          sha256=constitution.content_sha256(), git_commit=commit, path=file)
+                          sha256=constitution.content_sha256(), git_commit=commit, path=_shown(spec, file))
     return LoadedConstitution(constitution=constitution, ref=ref)
+
+
+def _shown(spec: str | Path, file: str) -> str:
+    path, rev = split_spec(spec)
+    return file if rev is not None else display_path(path)
 
 
 def _bump_error(path: Path, current: Constitution, root: yaml.Node | None, file: str) -> ConstitutionError | None:
     """Error when the content differs from git HEAD but the version was not raised."""
-    location = _git_location(path)
+    location = git_location(path)
     if location is None:
         return None
     top, rel = location
-    head_text = _git(top, "show", f"HEAD:{rel}")
+    head_text = git(top, "show", f"HEAD:{rel}")
     if head_text is None:
         return None  # untracked, new, or no commits yet
     head, _, _ = _parse(head_text, f"{file}@HEAD")
@@ -382,13 +343,13 @@ def _bump_error(path: Path, current: Constitution, root: yaml.Node | None, file:
 def validate_constitution(path: str | Path) -> list[ConstitutionError]:
     """Every problem in one file (empty list when valid), including a missing version bump vs git HEAD."""
     try:
-        file, text, _ = _read_source(path)
+        file, text, _ = read_source(path)
     except ConstitutionError as exc:
         return [exc]
     constitution, errors, root = _parse(text, file)
     if errors or constitution is None:
         return errors
-    file_path, rev = _split_spec(path)
+    file_path, rev = split_spec(path)
     if rev is None:
         bump = _bump_error(file_path, constitution, root, file)
         if bump is not None:

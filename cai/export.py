@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from cai.constitution import display_path
 from cai.constitution_plan import describe
 from cai.preferences import (
     PreferenceStats,
@@ -147,6 +148,11 @@ def export_sft(store: JobStore, parquet: bool = True) -> SFTExportStats:
     return stats
 
 
+def _shown(prompts: str | None) -> str | None:
+    """The prompt source as a data card names it: a bundled set's name, else display_path (no absolute path)."""
+    return display_path(prompts) if prompts else prompts
+
+
 def sft_data_card(store: JobStore, stats: SFTExportStats) -> str:
     m = store.manifest
     recipe = m.recipe
@@ -169,7 +175,7 @@ of critique and revision; `metadata` holds the full trajectory and lineage.
 
 - constitution: `{const.get('name')}` version {const.get('version')}, sha256 `{const.get('sha256')}`, git commit `{const.get('git_commit')}`
 - model: `{model.get('id')}` (revision `{model.get('revision')}`, engine `{model.get('engine')}`)
-- prompts: `{recipe.get('prompts')}`
+- prompts: `{_shown(recipe.get('prompts'))}`
 - seed: {recipe.get('phase1', {}).get('seed')}; job fingerprint `{m.fingerprint}`
 - rows exported: {stats.rows}; error rows excluded: {stats.error_total}
 - mean length of final revisions: {stats.mean_final_chars:.0f} characters
@@ -278,7 +284,7 @@ comparison question, in both orders, from the log-probabilities of its options.
 - constitution: `{const.get('name')}` version {const.get('version')}, sha256 `{const.get('sha256')}`
 - policy: `{policy.get('id')}` (revision `{policy.get('revision')}`, engine `{policy.get('engine')}`)
 - judge: `{judge.get('id')}` (revision `{judge.get('revision')}`, engine `{judge.get('engine')}`), mode `{m.recipe.get('phase2', {}).get('judge', {}).get('mode')}`
-- prompts: `{m.recipe.get('prompts')}`; job fingerprint `{m.fingerprint}`
+- prompts: `{_shown(m.recipe.get('prompts'))}`; job fingerprint `{m.fingerprint}`
 - records: {stats.records}; judged: {stats.judged}; exported: {stats.exported}
 - export rules: confidence ≥ {min_confidence}; {'both orders must agree' if require_consistent else 'inconsistent pairs kept'}
 

@@ -12,7 +12,8 @@ Modes (JudgeConfig.mode):
   object validated by a pydantic model; only malformed replies are asked again
   (batched), up to ``structured_retries`` times; then the order is an UNPARSEABLE
   error carrying the raw text. logprob / cot fall back to it when the backend
-  reports NO_LOGPROBS (``fallback_structured``).
+  reports NO_LOGPROBS (``fallback_structured``). Each retry first checks the job's
+  stop signal (``cai.engine.base.check_stop``), so a cancel is not held up by retries.
 
 Option mass: in logprob and cot modes each order records ``option_mass`` = P(A) + P(B)
 before normalising. Below ``min_option_mass`` (default 0.5; 0 disables) the judge was
@@ -41,7 +42,7 @@ from pydantic import (
 )
 
 from cai.constitution import Principle
-from cai.engine.base import ChoiceScores, Engine
+from cai.engine.base import ChoiceScores, Engine, check_stop
 from cai.prompts import (
     JUDGE_ANSWER_PREFIX,
     JUDGE_OPTIONS,
@@ -192,14 +193,20 @@ def _generate(engine: Engine, chats: list[Chat], params: SamplingParams) -> list
     return completions
 
 
-def _requests(items: Sequence[JudgeItem], orders: int, layout: str) -> list[tuple[int, int, Chat]]:
+def _controls(engine: Engine) -> tuple[str, ...]:
+    """The judge engine's control tokens (HasControlTokens), broken up in quoted text; () without a tokenizer."""
+    return tuple(getattr(engine, "control_tokens", None) or ())
+
+
+def _requests(items: Sequence[JudgeItem], orders: int, layout: str,
+              controls: Sequence[str] = ()) -> list[tuple[int, int, Chat]]:
     """(item index, order, chat) for every item x order, in one flat batch."""
-    return [(i, o, judge_chat(it.prompt, it.question, *it.shown(o), layout=layout))
+    return [(i, o, judge_chat(it.prompt, it.question, *it.shown(o), layout=layout, controls=controls))
             for i, it in enumerate(items) for o in range(orders)]
 
 
 def _logprob_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig) -> dict:
-    requests = _requests(items, config.orders, "logprob")
+    requests = _requests(items, config.orders, "logprob", _controls(engine))
     scores = _score(engine, [chat for _, _, chat in requests])
     out: dict[tuple[int, int], JudgeOrder] = {}
     for (i, o, _), s in zip(requests, scores):
@@ -210,7 +217,7 @@ def _logprob_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeCon
 
 
 def _cot_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig) -> dict:
-    requests = _requests(items, config.orders, "cot")
+    requests = _requests(items, config.orders, "cot", _controls(engine))
     texts = _generate(engine, [chat for _, _, chat in requests], config.generation("cot"))
     out: dict[tuple[int, int], JudgeOrder] = {}
     scored = []
@@ -229,11 +236,13 @@ def _cot_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig)
 
 
 def _structured_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig) -> dict:
-    requests = {(i, o): chat for i, o, chat in _requests(items, config.orders, "structured")}
+    requests = {(i, o): chat for i, o, chat in _requests(items, config.orders, "structured", _controls(engine))}
     chats = dict(requests)
     out: dict[tuple[int, int], JudgeOrder] = {}
     params = config.generation("structured")
     for attempt in range(1, config.structured_retries + 2):
+        if attempt > 1:  # a stopped job asks no more (StopRequested: the batch becomes cancelled rows)
+            check_stop()
         keys = [k for k in chats if k not in out]
         retry: dict[tuple[int, int], Chat] = {}
         for key, c in zip(keys, _generate(engine, [chats[k] for k in keys], params)):
@@ -243,7 +252,7 @@ def _structured_orders(engine: Engine, items: Sequence[JudgeItem], config: Judge
             elif attempt > config.structured_retries:
                 out[key] = order
             else:
-                retry[key] = structured_retry_chat(requests[key], c.text, order.error.message)
+                retry[key] = structured_retry_chat(requests[key], c.text, order.error.message, _controls(engine))
         chats.update(retry)
         if not retry:
             break

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai.constitution import display_path
 from cai.engine.base import Engine
 from cai.evaluate import EvalItem, EvalSet, JudgeReport, item_results, judge_metrics, read_eval_items, write_report
 from cai.judge import JudgeConfig, baseline_judge, judge_pairs
@@ -28,6 +29,7 @@ from cai.pipeline import (
     StopCheck,
     build_engine,
     engine_model_ref,
+    manifest_recipe,
     open_job_store,
     run_batches,
     source_digest,
@@ -88,7 +90,9 @@ def judged_id(judge: JudgeName, item: EvalItem) -> str:
     return stable_id("judge-eval", judge, item.source.rsplit(":", 1)[-1], item.item.model_dump(), item.human)
 
 
-def judge_eval_manifest(job: EvalJob, model: ModelRef) -> Manifest:
+def judge_eval_manifest(job: EvalJob, model: ModelRef, recipe: dict | None = None) -> Manifest:
+    """`recipe`: what manifest.json records as the job's settings (default: cai.pipeline.manifest_recipe,
+    the settings without secret engine options)."""
     inputs = {
         "stage": f"judge-eval/{JUDGE_EVAL_CODE_VERSION}",
         "data": source_digest(job.data),
@@ -98,7 +102,7 @@ def judge_eval_manifest(job: EvalJob, model: ModelRef) -> Manifest:
         "template_hash": JUDGE_TEMPLATE_HASH,
         "baseline_template_hash": BASELINE_TEMPLATE_HASH,
     }
-    recipe = job.model_dump(mode="json")
+    recipe = manifest_recipe(job) if recipe is None else recipe
     return Manifest(stage="judge-eval", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
 
 
@@ -124,14 +128,15 @@ def _cancelled(judge: JudgeName, mode) -> Callable[[list[EvalItem], str], list[J
 
 def run_judge_eval(
     job: EvalJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
-    redo: Collection[str] = (),
+    redo: Collection[str] = (), recipe: dict | None = None,
 ) -> JudgeEvalSummary:
     """Judge every labelled pair with cai's judge (and the baseline), resumably; write the report.
+    `recipe`: what a new job's manifest.json records as its settings (see judge_eval_manifest).
 
     If the job is stopped, the pass in flight and every later pass write `cancelled` rows
     for what they did not start, so each (judge, pair) still ends as one row.
     """
-    evalset = read_eval_items(job.data, limit=job.limit, seed=job.seed)
+    evalset = _named_as_shown(read_eval_items(job.data, limit=job.limit, seed=job.seed))
     model = engine.model if engine is not None else engine_model_ref(job.engine)
     engines: list[Engine] = [engine] if engine is not None else []
 
@@ -145,7 +150,7 @@ def run_judge_eval(
         passes.append(("baseline", lambda batch: baseline_judge(engines[0], [it.item for it in batch]), "baseline"))
     runs: list[BatchRun] = []
     cancelled: list[JobCancelled] = []
-    with open_job_store(job, judge_eval_manifest(job, model)) as store:
+    with open_job_store(job, judge_eval_manifest(job, model, recipe)) as store:
         for n, (name, judge, mode) in enumerate(passes):
             # Both judges' rows share the stage (their ids differ): drop rows to redo once, before the first pass.
             todo = {ErrorCode.CANCELLED.value, *redo} if n == 0 else ()
@@ -166,6 +171,14 @@ def run_judge_eval(
     return JudgeEvalSummary(out=str(store.root), done_before=runs[0].done_before,
                             done_now=sum(r.done_now for r in runs), report=report,
                             files=[str(p) for p in paths], skipped=evalset.skipped)
+
+
+def _named_as_shown(evalset: EvalSet) -> EvalSet:
+    """The data file as the report and predictions name it: relative to the project, or by name (no
+    absolute local path); item ids depend on the line number only, so resuming is unaffected."""
+    shown = display_path(evalset.path)
+    items = [it.model_copy(update={"source": f"{shown}:{it.source.rsplit(':', 1)[-1]}"}) for it in evalset.items]
+    return evalset.model_copy(update={"path": shown, "items": items})
 
 
 def _report(job: EvalJob, model: ModelRef, evalset: EvalSet, rows: dict[str, dict]) -> JudgeReport:

@@ -22,7 +22,7 @@ from cai.batches import (  # noqa: F401  (EngineDown, JobCancelled, ProgressHook
 from cai.constitution_plan import ConstitutionPlan, load_plan
 from cai.critique import cancelled_records as cancelled_sft
 from cai.critique import phase1_id, run_phase1
-from cai.engine import make_engine, resolve_backend
+from cai.engine import make_engine, redact_options, resolve_backend
 from cai.engine.base import Engine
 from cai.engine.models import model_display_id, model_revision, resolve_model
 from cai.export import SFTExportStats, export_prefs, export_sft
@@ -87,7 +87,25 @@ def build_engine(spec: EngineSpec) -> Engine:
     return make_engine(spec.backend, spec.model, **spec.options)
 
 
-def phase1_manifest(job: SFTJob, plan: ConstitutionPlan, model: ModelRef) -> Manifest:
+def manifest_recipe(job: BaseModel) -> dict:
+    """The job's settings as manifest.json records them, with no secret in them: every engine's secret
+    options (api_key, token, password, ...) are left out and a URL's `user:password@` removed
+    (cai.engine.redact_options). The engine reads its key from the environment again when the job
+    is rebuilt from its manifest (`cai jobs retry-errors`): openai reads $OPENAI_API_KEY, or the
+    variable named by the `api_key_env` option."""
+    return _redact(job.model_dump(mode="json"))
+
+
+def _redact(value):
+    if isinstance(value, dict):
+        return {k: redact_options(v) if k == "options" and isinstance(v, dict) else _redact(v)
+                for k, v in value.items()}
+    return [_redact(v) for v in value] if isinstance(value, list) else value
+
+
+def phase1_manifest(job: SFTJob, plan: ConstitutionPlan, model: ModelRef, recipe: dict | None = None) -> Manifest:
+    """`recipe`: what manifest.json records as the job's settings (default: manifest_recipe(job));
+    a caller whose job directories are read by others (cai serve) passes its own client view."""
     inputs = {
         "stage": f"sft/{PHASE1_CODE_VERSION}",
         **plan.fingerprint_inputs(),
@@ -96,7 +114,7 @@ def phase1_manifest(job: SFTJob, plan: ConstitutionPlan, model: ModelRef) -> Man
         "phase1": job.phase1.model_dump(),
         "template_hash": PHASE1_TEMPLATE_HASH,
     }
-    recipe = job.model_dump(mode="json")
+    recipe = manifest_recipe(job) if recipe is None else recipe
     return Manifest(stage="sft", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
 
 
@@ -106,18 +124,19 @@ def open_job_store(job: SFTJob | PrefsJob, manifest: Manifest) -> JobStore:
         existing = Manifest.model_validate_json((out / "manifest.json").read_text())
         if existing.fingerprint != manifest.fingerprint:
             out = out.with_name(f"{out.name}-{manifest.fingerprint[:8]}")
-    return JobStore.open(out, manifest)
+    return JobStore.open(out, manifest, replan_if_empty=True)  # a first run that failed before any row
 
 
 def generate_sft(
     job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
-    redo: Collection[str] = (),
+    redo: Collection[str] = (), recipe: dict | None = None,
 ) -> Phase1Summary:
-    """Phase 1 end to end: resume-aware batches of critique-then-revise, then export."""
+    """Phase 1 end to end: resume-aware batches of critique-then-revise, then export.
+    `recipe`: what a new job's manifest.json records as its settings (default: manifest_recipe(job))."""
     started = time.perf_counter()
     constitution = job_plan(job, allow_unrevised=True)
     model = engine.model if engine is not None else engine_model_ref(job.engine)
-    manifest = phase1_manifest(job, constitution, model)
+    manifest = phase1_manifest(job, constitution, model, recipe)
     engines: list[Engine] = [engine] if engine is not None else []
 
     def start_engine() -> None:
@@ -191,6 +210,10 @@ def retry_errors(
     if manifest.stage not in stages:
         raise JobError(f"{job_dir}: retry-errors does not know stage {manifest.stage!r}")
     job_type, run, codes = stages[manifest.stage]
+    profiles = sorted(v["profile"] for v in manifest.recipe.values() if isinstance(v, dict) and "profile" in v)
+    if profiles:  # cai serve writes engine profile names (and client-facing paths), never the specs
+        raise JobError(f"{job_dir} is a `cai serve` job (engine profile {', '.join(profiles)}); resume it through "
+                       "the service (POST /v1/jobs/ID/resume), which resolves its profiles and paths")
     job = job_type.model_validate({**manifest.recipe, "out": str(job_dir), "new_job": False})
     redone = Counter(row["error"]["code"] for row in JobStore(Path(job_dir), manifest).read(manifest.stage)
                      if row.get("error") and row["error"]["code"] in codes)
@@ -209,7 +232,9 @@ class Phase2Summary(BaseModel):
     wall_seconds: float
 
 
-def prefs_manifest(job: PrefsJob, plan: ConstitutionPlan, policy: ModelRef, judge: ModelRef) -> Manifest:
+def prefs_manifest(job: PrefsJob, plan: ConstitutionPlan, policy: ModelRef, judge: ModelRef,
+                   recipe: dict | None = None) -> Manifest:
+    """`recipe`: as in phase1_manifest."""
     inputs = {
         "stage": f"prefs/{PHASE2_CODE_VERSION}",
         **plan.fingerprint_inputs(),
@@ -219,7 +244,7 @@ def prefs_manifest(job: PrefsJob, plan: ConstitutionPlan, policy: ModelRef, judg
         "phase2": job.phase2.model_dump(),
         "template_hash": JUDGE_TEMPLATE_HASH,
     }
-    recipe = job.model_dump(mode="json")
+    recipe = manifest_recipe(job) if recipe is None else recipe
     return Manifest(stage="prefs", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
 
 
@@ -271,15 +296,17 @@ def generate_prefs(
     stop: StopCheck | None = None,
     redo: Collection[str] = (),
     build: Callable[[EngineSpec], Engine] | None = None,
+    recipe: dict | None = None,
 ) -> Phase2Summary:
     """Phase 2 end to end: sample K answers for every prompt (pass 1, then the policy engine is closed),
-    judge pairs in both orders (pass 2), export preferences. See PrefsEngines for who builds engines."""
+    judge pairs in both orders (pass 2), export preferences. See PrefsEngines for who builds engines.
+    `recipe`: what a new job's manifest.json records as its settings (default: manifest_recipe(job))."""
     started = time.perf_counter()
     plan = job_plan(job, allow_unrevised=False)
     policy_ref = policy_engine.model if policy_engine else engine_model_ref(job.policy)
     judge_ref = judge_engine.model if judge_engine else (
         policy_ref if job.judge is None else engine_model_ref(job.judge))
-    manifest = prefs_manifest(job, plan, policy_ref, judge_ref)
+    manifest = prefs_manifest(job, plan, policy_ref, judge_ref, recipe)
     engines = PrefsEngines(job, policy_engine, judge_engine, build)
     redo_codes = {ErrorCode.CANCELLED.value, *redo}
     on_step = (lambda name, n: progress(f"step {name}", n)) if progress else None

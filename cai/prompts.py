@@ -7,6 +7,10 @@ A principle's few-shot examples come first, as earlier turns of the same shape.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
 from cai.constitution import FewShotExample, Principle
 from cai.records import Chat, Message, sha256_text
 
@@ -111,6 +115,23 @@ BASELINE_TEMPLATE = (
     'Respond with a JSON object: {{"choice": "A"}} or {{"choice": "B"}}.'
 )
 
+# Chat-control strings of common templates (ChatML, Llama, Gemma, Mistral, DeepSeek). A
+# tokenizer turns them into real control tokens even inside message text. "<|" / "|>" and
+# their full-width forms "<｜" / "｜>" break every <|...|> and <｜...｜> token (DeepSeek's
+# <｜end▁of▁sentence｜>, <｜Assistant｜>) whatever its name; an engine with a tokenizer adds
+# its own tokens and template markers (`control_tokens`, see neutralise).
+_CONTROL_BREAKS = (
+    ("<|", "< |"), ("|>", "| >"), ("<\uff5c", "< \uff5c"), ("\uff5c>", "\uff5c >"),
+    ("<s>", "< s>"), ("</s>", "< /s>"),
+    ("[INST]", "[ INST]"), ("[/INST]", "[ /INST]"), ("<start_of_turn>", "< start_of_turn>"),
+    ("<end_of_turn>", "< end_of_turn>"), ("<bos>", "< bos>"), ("<eos>", "< eos>"),
+)
+# Quoted text loses these (part of the template hash: a change of the quoting rules is a new template).
+QUOTE_CONTROLS = (
+    "fixed: " + " ".join(token for token, _ in _CONTROL_BREAKS)
+    + "; engine: its tokenizer's special and added tokens and its chat template's markers"
+)
+
 JUDGE_TEMPLATES = {
     "judge_header": JUDGE_HEADER,
     "judge_body": JUDGE_BODY,
@@ -122,29 +143,42 @@ JUDGE_TEMPLATES = {
     "judge_answer_prefix": JUDGE_ANSWER_PREFIX,
     "judge_options": "|".join(JUDGE_OPTIONS),
     "quote": "<<<BEGIN {tag}>>>\n{text}\n<<<END {tag}>>>",
+    "quote_controls": QUOTE_CONTROLS,
 }
 JUDGE_TEMPLATE_HASH = template_hash(JUDGE_TEMPLATES)
 BASELINE_TEMPLATE_HASH = template_hash({"baseline": BASELINE_TEMPLATE})
 
 _ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
-# Chat-control strings of common templates (ChatML, Llama, Gemma, Mistral). A
-# tokenizer turns them into real control tokens even inside message text.
-_CONTROL_BREAKS = (
-    ("<|", "< |"), ("|>", "| >"), ("<s>", "< s>"), ("</s>", "< /s>"),
-    ("[INST]", "[ INST]"), ("[/INST]", "[ /INST]"), ("<start_of_turn>", "< start_of_turn>"),
-    ("<end_of_turn>", "< end_of_turn>"), ("<bos>", "< bos>"), ("<eos>", "< eos>"),
-)
 
 
-def neutralise(text: str) -> str:
-    """Break up quote delimiters and chat-control tokens so quoted text cannot end its quote."""
+def neutralise(text: str, controls: Sequence[str] = ()) -> str:
+    """Break up quote delimiters and chat-control tokens so quoted text cannot end its quote.
+
+    `controls`: the judge engine's own control-token strings (`Engine.control_tokens`), broken
+    like the fixed ones by a space after their first character. Only markup-like strings count
+    (`is_control_token`): an added token that is a word or whitespace is left alone."""
     for run, broken in (("<<<", "< < <"), (">>>", "> > >")):
         while run in text:
             text = text.replace(run, broken)
     for token, broken in _CONTROL_BREAKS:
         while token in text:
             text = text.replace(token, broken)
+    pattern = _controls_pattern(tuple(controls)) if controls else None
+    # a break inserts a space and no token holds one, so every pass removes matches: it ends
+    while pattern is not None and pattern.search(text):
+        text = pattern.sub(lambda m: f"{m[0][0]} {m[0][1:]}", text)
     return text
+
+
+def is_control_token(token: str) -> bool:
+    """Markup-like (<...>, [...], |): 3 to 100 characters, no whitespace."""
+    return 3 <= len(token) <= 100 and not any(c.isspace() for c in token) and any(c in "<>[]|\uff5c" for c in token)
+
+
+@lru_cache(maxsize=16)
+def _controls_pattern(controls: tuple[str, ...]) -> re.Pattern[str] | None:
+    tokens = sorted({t for t in controls if is_control_token(t)}, key=lambda t: (-len(t), t))
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 def quote_tag(*texts: str) -> str:
@@ -153,8 +187,8 @@ def quote_tag(*texts: str) -> str:
     return "q" + sha256_text("\x00".join(sorted(texts)))[:12]
 
 
-def quote(text: str, tag: str) -> str:
-    return JUDGE_TEMPLATES["quote"].format(tag=tag, text=neutralise(text))
+def quote(text: str, tag: str, controls: Sequence[str] = ()) -> str:
+    return JUDGE_TEMPLATES["quote"].format(tag=tag, text=neutralise(text, controls))
 
 
 def render_conversation(chat: Chat) -> str:
@@ -162,22 +196,24 @@ def render_conversation(chat: Chat) -> str:
 
 
 def judge_chat(
-    prompt: Chat, question: str, first: str, second: str, layout: str = "logprob"
+    prompt: Chat, question: str, first: str, second: str, layout: str = "logprob",
+    controls: Sequence[str] = (),
 ) -> Chat:
     """The judge's request: `first` is shown as option (A), `second` as (B).
 
     layout: "logprob" (score the options after JUDGE_ANSWER_PREFIX), "cot"
     (reason first; see cot_verdict_chat) or "structured" (a JSON verdict).
+    controls: the judge engine's control tokens, broken up in every quoted block (neutralise).
     """
     tails = {"logprob": JUDGE_TAIL_LOGPROB, "cot": JUDGE_TAIL_COT, "structured": JUDGE_TAIL_STRUCTURED}
     conversation = render_conversation(prompt)
     tag = quote_tag(conversation, first, second)
     body = JUDGE_BODY.format(
         header=JUDGE_HEADER.format(tag=tag),
-        conversation=quote(conversation, tag),
+        conversation=quote(conversation, tag, controls),
         question=question.strip(),
-        first=quote(first, tag),
-        second=quote(second, tag),
+        first=quote(first, tag, controls),
+        second=quote(second, tag, controls),
         tail=tails[layout],
     )
     return [Message(role="user", content=body)]
@@ -196,11 +232,11 @@ def cot_verdict_chat(chat: Chat, reasoning: str) -> Chat:
     ]
 
 
-def structured_retry_chat(chat: Chat, raw: str, problem: str) -> Chat:
+def structured_retry_chat(chat: Chat, raw: str, problem: str, controls: Sequence[str] = ()) -> Chat:
     """Show the judge its malformed reply and ask again (a changed input, so greedy decoding can differ)."""
     return [
         *chat,
-        Message(role="assistant", content=neutralise(raw.strip()) or "(empty)"),
+        Message(role="assistant", content=neutralise(raw.strip(), controls) or "(empty)"),
         Message(role="user", content=JUDGE_STRUCTURED_RETRY.format(problem=problem)),
     ]
 

@@ -35,7 +35,7 @@ class Phase1Config(BaseModel):
 
 
 class JudgeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # clamp, min_option_mass: finite
     mode: Literal["logprob", "cot", "structured"] = "logprob"
     orders: Literal[1, 2] = 2
     clamp: tuple[float, float] = (0.05, 0.95)
@@ -107,7 +107,7 @@ class SFTJob(BaseModel):
 class PrefsJob(BaseModel):
     """Phase 2: K sampled answers per prompt from the policy, judged pairwise under sampled principles."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     constitution: str
     constitution_by_group: dict[str, str] = Field(default_factory=dict, description=GROUPS_HELP)
     prompts: str = "redteam"

@@ -8,15 +8,31 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "user", "assistant"]
+
+
+def check_unicode(text: str) -> str:
+    """`text` when it is valid Unicode; ValueError for a lone surrogate (e.g. from a JSON "\\ud800"
+    escape), which no file, shard or response could store as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start} "
+                         "(an unpaired \\ud800-\\udfff escape); remove it or send valid UTF-8") from None
+    return text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Role
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, content: str) -> str:
+        return check_unicode(content)
 
 
 Chat = list[Message]
@@ -46,7 +62,7 @@ class ErrorInfo(BaseModel):
 class SamplingParams(BaseModel):
     """What changes a completion. `max_tokens` is always set: no request is unbounded."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # 1e999, NaN: refused, not stored
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

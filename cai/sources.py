@@ -24,6 +24,7 @@ FORMATS = ("auto", "jsonl", "hh", "hf")
 
 # A turn marker: "\n\nHuman:" / "\n\nAssistant:", or the same at the very start of the text.
 _HH_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON "\ud800": valid only as half of a pair
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
 
@@ -216,7 +217,20 @@ def read_prompts(
     path = _resolve(spec)
     group = prompt_group(spec)
     prompts = (p if p.group else p.model_copy(update={"group": group}) for p in _reader(path, fmt))
+    prompts = _not_empty(prompts, spec)
     return prompts if limit is None else itertools.islice(prompts, limit)
+
+
+def _not_empty(prompts: Iterator[SourcePrompt], spec: str | Path) -> Iterator[SourcePrompt]:
+    """The prompts; SourceError at the end when there were none: an empty input is a mistake,
+    not a job of 0 rows."""
+    empty = True
+    for prompt in prompts:
+        empty = False
+        yield prompt
+    if empty:
+        raise SourceError(f"{spec}: no prompts in it (an empty file, only blank lines, or a dataset without rows); "
+                          "give at least one, e.g. a line {\"prompt\": \"...\"}")
 
 
 def prompt_group(spec: str | Path) -> str:
@@ -256,7 +270,7 @@ def _reader(path: Path, fmt: str) -> Iterator[SourcePrompt]:
 def _sniff_hh(path: Path) -> bool:
     """True when the first non-empty line is an object whose `chosen` is an HH transcript."""
     with open(path, encoding="utf-8-sig") as f:
-        line = next((ln for ln in f if ln.strip()), "")
+        line = next((ln for ln in _text_lines(f, path) if ln.strip()), "")
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
@@ -271,6 +285,26 @@ def _looks_hh(value: Any) -> bool:
 # ---------------------------------------------------------------- shared helpers
 
 
+def _text_lines(f, path: str | Path) -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; SourceError naming the file when it is not UTF-8."""
+    try:
+        yield from f
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start:exc.start + 1]
+        raise SourceError(f"{path}: not UTF-8 text ({exc.reason}, byte {byte!r}); {_encoding_hint(path)}") from None
+
+
+def _encoding_hint(path: str | Path) -> str:
+    with open(path, "rb") as raw:
+        head = raw.read(4096)
+    zeros = max(head[0::2].count(0), head[1::2].count(0))  # UTF-16 of ASCII text: every other byte is 0
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or zeros > 0.4 * max(1, len(head) // 2):
+        return f"it looks like UTF-16: convert it, e.g. iconv -f UTF-16 -t UTF-8 {path} > prompts.jsonl"
+    if b"\x00" in head:
+        return "it looks like a binary file: give a JSONL file (one JSON object per line) saved as UTF-8"
+    return "save it as UTF-8 (one JSON object per line)"
+
+
 def _json_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(location, object) per non-blank line, read one line at a time."""
     try:
@@ -278,7 +312,7 @@ def _json_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
     except OSError as exc:
         raise SourceError(f"{path}: cannot open ({exc.strerror})") from None
     with f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(_text_lines(f, path), 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
@@ -286,10 +320,21 @@ def _json_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 hint = " (a JSON array? write one object per line: jq -c '.[]')" if n == 1 else ""
+                hint = f"; {_encoding_hint(path)}" if "\x00" in line else hint  # NUL bytes: UTF-16 or binary
                 raise SourceError(f"{where}: invalid JSON: {exc.msg}{hint}") from None
             if not isinstance(row, dict):
                 raise SourceError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            if _SURROGATE_ESCAPE.search(line):
+                _check_unicode(row, where)
             yield where, row
+
+
+def _check_unicode(row: dict, where: str) -> None:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"{where}: invalid Unicode: a lone surrogate escape (\\ud800-\\udfff without its "
+                          "pair); fix or remove the row") from None
 
 
 def _prompt(messages: Chat, row_id: Any, where: str) -> SourcePrompt:

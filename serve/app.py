@@ -40,11 +40,14 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body (413)")
     max_prompt_chars: int = Field(8_000, ge=1, description="characters of one inline prompt, all turns (413)")
+    max_turns: int = Field(64, ge=1, description="messages of one prompt, inline or from a dataset (422)")
+    max_job_chars: int = Field(4_000_000, ge=1, description="characters of all prompts a job uses (413)")
     max_constitution_bytes: int = Field(64_000, ge=1, description="an inline constitution's YAML (413)")
     max_rows: int = Field(2_000, ge=1, description="prompts or evaluation items per job (422)")
     max_tokens: int = Field(1_024, ge=1, description="max_tokens of any generation step (422)")
     max_samples: int = Field(8, ge=2, description="phase 2 answers sampled per prompt (422)")
     max_rounds: int = Field(4, ge=1, description="phase 1 critique -> revision rounds (422)")
+    max_retries: int = Field(4, ge=0, description="judge structured_retries: re-asks of a malformed verdict (422)")
     max_batch_size: int = Field(256, ge=1, description="prompts per engine call (422)")
     max_active_jobs: int = Field(4, ge=1, description="queued + running jobs per key name (429)")
     max_page: int = Field(200, ge=1, description="records per page (422)")
@@ -70,7 +73,9 @@ class Settings(BaseModel):
     )
     default_engine: str = "embedded"
     limits: Limits = Field(default_factory=Limits)
-    docs: bool = Field(True, description="serve the OpenAPI schema at /openapi.json and /docs")
+    docs: bool = Field(False, description="serve the OpenAPI schema at /openapi.json and Swagger UI at /docs, "
+                                          "without a key; off by default: the /docs page loads Swagger UI's "
+                                          "JS/CSS from a public CDN (jsDelivr) with no integrity check")
     shutdown_grace_s: float = Field(30.0, ge=0, description="wait this long for running batches at shut-down")
 
     @model_validator(mode="after")

@@ -5,6 +5,8 @@ writes) or `NAME:KEY` (plain), plus `NAME:KEY,NAME2:KEY2` in the environment var
 `CAI_API_KEYS`. NAME owns the jobs its keys submit, so two keys with one name share jobs
 (key rotation). Every presented key is hashed and compared with every stored hash using
 `hmac.compare_digest`, so timing says nothing about which key (or which prefix) matched.
+A malformed line of the keys file is skipped with a logged warning naming the line; the
+other keys keep working (`cai keys list` names every such line).
 
 Paths: clients name things (datasets, constitutions, export files); they never give
 paths. A name is plain segments of [A-Za-z0-9._-] joined by "/"; `..`, absolute paths,
@@ -29,9 +31,11 @@ log = logging.getLogger("serve")
 
 KEYS_ENV = "CAI_API_KEYS"
 MIN_KEY_CHARS = 16
-# Routes reachable without a key: the health probe, the review page's static shell (it holds
-# no data; it asks for a key and sends it with every API call) and the API's public schema.
-PUBLIC_PATHS = frozenset({"/healthz", "/", "/ui", "/ui/{asset}", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+# Routes reachable without a key: the health probe and the review page's static shell (it holds
+# no data; it asks for a key and sends it with every API call); with `Settings.docs` (off by
+# default: Swagger UI loads its JS/CSS from a public CDN) also the API's schema and /docs.
+PUBLIC_PATHS = frozenset({"/healthz", "/", "/ui", "/ui/{asset}"})
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}$")
@@ -66,27 +70,62 @@ def parse_key_line(line: str, where: str) -> tuple[str, bytes] | None:
     return name, hashlib.sha256(secret.encode()).digest()
 
 
+def read_keys_file(file: Path) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """(entries, problems) of a keys file: a malformed line is skipped and named in `problems`
+    ("FILE:LINE: what is wrong"; never the line itself, which may hold a key). A file that
+    cannot be read is one problem and no entries. A missing file is neither."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [f"{file}: cannot read the keys file: {exc.strerror or exc}"]
+    entries, problems = [], []
+    for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):  # a BOM is not a name
+        where = f"{file}:{n}"
+        try:
+            entry = parse_key_line(raw.decode("utf-8"), where)
+        except UnicodeDecodeError:
+            problems.append(f"{where}: not UTF-8 text")
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            if entry is not None:
+                entries.append(entry)
+    return entries, problems
+
+
+_WARNED: set[tuple[str, tuple[int, ...]]] = set()
+
+
 class KeyStore:
-    """Keys from a file (re-read when it changes) and from an environment variable."""
+    """Keys from a file (re-read when it changes) and from an environment variable.
+
+    A malformed line of the file is skipped with a logged warning naming it (once per change
+    of the file); the other keys keep working. Malformed `$CAI_API_KEYS` entries are refused
+    at start-up (ValueError)."""
 
     def __init__(self, file: Path | None, env_value: str | None = None):
         self.file = file
         self._env = [e for part in (env_value or "").split(",")
                      if (e := parse_key_line(part, f"${KEYS_ENV}")) is not None]
         self._file_entries: list[tuple[str, bytes]] = []
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self.problems: list[str] = []
 
     def _entries(self) -> list[tuple[str, bytes]]:
         if self.file is not None:
             try:
                 st = self.file.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
-                stamp, self._file_entries = None, []
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino)
+            except OSError:  # missing (or unreachable): no file keys
+                stamp, self._file_entries, self.problems = None, [], []
             if stamp is not None and stamp != self._stamp:
-                lines = self.file.read_text(encoding="utf-8").splitlines()
-                self._file_entries = [e for n, line in enumerate(lines, 1)
-                                      if (e := parse_key_line(line, f"{self.file}:{n}")) is not None]
+                self._file_entries, self.problems = read_keys_file(self.file)
+                if (str(self.file), stamp) not in _WARNED:  # once per version of the file, per process
+                    _WARNED.add((str(self.file), stamp))
+                    for problem in self.problems:
+                        log.warning("keys file: skipped %s", problem)
             self._stamp = stamp
         return self._file_entries + self._env
 

@@ -8,8 +8,9 @@ manifest.json, shards/, exports). The worker turns the stored recipe back into
 Restart: jobs left `running` by a stopped or killed server are queued again at
 start-up, and rerunning a job resumes from its directory (finished batches are
 skipped by the pipeline). Cancel: a queued job is cancelled at once; a running one
-stops between two batches (`stop=` of the pipeline), keeping what it finished and
-writing a `cancelled` row for every input not started; resume drops those and goes on.
+stops between two batches, or sooner inside an OpenAI request or a judge retry loop
+(`stop=` of the pipeline), keeping what it finished and writing a `cancelled` row for
+every input not finished; resume drops those and goes on.
 One server process owns a database: the cancel flags and workers live in memory.
 """
 
@@ -17,19 +18,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cai.constitution import CONSTITUTIONS_DIR
+from cai.engine import is_secret_option
 from cai.engine.base import Engine
 from cai.judge_eval import EvalJob, run_judge_eval
 from cai.pipeline import EngineDown, JobCancelled, generate_prefs, generate_sft
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.records import ErrorCode, utc_now
+from cai.sources import BUNDLED_DIR
+from serve.resolve import client_recipe, resolve_engines
 from serve.results import shard_stats
 
 log = logging.getLogger("serve")
@@ -56,6 +62,54 @@ CREATE TABLE IF NOT EXISTS reviews (
 
 class TooManyActive(RuntimeError):
     pass
+
+
+HIDDEN = "<engine option>"
+
+
+def _hidden_strings(options: dict[str, Any], secret: bool = False) -> Iterator[str]:
+    """Option values no client may read: a secret option's (api_key, token...), a URL or a path, any long string."""
+    for key, value in options.items():
+        hidden = secret or is_secret_option(str(key))
+        if isinstance(value, dict):
+            yield from _hidden_strings(value, hidden)
+        elif isinstance(value, str) and len(value) >= 4 and (
+                hidden or "://" in value or value.startswith("/") or len(value) >= 16):
+            yield value
+
+
+class ClientView:
+    """Takes the server's own strings out of what a client reads (job messages, summaries, records):
+    the engine profiles' option values (keys, internal URLs) become `<engine option>`, and the
+    server's absolute paths go: files under the job directory and the server's roots keep their
+    relative names, a bare root shows as `.` (the job directory) or `<data>`, `<jobs>`...
+    A net under the rule that job directories never hold options or absolute paths in the first place."""
+
+    def __init__(self, settings, job_dir: Path):
+        pairs: dict[str, str] = {}
+        for root, shown in ((job_dir, "."), (settings.jobs_root, "<jobs>"), (settings.data_root, "<data>"),
+                            (settings.constitutions_dir, "<constitutions>"), (BUNDLED_DIR, "<bundled>"),
+                            (CONSTITUTIONS_DIR.parent, "<cai>")):
+            for form in {os.path.abspath(root), str(Path(root).resolve())}:
+                if len(form) > 1:
+                    pairs[form + os.sep], pairs[form] = "", shown
+        for spec in settings.engines.values():
+            pairs.update((value, HIDDEN) for value in _hidden_strings(spec.options))
+        self.pairs = sorted(pairs.items(), key=lambda pair: -len(pair[0]))
+
+    def text(self, text: str) -> str:
+        for old, new in self.pairs:
+            if old in text:
+                text = text.replace(old, new)
+        return text
+
+    def __call__(self, value: Any) -> Any:
+        """`value` (text or JSON data) as a client may read it."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self(k): self(v) for k, v in value.items()}
+        return [self(v) for v in value] if isinstance(value, list) else value
 
 
 class JobDB:
@@ -278,7 +332,8 @@ class JobManager:
         if key not in engines:
             for other in list(engines):
                 engines.pop(other).close()
-            self.db.update(job_id, step=f"starting engine {spec.backend}:{spec.model or 'embedded'}")
+            names = [n for n, profile in self.settings.engines.items() if profile == spec]
+            self.db.update(job_id, step=f"starting engine {names[0] if names else spec.backend}")
             engines[key] = self.engine_factory(spec)
             self.db.update(job_id, step=None)
         return engines[key]
@@ -286,47 +341,56 @@ class JobManager:
     def _execute(self, row: dict[str, Any], engines: dict[str, Engine]) -> None:
         job_id = row["id"]
         stop = lambda: job_id in self._cancel or self._shutdown.is_set()
+        view = ClientView(self.settings, Path(row["dir"]))  # messages and summaries are read by the client
         try:
             summary, rate = self._run(row, engines, stop)
         except JobCancelled as exc:
             if job_id in self._cancel:
                 self.db.update(job_id, state="cancelled", finished_at=utc_now(),
-                               message=f"{exc}; POST /v1/jobs/{job_id}/resume continues it")
+                               message=view.text(f"{exc}; POST /v1/jobs/{job_id}/resume continues it"))
             else:
                 self.db.update(job_id, state="queued", message="server stopping: queued again, resumes at next start")
         except EngineDown as exc:
             engines.clear()  # build the engine afresh next time: the backend may come back
             self.db.update(job_id, state="failed", finished_at=utc_now(),
-                           message=f"engine down: {exc}; finished batches are kept, POST .../resume retries")
+                           message=view.text(f"engine down: {exc}; finished batches are kept, POST .../resume retries"))
         except Exception as exc:  # any other failure ends the job as failed, with its reason
             log.exception("job %s failed", job_id)
-            self.db.update(job_id, state="failed", finished_at=utc_now(), message=f"{type(exc).__name__}: {exc}")
+            self.db.update(job_id, state="failed", finished_at=utc_now(),
+                           message=view.text(f"{type(exc).__name__}: {exc}"))
         else:
-            self.db.update(job_id, state="completed", finished_at=utc_now(), summary=json.dumps(summary),
+            self.db.update(job_id, state="completed", finished_at=utc_now(), summary=json.dumps(view(summary)),
                            tokens_per_second=rate, step=None, message=None)
         finally:
             self._cancel.discard(job_id)
             self.db.update(job_id, cancel_requested=0)
 
     def _run(self, row: dict[str, Any], engines: dict[str, Engine], stop: Callable[[], bool]):
-        """Run one job through cai; (summary as JSON data, tokens per second)."""
-        recipe, kind, root = json.loads(row["recipe"]), row["kind"], Path(row["dir"])
+        """Run one job through cai; (summary as JSON data, tokens per second).
+
+        The stored recipe names engines by profile: their specs come from the settings now. The job
+        directory's manifest.json records the client's view of the recipe (resolve.client_recipe)."""
+        stored, kind, root = json.loads(row["recipe"]), row["kind"], Path(row["dir"])
+        shown = client_recipe(stored, self.settings, root)
+        recipe = resolve_engines(stored, self.settings)
         if stop():
             raise JobCancelled("cancelled before it started")
         if kind == "sft":
             job = SFTJob.model_validate(recipe)
             engine = self._engine(job.engine, engines, row["id"])
-            summary = generate_sft(job, engine=engine, progress=Tracker(self.db, row["id"], root, "sft"), stop=stop)
+            summary = generate_sft(job, engine=engine, progress=Tracker(self.db, row["id"], root, "sft"), stop=stop,
+                                   recipe=shown)
             return summary.model_dump(mode="json"), summary.tokens_per_second
         if kind == "prefs":
             job = PrefsJob.model_validate(recipe)
             summary = generate_prefs(job, progress=Tracker(self.db, row["id"], root, "prefs"), stop=stop,
-                                     build=lambda spec: self._engine(spec, engines, row["id"]))
+                                     build=lambda spec: self._engine(spec, engines, row["id"]), recipe=shown)
             rate = summary.generated_tokens_now / summary.generation_seconds if summary.generation_seconds else None
             return summary.model_dump(mode="json"), rate
         job = EvalJob.model_validate(recipe)
         engine = self._engine(job.engine, engines, row["id"])
-        result = run_judge_eval(job, engine, progress=Tracker(self.db, row["id"], root, "judge-eval"), stop=stop)
+        result = run_judge_eval(job, engine, progress=Tracker(self.db, row["id"], root, "judge-eval"), stop=stop,
+                                recipe=shown)
         summary = result.report.model_dump(mode="json") | {"files": [Path(p).name for p in result.files],
                                                            "skipped": result.skipped}
         return summary, None

@@ -8,12 +8,14 @@ pass engine options such as `trust_remote_code`, a model path or an output folde
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from cai.recipe import JudgeConfig, Phase1Config, Phase2Config
-from cai.records import Message
+from cai.records import Message, check_unicode
 
 JobKind = Literal["sft", "prefs", "judge_eval"]
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -24,6 +26,32 @@ FINAL_STATES = ("completed", "failed", "cancelled")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+MAX_DEPTH = 16
+"""Nesting of a request body; a real one is at most 5 deep (prompts[0].messages[0].content)."""
+
+
+def first_bad_value(data: Any) -> tuple[tuple, str] | None:
+    """(location, problem) of a value no response or job file could carry: a non-finite number
+    (NaN, Infinity, 1e999), a string with a lone surrogate, or nesting deeper than MAX_DEPTH."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if len(loc) > MAX_DEPTH:
+            return loc[:MAX_DEPTH], f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, float) and not math.isfinite(value):
+            return loc, f"{value} is not a finite number; give a finite number"
+        try:
+            if isinstance(value, str):
+                check_unicode(value)
+            elif isinstance(value, dict):
+                stack.extend((loc + (check_unicode(k) if isinstance(k, str) else k,), v) for k, v in value.items())
+            elif isinstance(value, list | tuple):
+                stack.extend((loc + (n,), v) for n, v in enumerate(value))
+        except ValueError as exc:
+            return (loc + ("(key)",) if isinstance(value, dict) else loc), str(exc)
+    return None
 
 
 class InlinePrompt(Strict):
@@ -69,6 +97,18 @@ class JobRequest(Strict):
     require_consistent: bool = Field(True, description="prefs: export only pairs whose two orders agree")
     baseline: bool = Field(True, description="judge_eval: also run the one-order JSON-verdict baseline judge")
     seed: int = Field(0, description="judge_eval: which answer of an HH pair is shown as A")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _representable(cls, data: Any) -> Any:
+        """422 naming the field for NaN / Infinity, lone surrogates and deep nesting, before any other
+        check: the error does not echo the value (a JSON response cannot carry it)."""
+        bad = first_bad_value(data)
+        if bad is not None:
+            loc, problem = bad
+            error = PydanticCustomError("unrepresentable_value", "{problem}", {"problem": problem})
+            raise ValidationError.from_exception_data(cls.__name__, [{"type": error, "loc": loc, "input": None}])
+        return data
 
 
 class JobCreated(BaseModel):
@@ -132,7 +172,9 @@ class ReviewRequest(Strict):
                                            "(prefs: both make the exported pair a confident human label, "
                                            "score = margin = 1.0, the judge's verdict kept in "
                                            "metadata.judge_verdict); discard: drop the row from the export")
-    reviewer: str | None = Field(None, max_length=100, description="who reviewed; default: the API key's name")
+    reviewer: str | None = Field(None, max_length=100,
+                                 description="deprecated: the reviewer is always the API key's name; a different "
+                                             "name is refused (422)")
     note: str | None = Field(None, max_length=2000)
 
 

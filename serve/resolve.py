@@ -10,6 +10,7 @@ under a root, 413 for sizes, 422 for caps and bad fields.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -62,6 +63,11 @@ def list_constitutions(folder: Path) -> list[LoadedConstitution]:
 
 def find_constitution(folder: Path, spec: str) -> LoadedConstitution:
     """NAME or NAME@VERSION -> the constitution in `folder/NAME.yaml` (400 bad name, 404 unknown)."""
+    return _find_constitution(folder, spec)[1]
+
+
+def _find_constitution(folder: Path, spec: str) -> tuple[Path, LoadedConstitution]:
+    """(the file, the constitution) of NAME or NAME@VERSION."""
     try:
         check_name(spec.partition("@")[0], "constitution")
     except PathRefused as exc:
@@ -80,10 +86,11 @@ def find_constitution(folder: Path, spec: str) -> LoadedConstitution:
     try:
         loaded = _load(path)
     except ConstitutionError as exc:
-        raise Refused(422, f"the server's constitution {name!r} is invalid: {exc}") from None
+        raise Refused(422, f"the server's constitution {name!r} is invalid: "
+                           f"{str(exc).replace(exc.file, path.name)}") from None
     if version is not None and loaded.ref.version != version:
         raise Refused(404, f"{name}@{version} not found: this server has {name}@{loaded.ref.version}")
-    return loaded
+    return path, loaded
 
 
 # ---------------------------------------------------------------- datasets
@@ -120,6 +127,25 @@ def _check_sampling(params: dict[str, SamplingParams], cap: int) -> None:
         _cap(p.max_tokens, cap, f"{name}.max_tokens")
 
 
+def _check_judge(judge: JudgeConfig, limits, where: str) -> None:
+    """The judge's token budgets and its re-asks of a malformed verdict (each one upstream call per order)."""
+    _cap(judge.cot_max_tokens, limits.max_tokens, f"{where}.cot_max_tokens")
+    _cap(judge.structured_max_tokens, limits.max_tokens, f"{where}.structured_max_tokens")
+    _cap(judge.structured_retries, limits.max_retries, f"{where}.structured_retries")
+
+
+def _measure(path: Path, req: JobRequest, limits) -> tuple[int, int]:
+    """(prompts in the source, read up to max_rows + 1; characters of the prompts the job uses), with
+    the turns of each prompt it uses checked against max_turns (a dataset's too, not only inline ones)."""
+    used, count, chars = req.limit or limits.max_rows, 0, 0
+    for n, prompt in enumerate(read_prompts(path, limit=limits.max_rows + 1)):
+        count += 1
+        if n < used:
+            _cap(len(prompt.messages), limits.max_turns, f"turns of prompts[{n}]")
+            chars += sum(len(m.content) for m in prompt.messages)
+    return count, chars
+
+
 def _prompt_chars(prompt: str | InlinePrompt) -> int:
     return len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt.messages)
 
@@ -141,6 +167,7 @@ def _with_max_tokens(config, fields: tuple[str, ...], max_tokens: int | None):
 
 
 def engine_spec(settings, name: str | None) -> EngineSpec:
+    """The operator's engine profile `name` (default: the server's default profile)."""
     name = name or settings.default_engine
     if name not in settings.engines:
         raise Refused(422, f"engine {name!r} is not offered here; choose one of {sorted(settings.engines)} "
@@ -148,9 +175,62 @@ def engine_spec(settings, name: str | None) -> EngineSpec:
     return settings.engines[name]
 
 
+def _profile(settings, name: str | None) -> dict[str, str]:
+    """How a recipe names an engine: by its profile, `{"profile": NAME}`, never by its spec.
+
+    The spec (backend, model, options: base_url, api_key...) stays in the server's settings and is
+    looked up when the job runs (resolve_engines), so no key or internal URL reaches the job table or
+    the job directory, and a job resumed after the operator rotated a key uses the new one."""
+    engine_spec(settings, name)
+    return {"profile": name or settings.default_engine}
+
+
+ENGINE_FIELDS = ("engine", "policy", "judge")  # where SFTJob / PrefsJob / EvalJob hold an EngineSpec
+
+
+def resolve_engines(recipe: dict[str, Any], settings) -> dict[str, Any]:
+    """The recipe with each `{"profile": NAME}` replaced by that profile's EngineSpec (422 if gone)."""
+    return {k: engine_spec(settings, v["profile"]).model_dump(mode="json")
+            if k in ENGINE_FIELDS and isinstance(v, dict) and "profile" in v else v for k, v in recipe.items()}
+
+
+def _shown_path(value: str, settings, job_dir: Path) -> str:
+    """A recipe path as a client sees it: relative to the job directory, the data root, the
+    constitutions folder or the bundled sets (`input/prompts.jsonl`, `questions.jsonl`), else its name."""
+    if value == UNREVISED or not value:
+        return value
+    for root in (job_dir, settings.data_root, settings.constitutions_dir, BUNDLED_DIR):
+        for base, path in ((Path(os.path.abspath(root)), Path(os.path.abspath(value))),
+                           (Path(root).resolve(), Path(value).resolve())):
+            if path.is_relative_to(base):
+                return path.relative_to(base).as_posix()
+    return Path(value).name
+
+
+def client_recipe(recipe: dict[str, Any], settings, job_dir: Path) -> dict[str, Any]:
+    """The recipe a job's manifest.json records (clients export it): engines by profile name, paths
+    relative to the job directory or the server's roots, no engine option, no absolute server path."""
+    out = {}
+    for key, value in recipe.items():
+        if key in ("constitution", "prompts", "data", "out") and isinstance(value, str):
+            value = _shown_path(value, settings, job_dir)
+        elif key == "constitution_by_group" and isinstance(value, dict):
+            value = {g: _shown_path(v, settings, job_dir) for g, v in value.items()}
+        elif key in ENGINE_FIELDS and isinstance(value, dict) and "options" in value:  # a job from before profiles
+            names = [n for n, spec in settings.engines.items() if spec.model_dump(mode="json") == value]
+            value = {"profile": names[0] if names else "(no longer offered)"}
+        out[key] = value
+    return out
+
+
+def _invalid(exc: ValidationError) -> str:
+    """A validation error's locations and messages, without the input values (which hold server paths)."""
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors())
+
+
 def _constitution(req: JobRequest, settings, input_dir: Path) -> str:
     if req.constitution_yaml is None:
-        return str(find_constitution(settings.constitutions_dir, req.constitution).ref.path)
+        return str(_find_constitution(settings.constitutions_dir, req.constitution)[0])
     size = len(req.constitution_yaml.encode())
     if size > settings.limits.max_constitution_bytes:
         raise Refused(413, f"inline constitution of {size} bytes is over {settings.limits.max_constitution_bytes}")
@@ -175,7 +255,7 @@ def _constitution_for(req: JobRequest, settings) -> dict[str, str]:
                                    "a prefs job judges every pair under a constitution")
             out[group] = UNREVISED
         else:
-            out[group] = str(find_constitution(settings.constitutions_dir, spec).ref.path)
+            out[group] = str(_find_constitution(settings.constitutions_dir, spec)[0])
     return out
 
 
@@ -188,13 +268,14 @@ def _prompts(req: JobRequest, settings, input_dir: Path) -> str:
         for n, prompt in enumerate(req.prompts):
             if (chars := _prompt_chars(prompt)) > limits.max_prompt_chars:
                 raise Refused(413, f"prompts[{n}] has {chars} characters, over {limits.max_prompt_chars}")
+            _cap(1 if isinstance(prompt, str) else len(prompt.messages), limits.max_turns, f"turns of prompts[{n}]")
         path = input_dir / "prompts.jsonl"
         rows = ({"prompt": p} if isinstance(p, str) else p.model_dump(exclude_none=True) for p in req.prompts)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     else:
         path = find_dataset(settings.data_root, req.dataset)
     try:
-        count = sum(1 for _ in read_prompts(path, limit=limits.max_rows + 1))
+        count, chars = _measure(path, req, limits)
     except SourceError as exc:
         raise Refused(422, f"prompts: {str(exc).replace(str(path), req.dataset or 'prompts')}") from None
     if count == 0:
@@ -202,6 +283,9 @@ def _prompts(req: JobRequest, settings, input_dir: Path) -> str:
     if count > limits.max_rows and req.limit is None:
         raise Refused(422, f"dataset {req.dataset!r} has more than {limits.max_rows} prompts (this server's "
                            f"rows-per-job limit): pass limit <= {limits.max_rows}")
+    if chars > limits.max_job_chars:
+        raise Refused(413, f"the job's prompts have {chars} characters in all, over this server's limit of "
+                           f"{limits.max_job_chars} per job" + (": pass a smaller limit" if req.dataset else ""))
     return str(path)
 
 
@@ -236,11 +320,10 @@ def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
     try:
         if req.kind == "judge_eval":
             judge = req.judge or JudgeConfig()
-            _cap(judge.cot_max_tokens, limits.max_tokens, "judge.cot_max_tokens")
-            _cap(judge.structured_max_tokens, limits.max_tokens, "judge.structured_max_tokens")
-            job = EvalJob(data=_eval_data(req, settings), out=str(job_dir), engine=engine_spec(settings, req.engine),
-                          judge=judge, limit=req.limit, seed=req.seed, baseline=req.baseline)
-            return job.model_dump(mode="json")
+            _check_judge(judge, limits, "judge")
+            job = EvalJob(data=_eval_data(req, settings), out=str(job_dir), judge=judge, limit=req.limit,
+                          seed=req.seed, baseline=req.baseline)
+            return job.model_dump(mode="json") | {"engine": _profile(settings, req.engine)}
         common = dict(constitution=_constitution(req, settings, input_dir), out=str(job_dir), limit=req.limit,
                       constitution_by_group=_constitution_for(req, settings), batch_size=req.batch_size,
                       parquet=True, new_job=False)
@@ -250,21 +333,22 @@ def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
             _check_system_prompt(phase1, limits.max_prompt_chars, "phase1")
             _check_sampling({f"phase1.{k}": getattr(phase1, k) for k in ("answer", "critique", "revision")},
                             limits.max_tokens)
-            job = SFTJob(prompts=_prompts(req, settings, input_dir), engine=engine_spec(settings, req.engine),
-                         phase1=phase1, **common)
+            job = SFTJob(prompts=_prompts(req, settings, input_dir), phase1=phase1, **common)
+            engines = {"engine": _profile(settings, req.engine)}
         else:
             phase2 = _with_max_tokens(req.phase2 or Phase2Config(), ("policy",), req.max_tokens)
             _cap(phase2.samples, limits.max_samples, "phase2.samples")
             _check_system_prompt(phase2, limits.max_prompt_chars, "phase2")
             _check_sampling({"phase2.policy": phase2.policy}, limits.max_tokens)
-            _cap(phase2.judge.cot_max_tokens, limits.max_tokens, "phase2.judge.cot_max_tokens")
-            _cap(phase2.judge.structured_max_tokens, limits.max_tokens, "phase2.judge.structured_max_tokens")
-            judge = engine_spec(settings, req.judge_engine) if req.judge_engine else None
-            job = PrefsJob(prompts=_prompts(req, settings, input_dir), policy=engine_spec(settings, req.engine),
-                           judge=judge, phase2=phase2, min_confidence=req.min_confidence,
-                           require_consistent=req.require_consistent, **common)
+            _check_judge(phase2.judge, limits, "phase2.judge")
+            job = PrefsJob(prompts=_prompts(req, settings, input_dir), phase2=phase2,
+                           min_confidence=req.min_confidence, require_consistent=req.require_consistent, **common)
+            engines = {"policy": _profile(settings, req.engine),
+                       "judge": _profile(settings, req.judge_engine) if req.judge_engine else None}
         groups = {p.group for p in read_prompts(job.prompts, limit=job.limit or settings.limits.max_rows)}
         check_groups(job.constitution_by_group, groups, "constitution_for")
-    except (ValidationError, PlanError) as exc:
+    except ValidationError as exc:
+        raise Refused(422, _invalid(exc)) from None
+    except PlanError as exc:
         raise Refused(422, str(exc)) from None
-    return job.model_dump(mode="json")
+    return job.model_dump(mode="json") | engines

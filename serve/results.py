@@ -27,11 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException
+
 from cai.export import jsonl_to_parquet
 from cai.judge_eval import JudgedItem
 from cai.preferences import keep_for_export
 from cai.records import HUMAN_LABELS, HUMAN_SCORE, PreferenceRecord, SFTRecord
-from cai.store import atomic_write_lines, atomic_write_text
+from cai.store import CorruptShard, atomic_write_lines, atomic_write_text, read_shard, scan_shard
 
 STAGES = {"sft": "sft", "prefs": "prefs"}
 JUDGE_VERDICT_KEYS = ("chosen_index", "rejected_index", "p_a", "p_a_orders", "first_shown", "confidence")
@@ -47,16 +49,18 @@ _locks_guard = threading.Lock()
 
 
 def shard_stats(path: Path, stage: str | None) -> tuple[int, Counter, int]:
-    """(records, error codes, generated tokens) of one shard, counted the way cai counts them."""
+    """(records, error codes, generated tokens) of one shard, counted the way cai counts them.
+    An unreadable line raises CorruptShard, which names the shard and the line."""
     model = {"sft": SFTRecord, "prefs": PreferenceRecord, "judge-eval": JudgedItem}[stage]
     rows, errors, tokens = 0, Counter(), 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = model.model_validate_json(line)
-            rows += 1
-            tokens += record.generated_tokens
-            if record.error is not None:
-                errors[record.error.code.value] += 1
+    for line in scan_shard(path, model):
+        if line.problem is not None:
+            raise CorruptShard(path, line.number, line.problem)
+        record = line.record
+        rows += 1
+        tokens += record.generated_tokens
+        if record.error is not None:
+            errors[record.error.code.value] += 1
     return rows, errors, tokens
 
 
@@ -65,13 +69,12 @@ def iter_records(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
     root = Path(job["dir"])
     if job["kind"] in STAGES:
         for shard in sorted((root / "shards").glob(f"{STAGES[job['kind']]}-*.jsonl")):
-            try:
-                f = open(shard, encoding="utf-8")
-            except FileNotFoundError:  # a resuming job just dropped this shard's `cancelled` rows
-                continue
-            with f:
-                for line in f:
-                    yield json.loads(line)
+            try:  # missing_ok: a resuming job just dropped this shard's `cancelled` rows
+                yield from read_shard(shard, missing_ok=True)
+            except CorruptShard as exc:  # 409 naming the line, not a bare 500
+                raise HTTPException(409, f"job records unreadable: shards/{shard.name} line {exc.line} "
+                                         f"({exc.reason}); `cai jobs repair` on the job directory moves "
+                                         "unreadable lines aside") from None
         return
     predictions = root / "predictions.jsonl"
     if predictions.is_file():
@@ -200,10 +203,35 @@ def _lock(job_id: str) -> threading.Lock:
         return _locks.setdefault(job_id, threading.Lock())
 
 
+def _shown(value: Any) -> Any:
+    if isinstance(value, dict) and "options" in value:  # an engine spec: its backend only
+        return {"backend": value.get("backend")}
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    return Path(value).name if isinstance(value, str) and value.startswith("/") else value
+
+
+def client_manifest(root: Path) -> Path:
+    """manifest.json as a client may read it. The service writes it so (engines by profile name, paths
+    relative, see serve.resolve.client_recipe); a job directory from an older server recorded engine
+    specs (options: base_url, api_key...) and absolute paths: that one is served as a copy under
+    reviewed/ with engine options left out and paths by name."""
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    recipe = manifest.get("recipe") or {}
+    if _shown(recipe) == recipe:
+        return root / "manifest.json"
+    (root / "reviewed").mkdir(exist_ok=True)
+    atomic_write_text(root / "reviewed" / "manifest.json", json.dumps({**manifest, "recipe": _shown(recipe)},
+                                                                      indent=2) + "\n")
+    return root / "reviewed" / "manifest.json"
+
+
 def export_file(job: dict[str, Any], name: str, reviews: list[dict[str, Any]]) -> Path:
     """Path of the export `name` (one of export_names), rebuilt with the current reviews."""
     root = Path(job["dir"])
-    if job["kind"] not in STAGES or name == "manifest.json":
+    if name == "manifest.json":
+        return client_manifest(root)
+    if job["kind"] not in STAGES:
         return root / name
     out = root / "reviewed"
     out.mkdir(exist_ok=True)

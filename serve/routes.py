@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
 from serve.auth import PathRefused, check_name, require_owner
-from serve.jobs import JobDB, TooManyActive
+from serve.jobs import ClientView, JobDB, TooManyActive
 from serve.protocol import (
     ACTIVE_STATES,
     ConstitutionDetail,
@@ -102,15 +102,16 @@ def _request_summary(body: dict[str, Any]) -> dict[str, Any]:
 
 def _status(request: Request, job: dict[str, Any]) -> JobStatus:
     reviews = _db(request).reviews(job["id"]) if job["kind"] in STAGES else []
+    view = ClientView(request.app.state.settings, Path(job["dir"]))  # also for rows written by an older server
     return JobStatus(
         id=job["id"], kind=job["kind"], state=job["state"], owner=job["owner"], created_at=job["created_at"],
         started_at=job["started_at"], finished_at=job["finished_at"],
         progress=Progress(total=job["total"], done=job["done"], resumed=job["resumed"], step=job["step"]),
         records=job["records"], errors=json.loads(job["errors"]), tokens=job["tokens"],
         tokens_per_second=job["tokens_per_second"], cancel_requested=bool(job["cancel_requested"]),
-        message=job["message"], files=export_names(job),
+        message=view(job["message"]), files=export_names(job),
         reviews=ReviewCounts(**review_counts(reviews, judged=job["kind"] == "prefs")),
-        summary=json.loads(job["summary"]) if job["summary"] else None,
+        summary=view(json.loads(job["summary"])) if job["summary"] else None,
         request=_request_summary(json.loads(job["request"])),
     )
 
@@ -201,6 +202,7 @@ def records(job_id: str, request: Request, owner: str = Depends(require_owner),
         raise HTTPException(422, f"limit = {limit} is over this server's page limit of {cap}")
     reviews = _db(request).reviews(job_id) if job["kind"] in STAGES else []
     total, items = page(job, reviews, status, principle, offset, limit)
+    items = ClientView(request.app.state.settings, Path(job["dir"]))(items)  # e.g. a backend's error text
     return RecordPage(total=total, offset=offset, limit=limit, items=items)
 
 
@@ -239,7 +241,11 @@ def list_reviews(job_id: str, request: Request, owner: str = Depends(require_own
 
 @api.post("/jobs/{job_id}/reviews", response_model=Review, status_code=201, tags=["reviews"])
 def add_review(job_id: str, body: ReviewRequest, request: Request, owner: str = Depends(require_owner)) -> Review:
-    """Label a record: agree / flip (prefs only) / discard. A reviewer's new label replaces their old one."""
+    """Label a record: agree / flip (prefs only) / discard. The reviewer is the API key's name; its new
+    label of a record replaces its old one, so a key holds at most one review per record of a job."""
+    if body.reviewer is not None and body.reviewer != owner:
+        raise HTTPException(422, f"reviewer {body.reviewer!r}: the reviewer is the API key's name ({owner!r}); "
+                                 "leave the field out")
     job = _job(request, job_id, owner)
     if job["kind"] not in STAGES:
         raise HTTPException(422, "only sft and prefs records are reviewed")
@@ -251,8 +257,7 @@ def add_review(job_id: str, body: ReviewRequest, request: Request, owner: str = 
     if record.get("error") is not None:
         raise HTTPException(422, f"record {body.record_id} is an error row ({record['error']['code']}); "
                                  "it is never exported")
-    reviewer = body.reviewer or owner
-    return Review(**_db(request).put_review(job_id, body.record_id, reviewer, body.label, body.note))
+    return Review(**_db(request).put_review(job_id, body.record_id, owner, body.label, body.note))
 
 
 @api.get("/jobs/{job_id}/constitution", response_model=ConstitutionDetail, tags=["constitutions"])
@@ -299,9 +304,12 @@ def constitution(name: str, request: Request) -> ConstitutionDetail:
 
 @api.get("/engines", response_model=EngineList, tags=["catalogue"])
 def engines(request: Request) -> EngineList:
-    """Engine profiles a job may name (set by the server's operator)."""
+    """Engine profiles a job may name (set by the server's operator): name, backend and model only; a
+    profile's options (base_url, api_key...) are never shown, and a model folder shows by its name."""
     settings = request.app.state.settings
-    return EngineList(engines=[EngineInfo(name=n, backend=s.backend, model=s.model, default=n == settings.default_engine)
+    shown = lambda model: Path(model).name if model and Path(model).is_absolute() else model
+    return EngineList(engines=[EngineInfo(name=n, backend=s.backend, model=shown(s.model),
+                                          default=n == settings.default_engine)
                                for n, s in settings.engines.items()])
 
 

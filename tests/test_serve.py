@@ -200,13 +200,16 @@ def test_prefs_review_flip_discard_agree_change_the_export(client):
     card = client.get(f"/v1/jobs/{job_id}/export", params={"file": "README.md"}, headers=A).text
     assert "`score` = `margin` = 1.0" in card and "metadata.judge_verdict" in card
 
-    # a second reviewer's later label is the one applied; the agreement rate counts both
-    client.post(f"/v1/jobs/{job_id}/reviews", json={"record_id": flip, "label": "agree", "reviewer": "carol"}, headers=A)
+    # the reviewer is the key's name (another name is refused); the key's later label replaces its earlier one
+    r = client.post(f"/v1/jobs/{job_id}/reviews", json={"record_id": flip, "label": "agree", "reviewer": "carol"},
+                    headers=A)
+    assert r.status_code == 422
+    client.post(f"/v1/jobs/{job_id}/reviews", json={"record_id": flip, "label": "agree"}, headers=A)
     again = {row["metadata"]["id"]: row for row in export_rows(client, job_id)}
     assert again[flip]["chosen"] == before[flip]["chosen"] and again[flip]["score"] == 1.0
-    assert again[flip]["metadata"]["review"]["reviewer"] == "carol"
+    assert again[flip]["metadata"]["review"]["reviewer"] == "alice"
     reviews = client.get(f"/v1/jobs/{job_id}/reviews", headers=A).json()
-    assert reviews["counts"]["agreement_rate"] == pytest.approx(2 / 3) and len(reviews["reviews"]) == 4
+    assert reviews["counts"]["agreement_rate"] == 1.0 and len(reviews["reviews"]) == 3
 
 
 def judge_verdict_of(row: dict) -> dict:

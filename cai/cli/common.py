@@ -71,7 +71,7 @@ def fail_on_user_error() -> Iterator[None]:
     try:
         yield
     except (ConstitutionError, SourceError, JobError, EngineCapabilityError, FileNotFoundError, ValidationError,
-            ValueError) as exc:
+            ValueError, RecursionError) as exc:  # RecursionError: input nested too deeply to read
         if os.environ.get("CAI_DEBUG"):
             raise
         err_console.print(f"[red]error:[/] {exc}  (CAI_DEBUG=1 shows the traceback)")
@@ -81,7 +81,9 @@ def fail_on_user_error() -> Iterator[None]:
 @contextmanager
 def stoppable_job() -> Iterator[Callable[[], bool]]:
     """Yield a `stop()` for the pipeline: the first Ctrl-C asks the job to stop after its current
-    batch (unstarted inputs become `cancelled` rows, a rerun resumes); a second one aborts at once.
+    batch, or sooner inside it at a judge retry or an OpenAI-server request (cai.engine.base.stop_scope:
+    the batch in flight and unstarted inputs become `cancelled` rows, a rerun resumes); a second one
+    aborts at once.
     Both exit 130; a dead engine ends the command with one line and exit 1."""
     requested = threading.Event()
 
@@ -89,7 +91,8 @@ def stoppable_job() -> Iterator[Callable[[], bool]]:
         if requested.is_set():
             raise KeyboardInterrupt
         requested.set()
-        err_console.print("[yellow]stopping after the current batch[/] (Ctrl-C again to abort now)")
+        err_console.print("[yellow]stopping after the current batch[/] or at its next retry or server request "
+                          "(Ctrl-C again to abort now)")
 
     try:
         with sigint_handler(on_interrupt):

@@ -13,7 +13,7 @@ from cai.cli.common import fail_on_user_error, stoppable_job
 from cai.cli.generate import print_phase1_summary, print_phase2_summary
 from cai.evaluate import render_markdown
 from cai.pipeline import Phase1Summary, Phase2Summary, read_manifest, retry_errors
-from cai.store import JobStore
+from cai.store import JobStore, scan_shard, stage_schema
 
 app = typer.Typer(help="Inspect and repair job directories.", no_args_is_help=True)
 console = Console()
@@ -21,15 +21,20 @@ console = Console()
 
 @app.command("status")
 def status(job_dir: Path) -> None:
-    """Counts of finished rows and errors by kind."""
+    """Counts of finished rows and errors by kind; unreadable lines are named (exit 1: `cai jobs repair`)."""
     with fail_on_user_error():
         manifest = read_manifest(job_dir)
     store = JobStore(job_dir, manifest)
-    rows, errors = 0, Counter()
-    for row in store.read(manifest.stage):
-        rows += 1
-        if row.get("error"):
-            errors[row["error"]["code"]] += 1
+    schema = stage_schema(manifest.stage)
+    rows, errors, unreadable = 0, Counter(), []
+    for shard in store.shard_paths(manifest.stage):
+        for line in scan_shard(shard, schema, missing_ok=True):
+            if line.problem is not None:  # not a row: neither ok nor an error row
+                unreadable.append(f"{shard}:{line.number}: {line.problem}")
+                continue
+            rows += 1
+            if line.row["error"]:
+                errors[line.row["error"]["code"]] += 1
     console.print(
         json.dumps(
             {
@@ -39,10 +44,32 @@ def status(job_dir: Path) -> None:
                 "ok": rows - sum(errors.values()),
                 "errors": dict(errors),
                 "shards": len(store.shard_paths(manifest.stage)),
+                "unreadable": len(unreadable),
             },
             indent=2,
         )
     )
+    if unreadable:
+        for where in unreadable[:20]:
+            typer.echo(f"unreadable: {where}", err=True)
+        typer.echo(f"{len(unreadable)} unreadable lines: `cai jobs repair {job_dir}` moves them to "
+                   f"{job_dir / 'quarantine'} so that a rerun generates their inputs again", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("repair")
+def repair(job_dir: Path) -> None:
+    """Move unreadable shard lines (truncated, not UTF-8, not JSON, not a row of the stage) to
+    DIR/quarantine/; readable rows are kept, and the next run generates the moved inputs again."""
+    with fail_on_user_error(), JobStore(job_dir, read_manifest(job_dir)) as store:
+        moved = store.repair()
+    for shard, number, why in moved:
+        typer.echo(f"quarantined {shard}:{number}: {why}")
+    if moved:
+        typer.echo(f"{len(moved)} unreadable lines moved to {job_dir / 'quarantine'}; rerun the job "
+                   "(or `cai jobs retry-errors`) to generate their inputs again")
+    else:
+        typer.echo("no unreadable lines")
 
 
 @app.command("retry-errors")

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err_console = Console(stderr=True)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -30,8 +31,10 @@ def serve(
     workers: Annotated[Optional[int], typer.Option(min=1, max=16, help="jobs run at the same time [default: 1]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="settings YAML (engines, limits, ...); flags override it")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    docs: Annotated[Optional[bool], typer.Option("--docs/--no-docs", help="serve the OpenAPI schema and Swagger UI "
+                                                 "at /docs (its JS/CSS come from a public CDN) [default: off]")] = None,
 ) -> None:
-    """Serve the job API (/v1, OpenAPI at /docs) and the review page (/ui) with uvicorn."""
+    """Serve the job API (/v1; OpenAPI at /docs with --docs) and the review page (/ui) with uvicorn."""
     try:
         import uvicorn
 
@@ -44,16 +47,23 @@ def serve(
 
     from serve.auth import KEYS_ENV, KeyStore
 
+    log = logging.getLogger("serve")
+    if not log.handlers:  # skipped keys lines, job life-cycle messages (re-queued jobs, failures) beside uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     overrides = dict(keys_file=keys_file or default_keys_file(), data_root=data_root, jobs_root=jobs_root,
-                     constitutions_dir=constitutions, workers=workers)
+                     constitutions_dir=constitutions, workers=workers, docs=docs)
     try:
         if config is not None:
             settings = Settings.from_yaml(config, **overrides)
         else:
             settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
-        keys = KeyStore(settings.keys_file, os.environ.get(KEYS_ENV) if settings.keys_from_env else None).count()
+        store = KeyStore(settings.keys_file, os.environ.get(KEYS_ENV) if settings.keys_from_env else None)
+        keys = store.count()
     except (ValueError, OSError) as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     if keys == 0:
         err_console.print(f"[red]error:[/] no API keys in {settings.keys_file} or ${KEYS_ENV}. Create one with\n"
@@ -63,14 +73,9 @@ def serve(
     if host not in LOOPBACK:
         err_console.print(f"[yellow]warning:[/] binding {host}: the API is reachable from other machines and "
                           "speaks plain HTTP; put it behind a TLS proxy")
-    err_console.print(f"cai serve: http://{host}:{port}/ui (review page), /docs (API); jobs in {settings.jobs_root}, "
+    api_docs = "/docs (API)" if settings.docs else "API schema off (--docs)"
+    err_console.print(f"cai serve: http://{host}:{port}/ui (review page), {api_docs}; jobs in {settings.jobs_root}, "
                       f"datasets from {settings.data_root}, {keys} key(s), {settings.workers} worker(s)")
-    log = logging.getLogger("serve")
-    if not log.handlers:  # job life-cycle messages (re-queued jobs, failures) beside uvicorn's own
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     serve: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=False,
                 server_header=False)
 
@@ -89,8 +94,8 @@ def keys_create(
 
     try:
         key = create_key(name, file)
-    except ValueError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+    except ValueError as exc:  # a bad name, or a keys file with malformed lines (each named)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     print(key)
     err_console.print(f"stored the key's sha256 for {name!r} in {file or default_keys_file()}; "
@@ -99,8 +104,9 @@ def keys_create(
 
 @keys_app.command("list")
 def keys_list(file: Annotated[Optional[Path], typer.Option(help="keys file")] = None) -> None:
-    """Key names in a keys file."""
-    from serve.keys import list_keys
+    """Key names in a keys file; names every line the server would skip (exit status 1)."""
+    from serve.keys import show_keys
 
-    for name in list_keys(file):
-        print(name)
+    status = show_keys(file)
+    if status:
+        raise typer.Exit(status)

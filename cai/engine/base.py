@@ -2,12 +2,21 @@
 
 Stages hand an engine *all* requests of a step at once; a backend decides how to
 batch them internally. Failures come back as `Completion.error`, never as None.
+
+Stopping inside a step: the batch runner puts the job's stop check in `stop_scope` while it
+processes a batch; retry and request loops (the judge's structured retries, OpenAIEngine's
+backoff and requests) call `check_stop()` / `until_stopped()`, which raise StopRequested once
+the check turns true. The runner turns that into `cancelled` rows for the batch in flight and
+every input not started (see cai.batches.run_batches).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +31,50 @@ class EngineCapabilityError(RuntimeError):
     feature, its server ignores `continue_final_message`, its tokenizer cannot
     form an option): one exception naming the cause and the fix, not one error
     row per request."""
+
+
+StopCheck = Callable[[], bool]
+_STOP: ContextVar[StopCheck | None] = ContextVar("cai_stop_check", default=None)
+_T = TypeVar("_T")
+
+
+class StopRequested(RuntimeError):
+    """The job's stop check turned true inside an engine call or a retry loop (see `stop_scope`)."""
+
+
+@contextmanager
+def stop_scope(stop: StopCheck | None) -> Iterator[None]:
+    """Make `stop` the stop check that `check_stop()` consults while the block runs.
+
+    A context variable: it follows the thread and the asyncio tasks started inside the block
+    (a helper thread must be given a copy of the context, as OpenAIEngine's `_run_sync` does)."""
+    token = _STOP.set(stop)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
+
+
+def check_stop() -> None:
+    """Raise StopRequested when the current job asked to stop; a no-op outside `stop_scope`."""
+    stop = _STOP.get()
+    if stop is not None and stop():
+        raise StopRequested("the job was asked to stop")
+
+
+async def until_stopped(awaitable: Awaitable[_T], poll: float = 0.5) -> _T:
+    """Await `awaitable` (a request, a backoff), checking the stop signal every `poll` seconds;
+    on stop the awaitable is cancelled and StopRequested raised."""
+    if _STOP.get() is None:
+        return await awaitable
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            check_stop()
+            if (await asyncio.wait({task}, timeout=poll))[0]:
+                return task.result()
+    finally:
+        task.cancel()  # no-op once done; a stopped request or backoff ends here
 
 
 class TokenLogprob(BaseModel):
@@ -66,3 +119,13 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HasControlTokens(Protocol):
+    """An engine that knows its model's control tokens (optional, not part of `Engine`): the
+    tokenizer's special and added tokens and its chat template's markers, e.g. DeepSeek's
+    `<｜end▁of▁sentence｜>`. The judge breaks them up inside quoted text; an engine without a
+    tokenizer (openai) gets cai.prompts' fixed list and its <|...|> / <｜...｜> breaks only."""
+
+    control_tokens: tuple[str, ...]

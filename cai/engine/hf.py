@@ -7,7 +7,9 @@ and run in left-padded sub-batches of `max_batch_size`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 
@@ -49,6 +51,37 @@ def error_completion(code: ErrorCode, message: str, prompt_tokens: int = 0) -> C
         prompt_tokens=prompt_tokens,
         error=ErrorInfo(code=code, message=message),
     )
+
+
+_TEMPLATE_MARKER = re.compile(r"<[^\s<>]{1,98}>|\[/?[A-Z][A-Z_]{0,97}\]")
+
+
+def tokenizer_controls(tokenizer) -> tuple[str, ...]:
+    """Strings the model reads as control tokens, sorted: the tokenizer's special and added tokens
+    (it turns them into their token wherever they appear in text) and the markers its chat
+    template writes (`<｜Assistant｜>`, `[INST]`, `<start_of_turn>`). The judge breaks them up
+    in quoted text (cai.prompts.neutralise keeps only the markup-like ones)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if callable(added):
+        found.update(added())
+    template = getattr(tokenizer, "chat_template", None)
+    templates = template.values() if isinstance(template, dict) else [template]
+    for text in templates:
+        if isinstance(text, str):
+            found.update(m for piece in _template_texts(text) for m in _TEMPLATE_MARKER.findall(piece))
+    return tuple(sorted(t for t in found if isinstance(t, str)))
+
+
+def _template_texts(template: str) -> list[str]:
+    """The literal text of a Jinja chat template: its raw text and string constants (the whole
+    source when it does not lex)."""
+    try:
+        import jinja2
+
+        return [value for _, kind, value in jinja2.Environment().lex(template) if kind in ("data", "string")]
+    except Exception:  # no jinja2, or a template that does not lex: scan its source
+        return [template]
 
 
 def context_error(n_tokens: int, limit: int) -> ErrorInfo:
@@ -100,6 +133,11 @@ class TransformersEngine:
         self.model = ModelRef(
             id=model_display_id(model, path), revision=model_revision(path), engine=self.backend
         )
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's control-token strings (see tokenizer_controls); the judge breaks them up."""
+        return tokenizer_controls(self.tokenizer)
 
     # -- generate --
 

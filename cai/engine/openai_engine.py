@@ -5,7 +5,9 @@ All requests of a call run concurrently on one `AsyncOpenAI` client, at most
 retries are off): 408/409/429/5xx, timeouts and connection errors are retried
 with exponential backoff and jitter, waiting what `Retry-After` asks when the
 server sends it. Other 4xx are never retried. Every failure of a request ends
-as an error row (`Completion.error` / `ChoiceScores.error`), never an exception;
+as an error row (`Completion.error` / `ChoiceScores.error`), never an exception
+(except StopRequested: every attempt, backoff and request in flight ends when the
+job's stop check turns true, see cai.engine.base.stop_scope);
 a server that ignores `continue_final_message` (so no option score would mean
 what the judge asks) raises one EngineCapabilityError instead.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import email.utils
 import math
 import os
@@ -23,7 +26,14 @@ from collections.abc import Awaitable, Callable, Sequence
 import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from cai.engine.base import TOP_ALTERNATIVES, ChoiceScores, EngineCapabilityError, TokenLogprob
+from cai.engine.base import (
+    TOP_ALTERNATIVES,
+    ChoiceScores,
+    EngineCapabilityError,
+    StopRequested,
+    TokenLogprob,
+    until_stopped,
+)
 from cai.engine.hf import derive_seed
 from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
 
@@ -39,6 +49,7 @@ class OpenAIEngine:
         model: str,
         base_url: str | None = None,
         api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
         concurrency: int = 8,
         timeout: float = 60.0,
         max_retries: int = 6,
@@ -51,7 +62,9 @@ class OpenAIEngine:
         if not base_url:
             raise ValueError("the openai backend needs base_url (or env OPENAI_BASE_URL)")
         self.base_url = base_url
-        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        # The key: `api_key`, else the environment variable `api_key_env` names. A recipe names the
+        # variable (api_key_env=...), never the key: manifests leave secret options out (cai.engine.redact_options).
+        self.api_key = api_key or os.environ.get(api_key_env) or "EMPTY"
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_retries = max_retries
@@ -134,6 +147,8 @@ class OpenAIEngine:
             async def one(body):
                 try:
                     response = await self._call(client, semaphore, body)
+                except StopRequested:
+                    raise  # the job was stopped: the whole call ends, the batch runner writes cancelled rows
                 except Exception as exc:
                     return on_error(_error_info(exc))
                 try:
@@ -148,13 +163,13 @@ class OpenAIEngine:
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self._wait,
             retry=retry_if_exception(is_retryable),
-            sleep=self.sleep,
+            sleep=lambda seconds: until_stopped(self.sleep(seconds)),  # a backoff ends when the job stops
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
                 async with semaphore:  # a request waiting out a backoff holds no slot
-                    return await client.chat.completions.create(**body)
+                    return await until_stopped(client.chat.completions.create(**body))
 
     def _wait(self, retry_state) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -318,5 +333,5 @@ def _run_sync(coro):
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # the context carries the stop check
+        return pool.submit(contextvars.copy_context().run, asyncio.run, coro).result()

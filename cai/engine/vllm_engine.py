@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import cached_property
 
 from cai.engine.base import TOP_ALTERNATIVES, ChoiceScores, EngineCapabilityError, TokenLogprob
-from cai.engine.hf import context_error, derive_seed, error_completion
+from cai.engine.hf import context_error, derive_seed, error_completion, tokenizer_controls
 from cai.engine.models import model_display_id, model_revision, resolve_model
 from cai.engine.tokens import OptionPlan, encode, plan_or_error, render_prompt
 from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
@@ -120,6 +121,11 @@ class VLLMEngine:
         self.model = ModelRef(
             id=model_display_id(model, path), revision=model_revision(path), engine=self.backend
         )
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's control-token strings (see tokenizer_controls); the judge breaks them up."""
+        return tokenizer_controls(self.tokenizer)
 
     # -- generate --
 
