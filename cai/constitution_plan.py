@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cai.constitution import LoadedConstitution, load_constitution
+from cai.errors import CaiError
 
 UNREVISED = "none"
 
 
-class PlanError(ValueError):
+class PlanError(CaiError, ValueError):
     """A group-to-constitution mapping that cannot be used; the message says what to do."""
 
 

@@ -7,10 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
+from cai.errors import CaiError
+
 CONSTITUTIONS_DIR = Path(__file__).resolve().parents[1] / "constitutions"
 
 
-class ConstitutionError(Exception):
+class ConstitutionError(CaiError):
     """A problem in a constitution file, located by file, line and field, with what to do about it."""
 
     def __init__(self, file: str, line: int | None, field: str | None, message: str):

@@ -87,8 +87,6 @@ def _run_step(
     principle_ids: list[str | None],
 ) -> None:
     completions = engine.generate(chats, params)
-    if len(completions) != len(chats):
-        raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
     for traj, completion, principle_id in zip(trajectories, completions, principle_ids):
         traj.steps.append(
             Step(

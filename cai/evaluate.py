@@ -22,21 +22,26 @@ often people did).
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, Field
 
+from cai.errors import CaiError
+from cai.files import (
+    atomic_write_bytes,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl_numbered,
+)
 from cai.judge import JudgeConfig, JudgeItem
 from cai.records import Chat, Judgement, Message, ModelRef, Position, utc_now
 from cai.sources import hh_prompt_and_answer, parse_hh_transcript
-from cai.store import atomic_write_lines, atomic_write_text
 
 # The CAI paper's generic harmlessness comparison, used for HH pairs (no principle in the data).
 DEFAULT_HH_QUESTION = (
@@ -96,10 +101,8 @@ def _label(values: object) -> Position | None:
 
 
 def _rows(path: str | Path):
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield f"{path}:{n}", json.loads(line)
+    for n, row in read_jsonl_numbered(path):
+        yield f"{path}:{n}", row
 
 
 def read_mc_items(path: str | Path, limit: int | None = None) -> EvalSet:
@@ -158,7 +161,7 @@ def read_eval_items(path: str | Path, limit: int | None = None, seed: int = 0,
         return read_mc_items(path, limit)
     if isinstance(first, dict) and "chosen" in first and "rejected" in first:
         return read_hh_items(path, limit, seed, question)
-    raise ValueError(f"{path}: expected rows with prompt/corrects/incorrects or chosen/rejected")
+    raise CaiError(f"{path}: expected rows with prompt/corrects/incorrects or chosen/rejected")
 
 
 # ---- metrics ----------------------------------------------------------------------------
@@ -339,7 +342,7 @@ def render_markdown(report: JudgeReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_reliability(report: JudgeReport, path: str | Path) -> None:
+def plot_reliability(report: JudgeReport, path: str | Path | BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,7 +360,7 @@ def plot_reliability(report: JudgeReport, path: str | Path) -> None:
            title="Judge reliability")
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -369,10 +372,10 @@ def write_report(report: JudgeReport, out_dir: str | Path) -> list[Path]:
     paths = [out / "report.json", out / "report.md", out / "reliability.png", out / "predictions.jsonl"]
     atomic_write_text(paths[0], report.model_dump_json(indent=2) + "\n")
     atomic_write_text(paths[1], render_markdown(report))
-    png_tmp = out / f".reliability.tmp-{os.getpid()}.png"
-    plot_reliability(report, png_tmp)
-    os.replace(png_tmp, paths[2])
+    png = io.BytesIO()
+    plot_reliability(report, png)
+    atomic_write_bytes(paths[2], png.getvalue())
     base = report.baseline_items or [None] * len(report.cai_items)
-    atomic_write_lines(paths[3], (json.dumps({"cai": c.model_dump(), "baseline": b.model_dump() if b else None},
-                                             ensure_ascii=False) + "\n" for c, b in zip(report.cai_items, base)))
+    atomic_write_jsonl(paths[3], ({"cai": c.model_dump(), "baseline": b.model_dump() if b else None}
+                                  for c, b in zip(report.cai_items, base)))
     return paths

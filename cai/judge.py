@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from cai.constitution import Principle
-from cai.engine.base import ChoiceScores, Engine, check_stop
+from cai.engine.base import ChoiceScores, Engine, NoLogprobs, check_stop
 from cai.prompts import (
     JUDGE_ANSWER_PREFIX,
     JUDGE_OPTIONS,
@@ -175,22 +175,14 @@ def _score(engine: Engine, chats: list[Chat]) -> list[ChoiceScores]:
     if not chats:
         return []
     try:
-        scores = engine.choice_logprobs(chats, list(JUDGE_OPTIONS), prefix=JUDGE_ANSWER_PREFIX)
-    except NotImplementedError as exc:
+        return engine.choice_logprobs(chats, list(JUDGE_OPTIONS), prefix=JUDGE_ANSWER_PREFIX)
+    except NoLogprobs as exc:
         err = ErrorInfo(code=ErrorCode.NO_LOGPROBS, message=f"{engine.backend}: {exc}")
         return [ChoiceScores(error=err) for _ in chats]
-    if len(scores) != len(chats):
-        raise RuntimeError(f"engine returned {len(scores)} scores for {len(chats)} chats")
-    return scores
 
 
 def _generate(engine: Engine, chats: list[Chat], params: SamplingParams) -> list[Completion]:
-    if not chats:
-        return []
-    completions = engine.generate(chats, params)
-    if len(completions) != len(chats):
-        raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
-    return completions
+    return engine.generate(chats, params) if chats else []
 
 
 def _controls(engine: Engine) -> tuple[str, ...]:

@@ -1,13 +1,13 @@
 """Judge evaluation as a resumable batch job: `cai eval judge` writes a job directory.
 
     DIR/manifest.json               data digest, judge model, judge settings, templates
-    DIR/shards/judge-eval-N.jsonl   one JudgedItem per (judge, item): cai's judge and the baseline
+    DIR/shards/judge-eval-*.jsonl   one JudgedItem per (judge, item): cai's judge and the baseline
     DIR/report.json, report.md, reliability.png, predictions.jsonl   written once all rows exist
 
 Both judges run through `run_batches`, so a killed evaluation resumes where it
 stopped, a dead backend stops it without rows, and cancelling writes `cancelled`
 rows. The report is computed from the shards, so it is the same whether the
-evaluation ran in one go or in several.
+evaluation ran in one go or in several. cai.kinds lists this job kind with the others.
 """
 
 from __future__ import annotations
@@ -18,31 +18,40 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai.batches import BatchRun, JobCancelled, run_batches
 from cai.constitution import display_path
 from cai.engine.base import Engine
-from cai.evaluate import EvalItem, EvalSet, JudgeReport, item_results, judge_metrics, read_eval_items, write_report
-from cai.judge import JudgeConfig, baseline_judge, judge_pairs
-from cai.pipeline import (
-    BatchRun,
-    JobCancelled,
-    ProgressHook,
-    StopCheck,
+from cai.evaluate import (
+    EvalItem,
+    EvalSet,
+    JudgeReport,
+    item_results,
+    judge_metrics,
+    read_eval_items,
+    write_report,
+)
+from cai.events import ProgressHook
+from cai.executor import Executor, StopCheck
+from cai.jobdir import (
+    JobSummary,
+    LazyEngine,
     build_engine,
     engine_model_ref,
-    manifest_recipe,
+    job_manifest,
     open_job_store,
-    run_batches,
     source_digest,
 )
-from cai.prompts import BASELINE_TEMPLATE_HASH, JUDGE_TEMPLATE_HASH
-from cai.recipe import EngineSpec
+from cai.judge import JudgeConfig, baseline_judge, judge_pairs
+from cai.prompts import BASELINE_TEMPLATE_HASH, judge_config_template_hashes
+from cai.recipe import DEFAULT_BATCH_SIZE, EngineSpec
 from cai.records import ErrorCode, ErrorInfo, Judgement, ModelRef, stable_id
-from cai.store import Manifest, fingerprint
 
+JUDGE_EVAL = "judge-eval"
 JUDGE_EVAL_CODE_VERSION = "1"
 # What `cai jobs retry-errors` redoes here: failures of the backend, not verdicts that are measurements.
 JUDGE_EVAL_REDO = (ErrorCode.BACKEND_UNAVAILABLE.value, ErrorCode.INTERNAL.value)
 JudgeName = Literal["cai", "baseline"]
+JUDGE_EVAL_EXPORTS = ("report.json", "report.md", "reliability.png", "predictions.jsonl")
 
 
 class EvalJob(BaseModel):
@@ -56,7 +65,7 @@ class EvalJob(BaseModel):
     limit: int | None = None
     seed: int = 0
     baseline: bool = True
-    batch_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     new_job: bool = False
 
 
@@ -76,13 +85,20 @@ class JudgedItem(BaseModel):
         return 0
 
 
-class JudgeEvalSummary(BaseModel):
-    out: str
-    done_before: int
-    done_now: int
-    report: JudgeReport
-    files: list[str]
-    skipped: dict[str, int]  # data rows that are not a usable labelled pair, by reason
+JUDGE_EVAL_RECORDS = {JUDGE_EVAL: JudgedItem}
+
+
+class JudgeEvalDetails(JudgeReport):
+    """The report, and the data rows that are not a usable labelled pair (`skipped`, by reason)."""
+
+    skipped: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def report(self) -> JudgeReport:
+        return self
+
+
+JudgeEvalSummary = JobSummary[JudgeEvalDetails]
 
 
 def judged_id(judge: JudgeName, item: EvalItem) -> str:
@@ -90,20 +106,11 @@ def judged_id(judge: JudgeName, item: EvalItem) -> str:
     return stable_id("judge-eval", judge, item.source.rsplit(":", 1)[-1], item.item.model_dump(), item.human)
 
 
-def judge_eval_manifest(job: EvalJob, model: ModelRef, recipe: dict | None = None) -> Manifest:
-    """`recipe`: what manifest.json records as the job's settings (default: cai.pipeline.manifest_recipe,
-    the settings without secret engine options)."""
-    inputs = {
-        "stage": f"judge-eval/{JUDGE_EVAL_CODE_VERSION}",
-        "data": source_digest(job.data),
-        "model": model.model_dump(),
-        "judge": job.judge.model_dump(mode="json"),
-        "seed": job.seed,
-        "template_hash": JUDGE_TEMPLATE_HASH,
-        "baseline_template_hash": BASELINE_TEMPLATE_HASH,
-    }
-    recipe = manifest_recipe(job) if recipe is None else recipe
-    return Manifest(stage="judge-eval", fingerprint=fingerprint(inputs), fingerprint_inputs=inputs, recipe=recipe)
+def judge_eval_manifest_inputs(job: EvalJob, model: ModelRef) -> dict:
+    """What a judge evaluation's output depends on (its fingerprint)."""
+    return {"data": source_digest(job.data), "model": model.model_dump(), "judge": job.judge.model_dump(mode="json"),
+            "seed": job.seed, "template_hash": judge_config_template_hashes(job.judge.mode, job.judge.fallback_structured),
+            "baseline_template_hash": BASELINE_TEMPLATE_HASH}
 
 
 def _judge_batch(judge: JudgeName, run: Callable[[list[EvalItem]], list[Judgement]]):
@@ -117,7 +124,9 @@ def _judge_batch(judge: JudgeName, run: Callable[[list[EvalItem]], list[Judgemen
     return process
 
 
-def _cancelled(judge: JudgeName, mode) -> Callable[[list[EvalItem], str], list[JudgedItem]]:
+def cancelled_rows(judge: JudgeName, mode) -> Callable[[list[EvalItem], str], list[JudgedItem]]:
+    """The `cancelled` row factory of one judge's pass: (items not judged, reason) -> their rows."""
+
     def rows(batch: list[EvalItem], reason: str) -> list[JudgedItem]:
         error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
         return [JudgedItem(id=judged_id(judge, it), judge=judge, item=it,
@@ -128,49 +137,52 @@ def _cancelled(judge: JudgeName, mode) -> Callable[[list[EvalItem], str], list[J
 
 def run_judge_eval(
     job: EvalJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
-    redo: Collection[str] = (), recipe: dict | None = None,
+    redo: Collection[str] = (), recipe: dict | None = None, build: Callable[[EngineSpec], Engine] | None = None,
+    executor: Executor | None = None,
 ) -> JudgeEvalSummary:
     """Judge every labelled pair with cai's judge (and the baseline), resumably; write the report.
-    `recipe`: what a new job's manifest.json records as its settings (see judge_eval_manifest).
+    `engine`, else one built by `build` (default: build_engine) only if there is work; `executor` runs
+    the batches (default: cai.executor.LocalExecutor). `recipe`: what
+    a new job's manifest.json records as its settings (default: cai.jobdir.manifest_recipe).
 
     If the job is stopped, the pass in flight and every later pass write `cancelled` rows
     for what they did not start, so each (judge, pair) still ends as one row.
     """
+    started = time.perf_counter()
     evalset = _named_as_shown(read_eval_items(job.data, limit=job.limit, seed=job.seed))
     model = engine.model if engine is not None else engine_model_ref(job.engine)
-    engines: list[Engine] = [engine] if engine is not None else []
-
-    def start_engine() -> None:
-        if not engines:
-            engines.append(build_engine(job.engine))
-
+    manifest = job_manifest(JUDGE_EVAL, JUDGE_EVAL_CODE_VERSION, judge_eval_manifest_inputs(job, model), job, recipe)
+    engine_of = LazyEngine(job.engine, build or build_engine, engine)
     passes: list[tuple[JudgeName, Callable[[list[EvalItem]], list[Judgement]], str]] = [
-        ("cai", lambda batch: judge_pairs(engines[0], [it.item for it in batch], job.judge), job.judge.mode)]
+        ("cai", lambda batch: judge_pairs(engine_of(), [it.item for it in batch], job.judge), job.judge.mode)]
     if job.baseline:
-        passes.append(("baseline", lambda batch: baseline_judge(engines[0], [it.item for it in batch]), "baseline"))
+        passes.append(("baseline", lambda batch: baseline_judge(engine_of(), [it.item for it in batch]), "baseline"))
     runs: list[BatchRun] = []
     cancelled: list[JobCancelled] = []
-    with open_job_store(job, judge_eval_manifest(job, model, recipe)) as store:
+    with open_job_store(job, manifest, JUDGE_EVAL_RECORDS) as store:
         for n, (name, judge, mode) in enumerate(passes):
             # Both judges' rows share the stage (their ids differ): drop rows to redo once, before the first pass.
             todo = {ErrorCode.CANCELLED.value, *redo} if n == 0 else ()
             try:
                 runs.append(run_batches(
-                    store, "judge-eval", lambda: evalset.items, lambda it, name=name: judged_id(name, it),
-                    _judge_batch(name, judge), job.batch_size, progress, start_engine,
-                    stop=(lambda: True) if cancelled else stop, cancelled=_cancelled(name, mode), redo=todo))
+                    store, JUDGE_EVAL, lambda: evalset.items, lambda it, name=name: judged_id(name, it),
+                    _judge_batch(name, judge), job.batch_size, progress, engine_of,
+                    stop=(lambda: True) if cancelled else stop, cancelled=cancelled_rows(name, mode), redo=todo,
+                    executor=executor))
             except JobCancelled as exc:
                 cancelled.append(exc)
         if cancelled:
             done, written = sum(e.done for e in cancelled), sum(e.written for e in cancelled)
             raise JobCancelled(f"cancelled after {done} verdicts; {written} (judge, pair) rows not started were "
                                "written as `cancelled` error rows; rerun the job to resume", done, written)
-        rows = {row["id"]: row for row in store.read("judge-eval")}
+        rows = {record.id: record for record in store.records(JUDGE_EVAL)}
         report = _report(job, model, evalset, rows)
         paths = write_report(report, store.root)
-    return JudgeEvalSummary(out=str(store.root), done_before=runs[0].done_before,
-                            done_now=sum(r.done_now for r in runs), report=report,
-                            files=[str(p) for p in paths], skipped=evalset.skipped)
+    return JudgeEvalSummary(
+        kind=JUDGE_EVAL, out=str(store.root), done_before=runs[0].done_before, done_now=sum(r.done_now for r in runs),
+        files=[str(p) for p in paths], generation_seconds=sum(r.generation_seconds for r in runs),
+        wall_seconds=time.perf_counter() - started,
+        details=JudgeEvalDetails(**dict(report), skipped=evalset.skipped))
 
 
 def _named_as_shown(evalset: EvalSet) -> EvalSet:
@@ -181,11 +193,11 @@ def _named_as_shown(evalset: EvalSet) -> EvalSet:
     return evalset.model_copy(update={"path": shown, "items": items})
 
 
-def _report(job: EvalJob, model: ModelRef, evalset: EvalSet, rows: dict[str, dict]) -> JudgeReport:
+def _report(job: EvalJob, model: ModelRef, evalset: EvalSet, rows: dict[str, JudgedItem]) -> JudgeReport:
     items: Sequence[EvalItem] = evalset.items
 
     def judged(name: JudgeName) -> tuple[list[Judgement], float]:
-        found = [JudgedItem.model_validate(rows[judged_id(name, it)]) for it in items]
+        found = [rows[judged_id(name, it)] for it in items]
         return [r.judgement for r in found], sum(r.seconds for r in found)
 
     cai, cai_s = judged("cai")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cai.policy_eval import PolicyReport
+    from cai.policy_records import PolicyReport
 
 log = logging.getLogger(__name__)
 

@@ -21,16 +21,20 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
-
-from cai.engine.models import EMBEDDED_ALIASES, EMBEDDED_MODEL, embedded_model_dir, model_display_id, model_revision
+from cai.engine.models import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_MODEL,
+    embedded_model_dir,
+    model_display_id,
+    model_revision,
+)
+from cai.errors import CaiError
 from cai.evaluate import Interval
+from cai.files import atomic_write_json, atomic_write_text
+from cai.plots import plot_training_curves, plot_win_rates
+from cai.policy_records import EvalJudge, HumanAgreement, PolicyReport
 from cai.records import ModelRef
-
-if TYPE_CHECKING:
-    from cai.policy_eval import PolicyReport
 
 _EMBEDDED_KEYS = frozenset(a.casefold() for a in EMBEDDED_ALIASES)
 _UNKNOWN_REVISIONS = (None, "", "unknown")
@@ -38,34 +42,8 @@ MEASURE_HINT = ("measure it with `cai eval judge --data FILE --judge MODEL --out
                 "`--judge-report DIR/report.json` (repeatable, one per data file)")
 
 
-class HumanAgreement(BaseModel):
-    """The evaluation judge's agreement with human labels, from one `cai eval judge` report.json."""
-
-    report: str = Field(description="the report.json read")
-    data: str = Field(description="file name of the human-labelled data")
-    data_path: str | None = None
-    format: str | None = None
-    model: ModelRef = Field(description="the judge model that report measured")
-    mode: str | None = None
-    orders: int | None = None
-    n: int
-    answered: int
-    accuracy: float | None
-    accuracy_ci: Interval | None = Field(None, description="Wilson 95%, ties as half")
-    accuracy_errors_wrong: float | None = None
-    consistency: float | None = Field(None, description="position consistency over both orders")
-    errors: dict[str, int] = Field(default_factory=dict)
-    created_at: str | None = None
-
-
-class EvalJudge(BaseModel):
-    """report.json `judge`: which model graded the win rates, and how far it can be trusted."""
-
-    model: ModelRef
-    training_judge: ModelRef | None = Field(None, description="the model that labelled the training pairs")
-    same_as_training_judge: bool | None = Field(None, description="None: the training judge was not given")
-    statement: str = Field("", description="the report's first line")
-    human_agreement: list[HumanAgreement] = Field(default_factory=list)
+class ReportError(CaiError, ValueError):
+    """A judge report that cannot be used for this evaluation; the message says why and what to do."""
 
 
 # ---- model identity ----------------------------------------------------------------------
@@ -143,7 +121,7 @@ def read_judge_report(path: str | Path) -> HumanAgreement:
             errors=cai.get("errors") or {}, created_at=raw.get("created_at"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{p} is not a report.json written by `cai eval judge`: {exc}") from None
+        raise ReportError(f"{p} is not a report.json written by `cai eval judge`: {exc}") from None
 
 
 def _describe(ref: ModelRef) -> str:
@@ -154,7 +132,7 @@ def check_agreements(judge: ModelRef, agreements: Sequence[HumanAgreement]) -> N
     """Refuse a judge report that measured another model than the evaluation judge."""
     for a in agreements:
         if not same_model(a.model, judge):
-            raise ValueError(
+            raise ReportError(
                 f"--judge-report {a.report} measured the judge {_describe(a.model)}, but the evaluation judge is "
                 f"{_describe(judge)}: its human agreement says nothing about this judge; {MEASURE_HINT}")
 
@@ -224,14 +202,11 @@ def render_markdown(report: PolicyReport) -> str:
 def write_policy_report(report: PolicyReport, out_dir: str | Path,
                         training_logs: Mapping[str, str | Path] | None = None) -> list[Path]:
     """report.json, report.md, winrates.png (and training_curves.png when logs are given)."""
-    from cai.plots import plot_training_curves, plot_win_rates
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "winrates.png"]
-    paths[0].write_text(json.dumps(report.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n",
-                        encoding="utf-8")
-    paths[1].write_text(render_markdown(report), encoding="utf-8")
+    atomic_write_json(paths[0], report.model_dump(mode="json"))
+    atomic_write_text(paths[1], render_markdown(report))
     plot_win_rates(report, paths[2])
     if training_logs:
         paths.append(out / "training_curves.png")

@@ -27,8 +27,7 @@ Pairing (``Phase2Config.pairing``):
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from itertools import combinations
 from typing import Any
 
@@ -40,7 +39,7 @@ from cai.constitution_plan import ConstitutionPlan, PlanError
 from cai.critique import step_error
 from cai.engine.base import Engine
 from cai.judge import JudgeItem, judge_pairs
-from cai.prompts import JUDGE_TEMPLATE_HASH, answer_chat, with_system
+from cai.prompts import answer_chat, judge_template_hash, with_system
 from cai.recipe import Phase2Config
 from cai.records import (
     AnswerSample,
@@ -185,7 +184,7 @@ def _lineage_parts(constitution: LoadedConstitution, group: str, policy: ModelRe
         judge_config=config.judge.model_dump(mode="json"),
         sampling={"policy": _policy_params(config), "judge": config.judge.generation()},
         seed=config.seed,
-        template_hash=JUDGE_TEMPLATE_HASH,
+        template_hash=judge_template_hash(config.judge.mode),
         cai_version=__version__,
     )
 
@@ -224,6 +223,8 @@ def _best_vs_worst(comparisons: Sequence[Comparison]) -> Comparison:
 
 def _record(rid, base, comparisons, emitted: Comparison | None, lineage, error=None) -> PreferenceRecord:
     principles = [c.judgement.principle_id for c in comparisons if c.judgement.principle_id]
+    if emitted is not None:  # a backend without log-probs may have made it a structured verdict
+        lineage = {**lineage, "template_hash": judge_template_hash(emitted.judgement.mode)}
     record = PreferenceRecord(id=rid, **base, comparisons=comparisons,
                               lineage=PreferenceLineage(principle_ids=principles, **lineage), error=error)
     if emitted is None or error is not None:
@@ -231,7 +232,7 @@ def _record(rid, base, comparisons, emitted: Comparison | None, lineage, error=N
     j = emitted.judgement
     if j.error is not None:
         return record.model_copy(update={"judgement": j, "pair": (emitted.a, emitted.b), "error": j.error})
-    a_wins = j.p_a >= 0.5  # an exact tie (score 0.5, margin 0) is never exported; see keep_for_export
+    a_wins = j.p_a >= 0.5  # an exact tie (score 0.5, margin 0) is not exported; see cai.formats
     chosen, rejected = (emitted.a, emitted.b) if a_wins else (emitted.b, emitted.a)
     score = j.p_a if a_wins else 1.0 - j.p_a
     answers = base["answers"]
@@ -239,65 +240,6 @@ def _record(rid, base, comparisons, emitted: Comparison | None, lineage, error=N
         judgement=j, pair=(emitted.a, emitted.b), chosen_index=chosen, rejected_index=rejected,
         chosen=answers[chosen].text, rejected=answers[rejected].text, score=score, margin=2 * score - 1,
     ))
-
-
-# ---- export helpers (the lead's export.py writes the files) ------------------------------
-
-
-def keep_for_export(record: PreferenceRecord, min_confidence: float = 0.0,
-                    require_consistent: bool = True) -> bool:
-    """Whether a record goes into the exported dataset.
-
-    Error rows, exact ties (margin 0: no preference), pairs below `min_confidence`
-    and, with `require_consistent`, pairs whose two orders disagree are kept in
-    the raw shards but not exported. A pair judged in one order has
-    consistent=None and is not excluded for it.
-    """
-    j = record.judgement
-    if record.error is not None or j is None or j.error is not None:
-        return False
-    return _exclusion(record, min_confidence, require_consistent) is None
-
-
-def preference_row(record: PreferenceRecord) -> dict:
-    """TRL conversational preference row plus score / margin / consistent and lineage metadata."""
-    if record.chosen is None or record.rejected is None or record.judgement is None:
-        raise ValueError(f"record {record.id} has no preference pair (error: {record.error})")
-    lineage, j = record.lineage, record.judgement
-    metadata = {
-        "id": record.id,
-        "parent_ids": record.parent_ids,
-        "constitution": lineage.constitution.model_dump(exclude={"path"}),
-        "prompt_group": lineage.prompt_group,
-        "principle_id": j.principle_id,
-        "principle_ids": lineage.principle_ids,
-        "policy_model": lineage.model.model_dump(),
-        "judge_model": lineage.judge_model.model_dump(),
-        "judge_mode": j.mode,
-        "judge_config": lineage.judge_config,
-        "sampling": {k: v.model_dump() for k, v in lineage.sampling.items()},
-        "seed": lineage.seed,
-        "template_hash": lineage.template_hash,
-        "cai_version": lineage.cai_version,
-        "created_at": lineage.created_at,
-        "pair": list(record.pair or ()),
-        "chosen_index": record.chosen_index,
-        "rejected_index": record.rejected_index,
-        "p_a": j.p_a,
-        "p_a_orders": j.p_a_orders,
-        "first_shown": [o.first for o in j.orders],
-        "confidence": j.confidence,
-        "num_samples": len(record.answers),
-    }
-    return {
-        "prompt": [m.model_dump() for m in record.prompt],
-        "chosen": [{"role": "assistant", "content": record.chosen}],
-        "rejected": [{"role": "assistant", "content": record.rejected}],
-        "score": record.score,
-        "margin": record.margin,
-        "consistent": j.consistent,
-        "metadata": metadata,
-    }
 
 
 class PreferenceStats(BaseModel):
@@ -310,6 +252,7 @@ class PreferenceStats(BaseModel):
     excluded: dict[str, int] = Field(default_factory=dict)
     principles: dict[str, int] = Field(default_factory=dict)
     groups: dict[str, int] = Field(default_factory=dict, description="exported pairs per prompt group")
+    judge_modes: dict[str, int] = Field(default_factory=dict, description="judged records per judge mode")
     mean_confidence: float | None = None
     consistency_rate: float | None = None
     first_position_wins: float | None = None
@@ -317,76 +260,3 @@ class PreferenceStats(BaseModel):
     mean_chosen_chars: float | None = None
     mean_rejected_chars: float | None = None
     chosen_longer: float | None = None
-
-
-def _exclusion(record: PreferenceRecord, min_confidence: float, require_consistent: bool) -> str | None:
-    """Why a judged, error-free record is left out of the export, or None."""
-    j = record.judgement
-    if not record.margin:
-        return "tie"
-    if (j.confidence or 0.0) < min_confidence:
-        return "low_confidence"
-    if require_consistent and j.consistent is False:
-        return "inconsistent"
-    return None
-
-
-class PreferenceStatsCounter:
-    """Running sums for PreferenceStats, so an export streams records without keeping them."""
-
-    def __init__(self, min_confidence: float = 0.0, require_consistent: bool = True):
-        self.min_confidence, self.require_consistent = min_confidence, require_consistent
-        self.records = self.judged = self.exported = 0
-        self.errors: Counter[str] = Counter()
-        self.excluded: Counter[str] = Counter()
-        self.principles: Counter[str] = Counter()
-        self.groups: Counter[str] = Counter()
-        self.sums: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # name -> [sum, count]
-
-    def _mean_of(self, name: str, value: float) -> None:
-        self.sums[name][0] += value
-        self.sums[name][1] += 1
-
-    def add(self, r: PreferenceRecord) -> None:
-        self.records += 1
-        if r.error is not None:
-            self.errors[r.error.code.value] += 1
-            return
-        if r.judgement is None:
-            return
-        j = r.judgement
-        self.judged += 1
-        self._mean_of("mean_confidence", j.confidence)
-        if j.consistent is not None:
-            self._mean_of("consistency_rate", float(j.consistent))
-        for o in j.orders:
-            if o.option_mass is not None:
-                self._mean_of("mean_option_mass", o.option_mass)
-            if o.p_first is not None and o.p_first != 0.5:
-                self._mean_of("first_position_wins", float(o.p_first > 0.5))
-        if (why := _exclusion(r, self.min_confidence, self.require_consistent)) is not None:
-            self.excluded[why] += 1
-            return
-        self.exported += 1
-        self.principles[j.principle_id or "none"] += 1
-        self.groups[r.lineage.prompt_group or "(none)"] += 1
-        self._mean_of("mean_chosen_chars", len(r.chosen))
-        self._mean_of("mean_rejected_chars", len(r.rejected))
-        if len(r.chosen) != len(r.rejected):
-            self._mean_of("chosen_longer", float(len(r.chosen) > len(r.rejected)))
-
-    def stats(self) -> PreferenceStats:
-        means = {name: total / n for name, (total, n) in self.sums.items() if n}
-        return PreferenceStats(records=self.records, judged=self.judged, exported=self.exported,
-                               errors=dict(self.errors), excluded=dict(self.excluded),
-                               principles=dict(sorted(self.principles.items())),
-                               groups=dict(sorted(self.groups.items())), **means)
-
-
-def preference_stats(records: Iterable[PreferenceRecord], min_confidence: float = 0.0,
-                     require_consistent: bool = True) -> PreferenceStats:
-    """Counts and label statistics: mean confidence, consistency, first-position wins, lengths."""
-    counter = PreferenceStatsCounter(min_confidence, require_consistent)
-    for record in records:
-        counter.add(record)
-    return counter.stats()

@@ -132,21 +132,46 @@ QUOTE_CONTROLS = (
     + "; engine: its tokenizer's special and added tokens and its chat template's markers"
 )
 
-JUDGE_TEMPLATES = {
+# What every phase-2 judge mode shows: the layout, the quoting and its neutralisation rules.
+JUDGE_SHARED_TEMPLATES = {
     "judge_header": JUDGE_HEADER,
     "judge_body": JUDGE_BODY,
-    "judge_tail_logprob": JUDGE_TAIL_LOGPROB,
-    "judge_tail_cot": JUDGE_TAIL_COT,
-    "judge_cot_followup": JUDGE_COT_FOLLOWUP,
-    "judge_tail_structured": JUDGE_TAIL_STRUCTURED,
-    "judge_structured_retry": JUDGE_STRUCTURED_RETRY,
-    "judge_answer_prefix": JUDGE_ANSWER_PREFIX,
     "judge_options": "|".join(JUDGE_OPTIONS),
     "quote": "<<<BEGIN {tag}>>>\n{text}\n<<<END {tag}>>>",
     "quote_controls": QUOTE_CONTROLS,
 }
-JUDGE_TEMPLATE_HASH = template_hash(JUDGE_TEMPLATES)
-BASELINE_TEMPLATE_HASH = template_hash({"baseline": BASELINE_TEMPLATE})
+# Each mode's own turns. A mode's hash covers the shared templates and its own, so a new mode
+# (or a change to one mode's wording) leaves the jobs of every other mode resumable.
+JUDGE_MODE_TEMPLATES: dict[str, dict[str, str]] = {
+    "logprob": {"judge_tail_logprob": JUDGE_TAIL_LOGPROB, "judge_answer_prefix": JUDGE_ANSWER_PREFIX},
+    "cot": {"judge_tail_cot": JUDGE_TAIL_COT, "judge_cot_followup": JUDGE_COT_FOLLOWUP,
+            "judge_answer_prefix": JUDGE_ANSWER_PREFIX},
+    "structured": {"judge_tail_structured": JUDGE_TAIL_STRUCTURED, "judge_structured_retry": JUDGE_STRUCTURED_RETRY},
+    "baseline": {"baseline": BASELINE_TEMPLATE},  # pasted text, no quoting: nothing shared
+}
+JUDGE_TEMPLATES = {  # every template of the three cai judge modes
+    **JUDGE_SHARED_TEMPLATES,
+    **{k: v for mode in ("logprob", "cot", "structured") for k, v in JUDGE_MODE_TEMPLATES[mode].items()},
+}
+
+
+def judge_template_hash(mode: str) -> str:
+    """The hash of the templates a judge `mode` (logprob, cot, structured, baseline) renders."""
+    if mode not in JUDGE_MODE_TEMPLATES:
+        raise ValueError(f"unknown judge mode {mode!r}; known: {', '.join(JUDGE_MODE_TEMPLATES)}")
+    shared = {} if mode == "baseline" else JUDGE_SHARED_TEMPLATES
+    return template_hash({**shared, **JUDGE_MODE_TEMPLATES[mode]})
+
+
+BASELINE_TEMPLATE_HASH = judge_template_hash("baseline")
+
+
+def judge_config_template_hashes(mode: str, fallback_structured: bool) -> dict[str, str]:
+    """Mode -> template hash for every mode a judge with these settings may render (its own mode, and
+    the structured verdict it falls back to), for a job's fingerprint: a new mode's templates, or an
+    edit to a mode the job does not use, leave the job's fingerprint as it was."""
+    modes = [mode, "structured"] if fallback_structured and mode != "structured" else [mode]
+    return {m: judge_template_hash(m) for m in modes}
 
 _ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cai.records import SamplingParams
 
+DEFAULT_BATCH_SIZE = 256
+"""Prompts per engine call and per shard, for every job kind (CLI, service, recipes, notebooks)."""
+
 
 class EngineSpec(BaseModel):
     """Which backend and model answer. `model=None` is the embedded SmolLM2-135M-Instruct."""
@@ -96,7 +99,7 @@ class SFTJob(BaseModel):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     phase1: Phase1Config = Field(default_factory=Phase1Config)
     limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(256, ge=1, description="prompts per engine call and per shard")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="prompts per engine call and per shard")
     parquet: bool = Field(True, description="also export Parquet (JSONL is always written)")
     drop_near_duplicates: bool = Field(
         False, description="also merge prompts that differ only in case, punctuation or spacing"
@@ -116,7 +119,7 @@ class PrefsJob(BaseModel):
     judge: EngineSpec | None = Field(None, description="None: the policy's engine judges too")
     phase2: Phase2Config = Field(default_factory=Phase2Config)
     limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(128, ge=1, description="prompts per engine call and per shard")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="prompts per engine call and per shard")
     min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="export only pairs at least this confident")
     require_consistent: bool = Field(True, description="export only pairs whose two orders agree")
     parquet: bool = True

@@ -1,24 +1,26 @@
 """`cai run RECIPE.yaml`: the two-phase Constitutional AI run, stage by stage.
 
-Each stage is one `cai` CLI command run in its own process, so every stage can
-be re-run by hand from `RUN/run.json`, engines and trainers never share a
-process (vLLM's CPU thread binding and model memory go away between stages), and
-the peak memory of each stage is measured on its own. A stage is finished when
-its folder holds `.done`; a rerun starts at the first unfinished stage, and the
-data stages resume inside themselves from their job directories.
+A recipe embeds each stage's typed job settings (the same models the CLI commands build from
+their flags), validated when it loads, so a misspelt field fails at once, naming the file and the
+field. The runner fills in what wires the stages together (prompts, models, folders), writes each
+stage's whole job to RUN/<stage>/job.json and runs `cai run RUN/<stage>/job.json` in its own
+process: every stage can be re-run by hand, engines and trainers never share a process (vLLM's CPU
+thread binding and model memory go away between stages), and the peak memory of each stage is
+measured on its own. A stage is finished when its folder holds `.done`; a rerun starts at the
+first unfinished stage, and the data stages resume inside themselves from their job directories.
 
-    01-sft-data  phase 1: critique -> revise with the base model
-    02-sft       SFT of the base model on the revisions
-    03-prefs     phase 2: K samples per prompt from the SFT model, AI-judged pairs
-    04-rm        reward model (method: ppo)
-    05-policy    PPO against the reward model, or DPO on the pairs
-    06-judge-check-N  the evaluation judge against human labels (`cai eval judge`), per judge_check file
-    07-eval      final vs SFT vs base, graded by the evaluation judge: win rates next to that
-                 judge's human agreement, refusal rate, plots
+    01-sft-data  phase 1 (sft job): critique -> revise with the base model
+    02-sft       SFT of the base model on the revisions (train-sft)
+    03-prefs     phase 2 (prefs job): K samples per prompt from the SFT model, AI-judged pairs
+    04-rm        reward model (train-rm; method: ppo)
+    05-policy    PPO against the reward model (train-ppo), or DPO on the pairs (train-dpo)
+    06-judge-check-N  the evaluation judge against human labels (judge-eval), per judge_check file
+    07-eval      final vs SFT vs base, graded by the evaluation judge (eval-policy): win rates next
+                 to that judge's human agreement, refusal rate, plots
 
-Phase 1 and phase 2 take disjoint, seeded slices of each prompt source (run.json
-records the split); evaluation excludes both. Each prompt group can have its own
-constitution (red-team prompts: harmless; ordinary requests: helpful, or unrevised).
+Phase 1 and phase 2 take disjoint, seeded slices of each prompt source (run.json records the
+split); evaluation excludes both. Each prompt group can have its own constitution (red-team
+prompts: harmless; ordinary requests: helpful, or unrevised).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -34,15 +37,59 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cai.constitution_plan import UNREVISED
 from cai.engine.models import EMBEDDED_MODEL
+from cai.errors import CaiError
+from cai.files import atomic_write_lines, atomic_write_text
 from cai.interrupt import sigint_handler
+from cai.judge_eval import EvalJob
+from cai.policy_records import PolicyEvalJob
+from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.records import utc_now
 from cai.sources import read_prompts
-from cai.store import atomic_write_lines, atomic_write_text
+from cai.stage_jobs import describe_errors, job_settings, write_job_file
+from cai.train.jobs import (
+    DPOTrainJob,
+    DPOTrainSettings,
+    PPOTrainJob,
+    PPOTrainSettings,
+    RewardTrainJob,
+    RewardTrainSettings,
+    SFTTrainJob,
+    SFTTrainSettings,
+)
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class RecipeError(CaiError, ValueError):
+    """A recipe that cannot run as written; the message names the recipe (file) and what to change."""
+
+
+def _options(what: str) -> tuple[Any, Any]:
+    return dict[str, Any], Field(default_factory=dict, description=f"backend options of the {what} engine")
+
+
+Phase1Settings = job_settings(
+    SFTJob, {"constitution", "constitution_by_group", "prompts", "out", "engine", "limit"}, "Phase1Settings",
+    "Phase-1 job settings (cai.recipe.SFTJob); the runner sets constitution, prompts, out and engine.",
+    engine_options=_options("phase-1"))
+Phase2Settings = job_settings(
+    PrefsJob, {"constitution", "constitution_by_group", "prompts", "out", "policy", "judge", "limit"},
+    "Phase2Settings", "Phase-2 job settings (cai.recipe.PrefsJob); the runner sets constitution, prompts, out, "
+    "the policy (the SFT model) and the judge (judge_model).",
+    engine_options=_options("policy"), judge_engine_options=_options("judge"))
+JudgeCheckSettings = job_settings(
+    EvalJob, {"data", "out", "engine", "baseline"}, "JudgeCheckSettings",
+    "Judge-evaluation settings (cai.judge_eval.EvalJob); the runner sets data, out and the engine (the "
+    "evaluation judge), without the baseline judge.", engine_options=_options("evaluation judge"))
+EvalSettings = job_settings(
+    PolicyEvalJob, {"policy", "out", "sft", "base", "judge", "training_judge", "judge_reports", "engine",
+                    "train_logs"}, "EvalSettings",
+    "Policy-evaluation settings (cai.policy_records.PolicyEvalJob); the runner sets the models, judges, "
+    "judge reports and training logs, and adds the training prompts to config.exclude.")
 
 
 class _Strict(BaseModel):
@@ -55,25 +102,24 @@ class DataStage(_Strict):
     constitutions: dict[str, str] = Field(
         default_factory=dict, description="prompt group (a source's bundled name or file name without suffix) -> "
         "constitution for its prompts; phase 1 also takes `none` (answers kept unrevised)")
-    args: list[str] = Field(default_factory=list, description="extra `cai generate` flags, verbatim")
+
+
+class Phase1Stage(DataStage):
+    job: Phase1Settings = Field(default_factory=Phase1Settings)  # type: ignore[valid-type]
+
+
+class Phase2Stage(DataStage):
+    job: Phase2Settings = Field(default_factory=Phase2Settings)  # type: ignore[valid-type]
 
 
 class JudgeCheck(_Strict):
-    data: list[str] = Field(default_factory=list, description="human-labelled files for `cai eval judge` "
-                            "(multiple-choice or HH pairs); a missing file is skipped and the report says so")
-    args: list[str] = Field(default_factory=lambda: ["--limit", "100"], description="extra `cai eval judge` flags")
-
-
-class TrainStage(_Strict):
-    args: list[str] = Field(default_factory=list, description="extra `cai train` flags, e.g. --max-steps 20")
-
-
-class EvalStage(_Strict):
-    args: list[str] = Field(default_factory=list, description="extra `cai eval policy` flags")
+    data: list[str] = Field(default_factory=list, description="human-labelled files (multiple-choice or HH "
+                            "pairs); a missing file is skipped and the report says so")
+    job: JudgeCheckSettings = Field(default_factory=lambda: JudgeCheckSettings(limit=100))  # type: ignore[valid-type]
 
 
 class RunRecipe(_Strict):
-    """One YAML file describes the whole run; stage `args` are the CLI flags of that stage's command."""
+    """One YAML file describes the whole run; each stage embeds its job's settings."""
 
     name: str
     description: str = ""
@@ -86,13 +132,20 @@ class RunRecipe(_Strict):
     split_seed: int = Field(0, description="seed of the disjoint phase-1 / phase-2 split of each prompt source")
     engine: str = "auto"
     method: Literal["dpo", "ppo"] = "dpo"
-    phase1: DataStage = Field(default_factory=DataStage)
-    sft: TrainStage = Field(default_factory=TrainStage)
-    phase2: DataStage = Field(default_factory=DataStage)
-    rm: TrainStage = Field(default_factory=TrainStage)
-    policy: TrainStage = Field(default_factory=TrainStage)
-    eval: EvalStage = Field(default_factory=EvalStage)
+    phase1: Phase1Stage = Field(default_factory=Phase1Stage)
+    sft: SFTTrainSettings = Field(default_factory=SFTTrainSettings)
+    phase2: Phase2Stage = Field(default_factory=Phase2Stage)
+    rm: RewardTrainSettings = Field(default_factory=RewardTrainSettings, description="method ppo: the reward model")
+    dpo: DPOTrainSettings = Field(default_factory=DPOTrainSettings, description="method dpo: the policy")
+    ppo: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="method ppo: the policy")
+    eval: EvalSettings = Field(default_factory=EvalSettings)  # type: ignore[valid-type]
     judge_check: JudgeCheck = Field(default_factory=JudgeCheck)
+
+    @model_validator(mode="after")
+    def _every_stage_job_builds(self) -> RunRecipe:
+        """Build each stage's whole job now, so the job models' own checks fail at load too."""
+        plan_stages(self, Path("RUN"))
+        return self
 
 
 class StageResult(BaseModel):
@@ -103,15 +156,33 @@ class StageResult(BaseModel):
     finished_at: str = Field(default_factory=utc_now)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 numbers: `5e-5` is a float (PyYAML's YAML 1.1 rules would read a string)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
 def load_recipe(spec: str | Path) -> RunRecipe:
-    """A recipe file, or the name of a shipped recipe (`cpu-smollm2`, `gpu-7b`)."""
+    """A recipe file, or the name of a shipped recipe (`cpu-smollm2`, `gpu-7b`). Every stage's job is
+    validated here: an error names the file and the field."""
     path = Path(spec)
     if not path.exists() and (RECIPES_DIR / f"{spec}.yaml").exists():
         path = RECIPES_DIR / f"{spec}.yaml"
     if not path.is_file():
         shipped = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"{spec}: no such recipe file (shipped recipes: {shipped})")
-    return RunRecipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: not a readable YAML recipe: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, phase1:, sft:, ...)")
+    try:
+        return RunRecipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {describe_errors(exc)}") from None
 
 
 def split_prompts(recipe: RunRecipe, run_dir: Path) -> dict[str, Any]:
@@ -139,7 +210,7 @@ def split_prompts(recipe: RunRecipe, run_dir: Path) -> dict[str, Any]:
                 for index, p in enumerate(read_prompts(spec)) if index in picked))
     return {"seed": recipe.split_seed, **{name: {spec: len(ids) for spec, ids in taken[name].items()}
                                           for name in phases},
-            "eval": "the eval sets minus every phase-1 and phase-2 prompt (cai eval policy --exclude)"}
+            "eval": "the eval sets minus every phase-1 and phase-2 prompt (eval-policy config.exclude)"}
 
 
 def _split_counts(recipe: RunRecipe, spec: str, size: int) -> dict[str, int]:
@@ -147,71 +218,105 @@ def _split_counts(recipe: RunRecipe, spec: str, size: int) -> dict[str, int]:
     users = {name: stage for name, stage in (("phase1", recipe.phase1), ("phase2", recipe.phase2))
              if spec in stage.prompts}
     if len(users) == 2 and recipe.phase1.limit is None:
-        raise ValueError(f"recipe {recipe.name}: phase 1 and phase 2 both read {spec} and phase1.limit is unset, "
+        raise RecipeError(f"recipe {recipe.name}: phase 1 and phase 2 both read {spec} and phase1.limit is unset, "
                          "so phase 1 would take every prompt and leave phase 2 none; set phase1.limit")
     counts = {name: stage.limit or size for name, stage in users.items()}
     if len(users) == 2 and recipe.phase2.limit is None:
         counts["phase2"] = size - counts["phase1"]
     if sum(counts.values()) > size or 0 in counts.values():
-        raise ValueError(f"recipe {recipe.name}: {spec} has {size} prompts, but the phases ask for "
+        raise RecipeError(f"recipe {recipe.name}: {spec} has {size} prompts, but the phases ask for "
                          f"{counts}; lower the limits (phase 1 and phase 2 never share a prompt)")
     return counts
 
 
-def _group_flags(stage: DataStage) -> list[str]:
-    return [flag for group, spec in stage.constitutions.items() for flag in ("--constitution-for", f"{group}={spec}")]
+def _absolute_if_path(spec: str) -> str:
+    """A file argument as an absolute path (names stay as given), as the CLI commands record it."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def stage_commands(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, list[str]]]:
-    """(stage folder, `cai` arguments) in order; paths point inside run_dir."""
-    d = {name: str(run_dir / name) for name in ("01-sft-data", "02-sft", "03-prefs", "04-rm", "05-policy")}
+def _by_group(stage: DataStage) -> dict[str, str]:
+    return {group: spec if spec == UNREVISED else _absolute_if_path(spec) for group, spec in stage.constitutions.items()}
+
+
+def _build(stage: str, recipe_key: str, job: type[BaseModel], **fields: Any) -> BaseModel:
+    """A stage's whole job; a ValidationError becomes a RecipeError naming the stage and its recipe key."""
+    try:
+        return job(**fields)
+    except ValidationError as exc:
+        raise RecipeError(f"stage {stage} ({recipe_key}): {describe_errors(exc)}") from None
+
+
+def _data_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
+    engine = recipe.engine
+    constitution = _absolute_if_path(recipe.constitution)
+    phase1 = recipe.phase1.job.model_dump(exclude={"engine_options"})
+    phase2 = recipe.phase2.job.model_dump(exclude={"engine_options", "judge_engine_options"})
+    judge = recipe.judge_model or recipe.base_model
+    return [
+        ("01-sft-data", _build(
+            "01-sft-data", "phase1.job", SFTJob, **phase1, constitution=constitution,
+            constitution_by_group=_by_group(recipe.phase1), prompts=str(run_dir / "prompts-phase1.jsonl"),
+            out=str(run_dir / "01-sft-data"),
+            engine=EngineSpec(backend=engine, model=recipe.base_model, options=recipe.phase1.job.engine_options))),
+        ("02-sft", _build(
+            "02-sft", "sft", SFTTrainJob, **recipe.sft.model_dump(), model=recipe.base_model,
+            data=str(run_dir / "01-sft-data" / "sft.jsonl"), out=str(run_dir / "02-sft"))),
+        ("03-prefs", _build(
+            "03-prefs", "phase2.job", PrefsJob, **phase2, constitution=constitution,
+            constitution_by_group=_by_group(recipe.phase2), prompts=str(run_dir / "prompts-phase2.jsonl"),
+            out=str(run_dir / "03-prefs"),
+            policy=EngineSpec(backend=engine, model=str(run_dir / "02-sft"), options=recipe.phase2.job.engine_options),
+            judge=EngineSpec(backend=engine, model=judge, options=recipe.phase2.job.judge_engine_options))),
+    ]
+
+
+def _policy_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
+    sft, prefs = str(run_dir / "02-sft"), str(run_dir / "03-prefs" / "prefs.jsonl")
+    policy = str(run_dir / "05-policy")
+    if recipe.method == "dpo":
+        return [("05-policy", _build("05-policy", "dpo", DPOTrainJob, **recipe.dpo.model_dump(), model=sft,
+                                     data=prefs, out=policy))]
+    rm = str(run_dir / "04-rm")
+    return [("04-rm", _build("04-rm", "rm", RewardTrainJob, **recipe.rm.model_dump(), model=sft, data=prefs, out=rm)),
+            ("05-policy", _build("05-policy", "ppo", PPOTrainJob, **recipe.ppo.model_dump(), model=sft, data=prefs,
+                                 reward_model=rm, out=policy))]
+
+
+def _eval_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
     judge = recipe.judge_model or recipe.base_model
     eval_judge = recipe.eval_judge_model or judge
-    engine = ["--engine", recipe.engine]
-    stages = [
-        ("01-sft-data", ["generate", "sft", "--constitution", recipe.constitution, *_group_flags(recipe.phase1),
-                         "--prompts", str(run_dir / "prompts-phase1.jsonl"), "--out", d["01-sft-data"],
-                         "--model", recipe.base_model, *engine, "--show", "0", *recipe.phase1.args]),
-        ("02-sft", ["train", "sft", "--model", recipe.base_model, "--data", f"{d['01-sft-data']}/sft.jsonl",
-                    "--out", d["02-sft"], *recipe.sft.args]),
-        ("03-prefs", ["generate", "prefs", "--constitution", recipe.constitution, *_group_flags(recipe.phase2),
-                      "--prompts", str(run_dir / "prompts-phase2.jsonl"), "--policy", d["02-sft"], "--judge", judge,
-                      "--out", d["03-prefs"], *engine, *recipe.phase2.args]),
-    ]
-    prefs = f"{d['03-prefs']}/prefs.jsonl"
-    if recipe.method == "ppo":
-        stages.append(("04-rm", ["train", "rm", "--model", d["02-sft"], "--data", prefs, "--out", d["04-rm"],
-                                 *recipe.rm.args]))
-        stages.append(("05-policy", ["train", "ppo", "--model", d["02-sft"], "--data", prefs,
-                                     "--reward-model", d["04-rm"], "--out", d["05-policy"], *recipe.policy.args]))
-    else:
-        stages.append(("05-policy", ["train", "dpo", "--model", d["02-sft"], "--data", prefs,
-                                     "--out", d["05-policy"], *recipe.policy.args]))
-    policy_log = "ppo" if recipe.method == "ppo" else "dpo"
-    reports = []
+    checks = recipe.judge_check.job.model_dump(exclude={"engine_options"})
+    stages: list[tuple[str, BaseModel]] = []
     for n, data in enumerate(recipe.judge_check.data):
         if Path(data).is_file():  # missing: the eval report says the judge's human agreement was not measured
-            folder = str(run_dir / f"06-judge-check-{n}")
-            reports += ["--judge-report", f"{folder}/report.json"]
-            stages.append((f"06-judge-check-{n}", ["eval", "judge", "--data", str(Path(data).resolve()),
-                                                   "--judge", eval_judge, *engine, "--out", folder,
-                                                   "--no-baseline", *recipe.judge_check.args]))
-    stages.append(("07-eval", ["eval", "policy", "--policy", d["05-policy"], "--sft", d["02-sft"],
-                               "--base", recipe.base_model, "--judge", eval_judge, "--training-judge", judge,
-                               *reports, *engine, "--out", str(run_dir / "07-eval"),
-                               # held-out means held out: no prompt the run trained on is evaluated
-                               "--exclude", str(run_dir / "prompts-phase1.jsonl"),
-                               "--exclude", str(run_dir / "prompts-phase2.jsonl"),
-                               "--train-log", f"sft={d['02-sft']}/log.jsonl",
-                               "--train-log", f"{policy_log}={d['05-policy']}/log.jsonl",
-                               *recipe.eval.args]))
+            name = f"06-judge-check-{n}"
+            stages.append((name, _build(
+                name, "judge_check.job", EvalJob, **checks, data=str(Path(data).resolve()), out=str(run_dir / name),
+                engine=EngineSpec(backend=recipe.engine, model=eval_judge,
+                                  options=recipe.judge_check.job.engine_options), baseline=False)))
+    settings = recipe.eval.model_dump()
+    # held-out means held out: no prompt the run trained on is evaluated
+    settings["config"]["exclude"] += [str(run_dir / "prompts-phase1.jsonl"), str(run_dir / "prompts-phase2.jsonl")]
+    stages.append(("07-eval", _build(
+        "07-eval", "eval", PolicyEvalJob, **settings, policy=str(run_dir / "05-policy"), sft=str(run_dir / "02-sft"),
+        base=recipe.base_model, judge=eval_judge, training_judge=judge, engine=recipe.engine,
+        judge_reports=[str(run_dir / name / "report.json") for name, _ in stages], out=str(run_dir / "07-eval"),
+        train_logs={"sft": str(run_dir / "02-sft" / "log.jsonl"),
+                    recipe.method: str(run_dir / "05-policy" / "log.jsonl")})))
     return stages
 
 
-def _run_stage(name: str, args: list[str], run_dir: Path, log) -> StageResult:
-    """Run one stage's command in a child process; its own peak RSS comes from wait4."""
-    command = [sys.executable, "-m", "cai", *args]
-    log(f"[{name}] cai {' '.join(args)}")
+def plan_stages(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
+    """(stage folder, its whole typed job) in order; paths point inside run_dir (made absolute, so a
+    job file runs from any folder)."""
+    run_dir = Path(run_dir).resolve()
+    return _data_jobs(recipe, run_dir) + _policy_jobs(recipe, run_dir) + _eval_jobs(recipe, run_dir)
+
+
+def _run_stage(name: str, job_file: Path, run_dir: Path, log) -> StageResult:
+    """Run one stage's job file in a child process (`cai run JOB.json`); its own peak RSS comes from wait4."""
+    command = [sys.executable, "-m", "cai", "run", str(job_file)]
+    log(f"[{name}] cai run {job_file}")
     started = time.perf_counter()
     with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -225,30 +330,29 @@ def _run_stage(name: str, args: list[str], run_dir: Path, log) -> StageResult:
     if proc.returncode != 0:
         tail = (run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); log {run_dir / name}.log:\n{tail}")
-    return StageResult(name=name, command=["cai", *args], seconds=time.perf_counter() - started,
+    return StageResult(name=name, command=["cai", "run", str(job_file)], seconds=time.perf_counter() - started,
                        peak_rss_mb=usage.ru_maxrss / 1024)
 
 
 def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageResult]:
     """Run every unfinished stage in order; finished stages (a `.done` file) are skipped."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "run.json"
-    state: dict[str, Any] = {"recipe": recipe.model_dump(), "stages": {}}
+    state: dict[str, Any] = {"recipe": recipe.model_dump(mode="json"), "stages": {}}
     if manifest_path.exists():
         state = json.loads(manifest_path.read_text())
-        if state["recipe"] != recipe.model_dump():
-            raise ValueError(f"{run_dir} was started with another recipe; use a new run folder")
+        if state["recipe"] != recipe.model_dump(mode="json"):
+            raise RecipeError(f"{run_dir} was started with another recipe; use a new run folder")
     state["split"] = split_prompts(recipe, run_dir)
     results = []
-    for name, args in stage_commands(recipe, run_dir):
+    for name, job in plan_stages(recipe, run_dir):
         done = run_dir / name / ".done"
         if done.exists():
             log(f"[{name}] done earlier, skipped")
             results.append(StageResult.model_validate_json(done.read_text()))
             continue
-        result = _run_stage(name, args, run_dir, log)
-        done.parent.mkdir(parents=True, exist_ok=True)
+        result = _run_stage(name, write_job_file(run_dir / name / "job.json", job), run_dir, log)
         atomic_write_text(done, result.model_dump_json(indent=2))
         state["stages"][name] = result.model_dump()
         atomic_write_text(manifest_path, json.dumps(state, indent=2))

@@ -8,6 +8,7 @@ is wrong and what to do about it.
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import re
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cai.errors import CaiError
+from cai.files import BadLine, parse_json_line
 from cai.records import Chat, Message, SourcePrompt, stable_id
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "data"
@@ -28,7 +31,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON "\ud800": valid onl
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
 
-class SourceError(ValueError):
+class SourceError(CaiError, ValueError):
     """Input that cannot be read as prompts; the message says where and how to fix it."""
 
 
@@ -269,11 +272,13 @@ def _reader(path: Path, fmt: str) -> Iterator[SourcePrompt]:
 
 def _sniff_hh(path: Path) -> bool:
     """True when the first non-empty line is an object whose `chosen` is an HH transcript."""
-    with open(path, encoding="utf-8-sig") as f:
-        line = next((ln for ln in _text_lines(f, path) if ln.strip()), "")
+    with open(path, "rb") as f:
+        line = next((raw for raw in f if raw.strip()), b"")
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
+        row = parse_json_line(line)
+    except BadLine as exc:
+        if isinstance(exc.cause, UnicodeDecodeError):
+            raise _bad_line(path, 1, line, exc) from None
         return False  # the JSONL reader reports the bad line properly
     return isinstance(row, dict) and _looks_hh(row.get("chosen"))
 
@@ -285,13 +290,20 @@ def _looks_hh(value: Any) -> bool:
 # ---------------------------------------------------------------- shared helpers
 
 
-def _text_lines(f, path: str | Path) -> Iterator[str]:
-    """The lines of a text file opened as UTF-8; SourceError naming the file when it is not UTF-8."""
-    try:
-        yield from f
-    except UnicodeDecodeError as exc:
-        byte = exc.object[exc.start:exc.start + 1]
-        raise SourceError(f"{path}: not UTF-8 text ({exc.reason}, byte {byte!r}); {_encoding_hint(path)}") from None
+def _bad_line(path: str | Path, n: int, raw: bytes, exc: BadLine) -> SourceError:
+    """What is wrong with line `n` (not UTF-8, or not JSON) and how to fix it."""
+    cause, nul = exc.cause, b"\x00" in raw  # NUL bytes: UTF-16 or binary, which the file's first bytes may show
+    if nul and not isinstance(cause, UnicodeDecodeError):
+        try:
+            with open(path, "rb") as f:
+                codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 16), final=False)
+        except UnicodeDecodeError as head:
+            cause = head
+    if isinstance(cause, UnicodeDecodeError):
+        byte = cause.object[cause.start:cause.start + 1]
+        return SourceError(f"{path}: not UTF-8 text ({cause.reason}, byte {byte!r}); {_encoding_hint(path)}")
+    hint = f"; {_encoding_hint(path)}" if nul else " (a JSON array? write one object per line: jq -c '.[]')" * (n == 1)
+    return SourceError(f"{path}:{n}: invalid JSON: {cause.msg}{hint}")
 
 
 def _encoding_hint(path: str | Path) -> str:
@@ -306,25 +318,23 @@ def _encoding_hint(path: str | Path) -> str:
 
 
 def _json_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(location, object) per non-blank line, read one line at a time."""
+    """(location, object) per non-blank line, read one line at a time (cai.files' line parser)."""
     try:
-        f = open(path, encoding="utf-8-sig")
+        f = open(path, "rb")
     except OSError as exc:
         raise SourceError(f"{path}: cannot open ({exc.strerror})") from None
     with f:
-        for n, line in enumerate(_text_lines(f, path), 1):
-            if not line.strip():
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = " (a JSON array? write one object per line: jq -c '.[]')" if n == 1 else ""
-                hint = f"; {_encoding_hint(path)}" if "\x00" in line else hint  # NUL bytes: UTF-16 or binary
-                raise SourceError(f"{where}: invalid JSON: {exc.msg}{hint}") from None
+                row = parse_json_line(raw)
+            except BadLine as exc:
+                raise _bad_line(path, n, raw, exc) from None
             if not isinstance(row, dict):
                 raise SourceError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-            if _SURROGATE_ESCAPE.search(line):
+            if _SURROGATE_ESCAPE.search(raw.decode("utf-8")):
                 _check_unicode(row, where)
             yield where, row
 

@@ -1,32 +1,63 @@
-"""The job directory: manifest, append-only shards, resume.
+"""The job directory: manifest, one shard per committed batch, resume. Every read of a job's rows,
+counts and exports goes through JobStore.
 
-    DIR/manifest.json         resolved recipe + fingerprint of everything that changes output
-    DIR/shards/STAGE-N.jsonl  one line per input id per stage, written to a temp name then renamed
+    DIR/manifest.json                    resolved recipe + fingerprint of everything that changes output
+    DIR/shards/STAGE-SEQ-DIGEST.jsonl    one committed batch: SEQ its place in plan order, DIGEST a hash of
+                                         its input ids (together the batch id); written to a temp name, renamed
+    DIR/shards/STAGE-SEQ.jsonl           a shard written before batch ids (read and resumed alike)
     DIR/.lock                 held while a process works on the job, and while the manifest is read or written
     DIR/quarantine/SHARD.bad  unreadable shard lines moved aside by `JobStore.repair` (`cai jobs repair`)
 
 A shard becomes visible only whole (rename is atomic), so a killed process loses
-at most the batch it was generating and never leaves a half record behind. A line
-that still cannot be read (a disk fault, a hand edit) stops readers with an error
-naming the shard and line (CorruptShard) until it is repaired.
+at most the batches it was generating and never leaves a half record behind. A
+batch id is committed once: a batch executed twice (a retried worker) is written
+once. Shards are read in SEQ order, which is plan order whatever order batches
+finished in. A line that still cannot be read (a disk fault, a hand edit) stops
+readers with an error naming the shard and line (CorruptShard) until it is repaired.
+
+The store knows no job kind: each stage's record model is passed in (`models`), so
+rows are checked against it; a stage without one is checked for the shape every
+stage shares (an `id`, an `error` that is null or carries a known code).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from cai import __version__
-from cai.records import ErrorCode, PreferenceRecord, SampledAnswers, SFTRecord, sha256_text, utc_now
+from cai.files import (
+    atomic_write_jsonl,
+    atomic_write_lines,
+    atomic_write_text,
+    fsync_dir,
+)
+from cai.records import sha256_text, utc_now
+from cai.shards import (  # noqa: F401  (JobError, ShardLine, batch_id: part of this module's API)
+    CorruptShard,
+    JobError,
+    ShardLine,
+    batch_id,
+    line_text,
+    parse_shard_name,
+    read_shard,
+    readable_lines,
+    scan_shard,
+    shard_name,
+)
+
+RecordModels = Mapping[str, type[BaseModel]]
+"""stage -> the record model of its rows (e.g. {"sft": SFTRecord})."""
 
 
 class IdSet:
@@ -58,92 +89,6 @@ class IdSet:
         return self._size
 
 
-class JobError(RuntimeError):
-    """A job directory cannot be used as asked; the message says what to do."""
-
-
-class CorruptShard(JobError):
-    """A shard line that is not a readable row of its stage; the message names the file and line."""
-
-    def __init__(self, path: Path, line: int, reason: str):
-        self.path, self.line, self.reason = path, line, reason
-        super().__init__(f"{path}:{line}: unreadable row ({reason}). Run `cai jobs repair {path.parent.parent}` "
-                         "to move unreadable lines to its quarantine/ folder; their inputs are generated again "
-                         "by the next run")
-
-
-class ShardLine(NamedTuple):
-    """One line of a shard: `row` (and `record`, when checked against a schema) or the `problem`."""
-
-    number: int
-    raw: bytes
-    row: dict[str, Any] | None
-    record: BaseModel | None
-    problem: str | None
-
-
-_ERROR_CODES = frozenset(code.value for code in ErrorCode)
-
-
-def stage_schema(stage: str) -> type[BaseModel] | None:
-    """The record model of a stage's rows; None for a stage the store does not know."""
-    if stage == "judge-eval":
-        from cai.judge_eval import JudgedItem  # judge_eval builds on this module: imported when asked
-
-        return JudgedItem
-    return {"sft": SFTRecord, "prefs": PreferenceRecord, "samples": SampledAnswers}.get(stage)
-
-
-def _parse(raw: bytes, schema: type[BaseModel] | None) -> tuple[dict | None, BaseModel | None, str | None]:
-    """(row, record, None), or (None, None, what is wrong). Without `schema` only the shape every
-    stage shares is checked (an `id`, an `error` that is null or carries a known code)."""
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, None, f"not UTF-8 text: byte {exc.start}"
-    except json.JSONDecodeError as exc:
-        cut = "" if raw.endswith(b"\n") else ", truncated (no newline at the end)"
-        return None, None, f"not JSON: {exc.msg} at column {exc.colno}{cut}"
-    if not isinstance(row, dict) or not isinstance(row.get("id"), str) or "error" not in row:
-        return None, None, "not a record: a JSON object with an `id` and an `error` is expected"
-    error = row["error"]
-    if error is not None and not (isinstance(error, dict) and error.get("code") in _ERROR_CODES):
-        return None, None, "not a record: `error` is neither null nor an object with a known `code`"
-    if schema is None:
-        return row, None, None
-    try:
-        return row, schema.model_validate(row), None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "row"
-        return None, None, f"not a {schema.__name__} ({exc.error_count()} problems; {where}: {first['msg']})"
-
-
-def scan_shard(path: Path, schema: type[BaseModel] | None = None, missing_ok: bool = False) -> Iterator[ShardLine]:
-    """Every line of a shard, readable or not (lines end at b"\\n" only, as the writer wrote them)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        if missing_ok:  # e.g. a resuming job has just dropped this shard's `cancelled` rows
-            return
-        raise
-    with f:
-        for number, raw in enumerate(f, 1):
-            yield ShardLine(number, raw, *_parse(raw, schema))
-
-
-def read_shard(path: Path, schema: type[BaseModel] | None = None, missing_ok: bool = False) -> Iterator[dict]:
-    """The rows of a shard; CorruptShard (naming the file and line) at the first unreadable one."""
-    for line in scan_shard(path, schema, missing_ok):
-        if line.problem is not None:
-            raise CorruptShard(path, line.number, line.problem)
-        yield line.row
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8") + ("" if raw.endswith(b"\n") else "\n")
-
-
 class Manifest(BaseModel):
     stage: str
     fingerprint: str
@@ -157,50 +102,61 @@ def fingerprint(inputs: dict[str, Any]) -> str:
     return sha256_text(json.dumps(inputs, sort_keys=True, default=str))[:16]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_lines(path, [text])
-
-
-def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    """Write to a temp file beside `path`, fsync, rename. Errors (disk full...) propagate."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def read_manifest(job_dir: str | Path) -> Manifest:
+    path = Path(job_dir) / "manifest.json"
+    if not path.is_file():
+        raise JobError(f"{job_dir} is not a job directory (no manifest.json)")
+    return Manifest.model_validate_json(path.read_text())
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-class JobStore:
-    """One job directory. Use `JobStore.open(...)` as a context manager."""
+class Unreadable(NamedTuple):
+    path: Path
+    line: int
+    reason: str
 
-    def __init__(self, root: Path, manifest: Manifest, replan_if_empty: bool = False):
-        self.root = root
+
+class StageStats(BaseModel):
+    """What a stage's shards hold: rows (error rows included), error rows by code, generated tokens,
+    shards, and the lines that are not readable rows (neither ok nor error rows)."""
+
+    stage: str
+    rows: int = 0
+    errors: dict[str, int] = Field(default_factory=dict)
+    generated_tokens: int = 0
+    shards: int = 0
+    unreadable: list[Unreadable] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return self.rows - sum(self.errors.values())
+
+    def check(self) -> StageStats:
+        """self, or CorruptShard naming the first unreadable line."""
+        if self.unreadable:
+            raise CorruptShard(*self.unreadable[0])
+        return self
+
+
+class JobStore:
+    """One job directory. Use `JobStore.open(...)` as a context manager to work on a job (it holds
+    the lock); `JobStore.at(dir)` reads one (status, service, export) without the lock."""
+
+    def __init__(self, root: Path, manifest: Manifest, replan_if_empty: bool = False,
+                 models: RecordModels | None = None):
+        self.root = Path(root)
         self.manifest = manifest
-        self.shards = root / "shards"
+        self.shards = self.root / "shards"
         self.replan_if_empty = replan_if_empty
+        self.models: dict[str, type[BaseModel]] = dict(models or {})
         self._lock_fd: int | None = None
 
     @classmethod
-    def open(cls, root: str | Path, manifest: Manifest, replan_if_empty: bool = False) -> JobStore:
+    def open(cls, root: str | Path, manifest: Manifest, replan_if_empty: bool = False,
+             models: RecordModels | None = None) -> JobStore:
         """Create the job, or reopen it to resume. A different fingerprint is refused, unless
         `replan_if_empty` and the job has no rows yet (a first run that failed before its first
         row): then the new manifest replaces the old one.
@@ -211,10 +167,15 @@ class JobStore:
         """
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        store = cls(root, manifest, replan_if_empty)
+        store = cls(root, manifest, replan_if_empty, models)
         with store:
             pass
         return store
+
+    @classmethod
+    def at(cls, root: str | Path, models: RecordModels | None = None) -> JobStore:
+        """The job in `root` as its manifest.json describes it, for reading (JobError if there is none)."""
+        return cls(Path(root), read_manifest(root), models=models)
 
     def __enter__(self) -> JobStore:
         self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT)
@@ -256,19 +217,77 @@ class JobStore:
             atomic_write_text(path, self.manifest.model_dump_json(indent=2) + "\n")
         self.shards.mkdir(exist_ok=True)
 
+    # ---------------------------------------------------------------- shards
+
     def has_rows(self) -> bool:
         """Whether any shard (of any stage) exists: a job without one may be re-planned."""
         return self.shards.is_dir() and any(self.shards.glob("*.jsonl"))
 
+    def _numbered_shards(self, stage: str) -> list[tuple[int, Path]]:
+        found = [(parsed[1], path) for path in self.shards.glob("*.jsonl")
+                 if (parsed := parse_shard_name(path.name)) and parsed[0] == stage]
+        return sorted(found, key=lambda pair: (pair[0], pair[1].name))
+
     def shard_paths(self, stage: str) -> list[Path]:
-        return sorted(self.shards.glob(f"{stage}-*.jsonl"))
+        """The stage's shards in plan order (old `STAGE-SEQ` and batch-id names alike)."""
+        return [path for _, path in self._numbered_shards(stage)]
+
+    def next_batch_seq(self, stage: str) -> int:
+        """The plan position after every shard of the stage: a new plan's batches come after them."""
+        shards = self._numbered_shards(stage)
+        return shards[-1][0] + 1 if shards else 0
+
+    def commit(self, stage: str, batch: str, records: Iterable[BaseModel]) -> Path | None:
+        """Write the shard of batch `batch` (an id from `batch_id`), visible only once complete; its
+        path. A batch already committed is not written again (None): a batch run twice commits once."""
+        path = self.shards / shard_name(stage, batch)
+        if path.exists():
+            return None
+        atomic_write_jsonl(path, records)
+        return path
+
+    def model_of(self, stage: str) -> type[BaseModel] | None:
+        return self.models.get(stage)
+
+    # ---------------------------------------------------------------- reading
 
     def read(self, stage: str, validate: bool = False) -> Iterator[dict[str, Any]]:
-        """Every record of a stage, streamed shard by shard; CorruptShard at an unreadable line.
-        `validate` also checks each row against the stage's record model (stage_schema)."""
-        schema = stage_schema(stage) if validate else None
+        """Every row of a stage as stored, streamed shard by shard; CorruptShard at an unreadable line.
+        `validate` also checks each row against the stage's record model."""
+        model = self.model_of(stage) if validate else None
         for shard in self.shard_paths(stage):
-            yield from read_shard(shard, schema)
+            yield from read_shard(shard, model, missing_ok=True)  # a resuming job may drop a shard meanwhile
+
+    def records(self, stage: str) -> Iterator[BaseModel]:
+        """Every record of a stage as its record model, in plan order; CorruptShard at an unreadable line."""
+        model = self.model_of(stage)
+        if model is None:
+            raise JobError(f"{self.root}: no record model for stage {stage!r}")
+        for shard in self.shard_paths(stage):
+            for line in readable_lines(shard, model, missing_ok=True):
+                yield line.record
+
+    def head(self, stage: str, count: int) -> list[dict[str, Any]]:
+        """The first `count` rows of a stage (error rows included)."""
+        return list(itertools.islice(self.read(stage), count))
+
+    def stats(self, stage: str) -> StageStats:
+        """Rows, error rows by code, generated tokens and shards of a stage, with every unreadable line
+        named (`cai jobs status`); `.check()` raises CorruptShard for the first of them."""
+        stats, errors = StageStats(stage=stage), Counter()
+        model = self.model_of(stage)
+        for shard in self.shard_paths(stage):
+            stats.shards += 1
+            for line in scan_shard(shard, model, missing_ok=True):
+                if line.problem is not None:
+                    stats.unreadable.append(Unreadable(shard, line.number, line.problem))
+                    continue
+                stats.rows += 1
+                if line.row["error"] is not None:
+                    errors[line.row["error"]["code"]] += 1
+                stats.generated_tokens += getattr(line.record, "generated_tokens", 0)
+        stats.errors = dict(errors)
+        return stats
 
     def done_ids(self, stage: str, key: Callable[[dict[str, Any]], str] = lambda row: row["id"],
                  redo: Collection[str] = ()) -> IdSet:
@@ -276,7 +295,7 @@ class JobStore:
 
         Rows with an error code in `redo` do not count as finished and are dropped from the
         shards, so the caller generates them again; one read of the shards serves both.
-        Rows are checked against the stage's schema: a resume never counts a wrong row as done.
+        Rows are checked against the stage's model: a resume never counts a wrong row as done.
         """
         ids, found = IdSet(), False
         for row in self.read(stage, validate=True):
@@ -288,28 +307,29 @@ class JobStore:
             self.drop_errors(stage, codes=redo)
         return ids
 
+    def export_path(self, name: str) -> Path:
+        """Where the job's export `name` (sft.jsonl, report.json, ...) is written."""
+        return self.root / name
+
+    def exports(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` the job has written (Parquet only exists when rows were exported)."""
+        return [name for name in names if self.export_path(name).is_file()]
+
+    # ---------------------------------------------------------------- rewriting
+
     def drop_errors(self, stage: str, codes: Collection[str] | None = None) -> dict[str, int]:
         """Remove error rows (of `codes`, or all) from the shards, each shard rewritten atomically,
         so a resume redoes them. A kill between two rewrites only leaves some for the next call.
         """
         dropped: Counter[str] = Counter()
         for shard in self.shard_paths(stage):
-            rows = self._rows_of(shard)  # lines end at b"\n" only: a row's text may hold U+2028
+            rows = [(line.row, line.raw) for line in readable_lines(shard)]  # lines end at b"\n" only (U+2028)
             drop = [(e := row["error"]) is not None and (codes is None or e["code"] in codes) for row, _ in rows]
             if not any(drop):
                 continue
             dropped.update(row["error"]["code"] for (row, _), d in zip(rows, drop) if d)
-            self._rewrite(shard, [_text(raw) for (_, raw), d in zip(rows, drop) if not d])
+            self._rewrite(shard, [line_text(raw) for (_, raw), d in zip(rows, drop) if not d])
         return dict(dropped)
-
-    @staticmethod
-    def _rows_of(shard: Path) -> list[tuple[dict[str, Any], bytes]]:
-        rows = []
-        for line in scan_shard(shard):
-            if line.problem is not None:
-                raise CorruptShard(shard, line.number, line.problem)
-            rows.append((line.row, line.raw))
-        return rows
 
     @staticmethod
     def _rewrite(shard: Path, keep: list[str]) -> None:
@@ -326,7 +346,8 @@ class JobStore:
         """
         moved: list[tuple[Path, int, str]] = []
         for shard in sorted(self.shards.glob("*.jsonl")):
-            lines = list(scan_shard(shard, stage_schema(shard.stem.rsplit("-", 1)[0])))
+            parsed = parse_shard_name(shard.name)
+            lines = list(scan_shard(shard, self.model_of(parsed[0]) if parsed else None))
             bad = [line for line in lines if line.problem is not None]
             if not bad:
                 continue
@@ -336,15 +357,7 @@ class JobStore:
                 f.writelines(line.raw if line.raw.endswith(b"\n") else line.raw + b"\n" for line in bad)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(quarantine)
-            self._rewrite(shard, [_text(line.raw) for line in lines if line.problem is None])
+            fsync_dir(quarantine)
+            self._rewrite(shard, [line_text(line.raw) for line in lines if line.problem is None])
             moved += [(shard, line.number, line.problem) for line in bad]
         return moved
-
-    def append(self, stage: str, records: Iterable[BaseModel]) -> Path:
-        """Write one shard for a finished batch; visible only once complete."""
-        existing = self.shard_paths(stage)
-        index = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
-        path = self.shards / f"{stage}-{index:06d}.jsonl"
-        atomic_write_lines(path, (r.model_dump_json() + "\n" for r in records))
-        return path

@@ -19,10 +19,11 @@ from pathlib import Path
 import anyio
 import yaml
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai import __version__
 from cai.constitution import CONSTITUTIONS_DIR
+from cai.engine import EngineConfigError, check_engine_spec
 from cai.engine.base import Engine
 from cai.pipeline import build_engine
 from cai.recipe import EngineSpec
@@ -56,7 +57,8 @@ class Limits(BaseModel):
 class Settings(BaseModel):
     """Server settings; `cai serve --config FILE` reads them from YAML (safe loader)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The engine profiles hold keys and internal URLs: an error names the field, never echoes its value.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     jobs_root: Path = Field(Path("jobs/serve"), description="job directories and the SQLite database")
     data_root: Path = Field(Path("data"), description="datasets clients may name")
     constitutions_dir: Path = Field(CONSTITUTIONS_DIR, description="constitutions clients may name")
@@ -77,6 +79,18 @@ class Settings(BaseModel):
                                           "without a key; off by default: the /docs page loads Swagger UI's "
                                           "JS/CSS from a public CDN (jsDelivr) with no integrity check")
     shutdown_grace_s: float = Field(30.0, ge=0, description="wait this long for running batches at shut-down")
+
+    @field_validator("engines")
+    @classmethod
+    def _engine_profiles_valid(cls, engines: dict[str, EngineSpec]) -> dict[str, EngineSpec]:
+        """Each profile's backend and options are checked when the settings load, so a typo stops the
+        server at start instead of failing the first job that uses the profile."""
+        for name, spec in engines.items():
+            try:
+                check_engine_spec(spec)
+            except EngineConfigError as exc:
+                raise ValueError(f"engine profile {name!r}: {exc}") from None
+        return engines
 
     @model_validator(mode="after")
     def _default_engine_known(self) -> Settings:

@@ -1,9 +1,9 @@
-"""The job table (SQLite) and the worker threads that run jobs through cai.pipeline.
+"""The job table (SQLite) and the worker threads that run jobs through cai's job kinds.
 
 A job is a row here plus a job directory under the jobs root (cai's own format:
-manifest.json, shards/, exports). The worker turns the stored recipe back into
-`SFTJob` / `PrefsJob` / `EvalJob` and calls `generate_sft` / `generate_prefs` /
-`run_judge_eval`; the service generates nothing itself.
+manifest.json, shards/, exports). The worker turns the stored recipe back into its
+kind's job model and calls the kind's run function (cai.kinds); the service generates
+nothing itself.
 
 Restart: jobs left `running` by a stopped or killed server are queued again at
 start-up, and rerunning a job resumes from its directory (finished batches are
@@ -27,16 +27,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cai.batches import EngineDown, JobCancelled
 from cai.constitution import CONSTITUTIONS_DIR
 from cai.engine import is_secret_option
 from cai.engine.base import Engine
-from cai.judge_eval import EvalJob, run_judge_eval
-from cai.pipeline import EngineDown, JobCancelled, generate_prefs, generate_sft
-from cai.recipe import EngineSpec, PrefsJob, SFTJob
+from cai.events import BatchCommitted, Planned, ProgressEvent, StepStarted
+from cai.kinds import JobKind, kind
+from cai.recipe import EngineSpec
 from cai.records import ErrorCode, utc_now
 from cai.sources import BUNDLED_DIR
+from cai.store import JobStore
 from serve.resolve import client_recipe, resolve_engines
-from serve.results import shard_stats
 
 log = logging.getLogger("serve")
 
@@ -124,6 +125,7 @@ class JobDB:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            self._db.execute("UPDATE jobs SET kind = 'judge-eval' WHERE kind = 'judge_eval'")  # older servers' name
 
     def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -214,48 +216,41 @@ class JobDB:
 
 
 class Tracker:
-    """The pipeline's progress hook: counts, errors by kind and tokens/s into the job row."""
+    """The pipeline's progress hook: counts, errors by kind and tokens/s of the job's result stage into
+    the job row. What earlier runs wrote is counted once from the store; each batch committed in this
+    run adds the counts its event carries."""
 
-    def __init__(self, db: JobDB, job_id: str, root: Path, stage: str | None):
-        self.db, self.job_id, self.root, self.stage = db, job_id, root, stage
-        self.errors: Counter[str] = Counter()
-        self.records = self.tokens = self.run_tokens = self.done = self.total = 0
+    def __init__(self, db: JobDB, job_id: str, job_kind: JobKind, store: JobStore | None):
+        self.db, self.job_id, self.stage = db, job_id, job_kind.result_stage
+        stats = store.stats(self.stage).check() if store is not None else None  # CorruptShard names the line
+        self.errors: Counter[str] = Counter(stats.errors if stats else {})
+        self.records, self.tokens = (stats.rows, stats.generated_tokens) if stats else (0, 0)
+        self.run_tokens = self.done = self.total = 0
         self.started: float | None = None
-        for shard in self._shards():
-            self._add(shard_stats(shard, stage))
         # `cancelled` rows of an earlier stop are dropped and redone by the pipeline: not resumed work.
         self.records -= self.errors.pop(ErrorCode.CANCELLED.value, 0)
         db.update(job_id, resumed=self.records, records=self.records, errors=json.dumps(self.errors),
                   tokens=self.tokens, done=0, total=None, step=None, tokens_per_second=None)
 
-    def _shards(self) -> list[Path]:
-        return sorted((self.root / "shards").glob(f"{self.stage}-*.jsonl")) if self.stage else []
-
-    def _add(self, stats: tuple[int, Counter, int]) -> int:
-        rows, errors, tokens = stats
-        self.records += rows
-        self.errors.update(errors)
-        self.tokens += tokens
-        return tokens
-
-    def __call__(self, event: str, n: int) -> None:
-        if event == "total":  # judge evaluation has two passes (cai's judge, the baseline): totals add up
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, StepStarted):
+            self.db.update(self.job_id, step=f"{event.name} ({event.requests} requests)")
+        elif event.stage != self.stage:
+            return  # e.g. a prefs job's samples: its progress is its judged pairs
+        elif isinstance(event, Planned):  # judge evaluation has two passes (cai's judge, the baseline): totals add
             self.started = self.started or time.perf_counter()
-            self.total += n
+            self.total += event.total
             self.db.update(self.job_id, total=self.total)
-        elif event == "done":
-            self.done += n
-            shards = self._shards()
-            if shards:  # run_batches appends the batch's shard, then reports it done
-                self.run_tokens += self._add(shard_stats(shards[-1], self.stage))
-            else:
-                self.records += n
+        elif isinstance(event, BatchCommitted):
+            self.done += event.rows
+            self.records += event.rows
+            self.errors.update(event.errors)
+            self.tokens += event.generated_tokens
+            self.run_tokens += event.generated_tokens
             seconds = time.perf_counter() - (self.started or time.perf_counter())
             rate = self.run_tokens / seconds if seconds > 0 and self.run_tokens else None
             self.db.update(self.job_id, done=self.done, records=self.records, errors=json.dumps(self.errors),
                            tokens=self.tokens, tokens_per_second=rate)
-        elif event.startswith("step "):
-            self.db.update(self.job_id, step=f"{event.removeprefix('step ')} ({n} requests)")
 
 
 class JobManager:
@@ -366,31 +361,17 @@ class JobManager:
             self.db.update(job_id, cancel_requested=0)
 
     def _run(self, row: dict[str, Any], engines: dict[str, Engine], stop: Callable[[], bool]):
-        """Run one job through cai; (summary as JSON data, tokens per second).
+        """Run one job through its kind (cai.kinds); (summary as JSON data, tokens per second).
 
         The stored recipe names engines by profile: their specs come from the settings now. The job
-        directory's manifest.json records the client's view of the recipe (resolve.client_recipe)."""
-        stored, kind, root = json.loads(row["recipe"]), row["kind"], Path(row["dir"])
+        directory's manifest.json records the client's view of the recipe (resolve.client_recipe).
+        Engines come from the worker's cache, built when the job first needs one."""
+        stored, job_kind, root = json.loads(row["recipe"]), kind(row["kind"]), Path(row["dir"])
         shown = client_recipe(stored, self.settings, root)
-        recipe = resolve_engines(stored, self.settings)
+        job = job_kind.job_model.model_validate(resolve_engines(stored, self.settings))
         if stop():
             raise JobCancelled("cancelled before it started")
-        if kind == "sft":
-            job = SFTJob.model_validate(recipe)
-            engine = self._engine(job.engine, engines, row["id"])
-            summary = generate_sft(job, engine=engine, progress=Tracker(self.db, row["id"], root, "sft"), stop=stop,
-                                   recipe=shown)
-            return summary.model_dump(mode="json"), summary.tokens_per_second
-        if kind == "prefs":
-            job = PrefsJob.model_validate(recipe)
-            summary = generate_prefs(job, progress=Tracker(self.db, row["id"], root, "prefs"), stop=stop,
-                                     build=lambda spec: self._engine(spec, engines, row["id"]), recipe=shown)
-            rate = summary.generated_tokens_now / summary.generation_seconds if summary.generation_seconds else None
-            return summary.model_dump(mode="json"), rate
-        job = EvalJob.model_validate(recipe)
-        engine = self._engine(job.engine, engines, row["id"])
-        result = run_judge_eval(job, engine, progress=Tracker(self.db, row["id"], root, "judge-eval"), stop=stop,
-                                recipe=shown)
-        summary = result.report.model_dump(mode="json") | {"files": [Path(p).name for p in result.files],
-                                                           "skipped": result.skipped}
-        return summary, None
+        store = JobStore.at(root, job_kind.record_models) if (root / "manifest.json").is_file() else None
+        summary = job_kind.run(job, progress=Tracker(self.db, row["id"], job_kind, store), stop=stop, recipe=shown,
+                               build=lambda spec: self._engine(spec, engines, row["id"]))
+        return summary.flat(), summary.tokens_per_second or None

@@ -9,15 +9,25 @@ pass engine options such as `trust_remote_code`, a model path or an output folde
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from cai.recipe import JudgeConfig, Phase1Config, Phase2Config
+from cai.kinds import KINDS, canonical
+from cai.recipe import DEFAULT_BATCH_SIZE, JudgeConfig, Phase1Config, Phase2Config
 from cai.records import Message, check_unicode
 
-JobKind = Literal["sft", "prefs", "judge_eval"]
+JobKind = Annotated[Literal[tuple(KINDS)], BeforeValidator(lambda v: canonical(v) if isinstance(v, str) else v)]
+"""A job kind (cai.kinds), as cai spells it: sft, prefs, judge-eval. `judge_eval`, the spelling of
+earlier versions of this API, is accepted and read as judge-eval."""
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReviewLabel = Literal["agree", "flip", "discard"]
 ACTIVE_STATES = ("queued", "running")
@@ -67,7 +77,8 @@ class JobRequest(Strict):
     """A generation job. Give prompts inline (`prompts`) or by name (`dataset`), not both."""
 
     kind: JobKind = Field(description="sft: phase 1 (critique -> revision); prefs: phase 2 (AI-judged pairs); "
-                                      "judge_eval: judge agreement with human labels")
+                                      "judge-eval: judge agreement with human labels (`judge_eval` is accepted "
+                                      "too)")
     constitution: str = Field("harmless", max_length=120,
                               description="NAME or NAME@VERSION of a constitution in the server's constitutions/")
     constitution_yaml: str | None = Field(None, description="an inline constitution (YAML text); overrides `constitution`")
@@ -81,22 +92,22 @@ class JobRequest(Strict):
     dataset: str | None = Field(
         None, max_length=300,
         description="a dataset name under the server's data root (a .jsonl file or a save_to_disk folder), "
-                    "or a bundled set: redteam, benign. judge_eval: HH-RLHF pairs or multiple-choice JSONL")
+                    "or a bundled set: redteam, benign. judge-eval: HH-RLHF pairs or multiple-choice JSONL")
     engine: str | None = Field(None, max_length=100, description="engine profile name (GET /v1/engines); "
                                                                  "default: the server's default profile")
     judge_engine: str | None = Field(None, max_length=100, description="prefs: judge profile; default: `engine`")
     limit: int | None = Field(None, ge=1, description="use the first N prompts (or evaluation items)")
-    batch_size: int = Field(32, ge=1, description="prompts per engine call and per shard")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="prompts per engine call and per shard")
     max_tokens: int | None = Field(
         None, ge=1, description="shortcut: max new tokens of every generation step (sft: answer, critique and "
                                 "revision; prefs: policy samples); overrides the values in phase1 / phase2")
     phase1: Phase1Config | None = Field(None, description="sft settings (rounds, seed, sampling per step)")
     phase2: Phase2Config | None = Field(None, description="prefs settings (samples, policy sampling, judge)")
-    judge: JudgeConfig | None = Field(None, description="judge_eval settings (mode, orders, ...)")
+    judge: JudgeConfig | None = Field(None, description="judge-eval settings (mode, orders, ...)")
     min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="prefs: export only pairs this confident")
     require_consistent: bool = Field(True, description="prefs: export only pairs whose two orders agree")
-    baseline: bool = Field(True, description="judge_eval: also run the one-order JSON-verdict baseline judge")
-    seed: int = Field(0, description="judge_eval: which answer of an HH pair is shown as A")
+    baseline: bool = Field(True, description="judge-eval: also run the one-order JSON-verdict baseline judge")
+    seed: int = Field(0, description="judge-eval: which answer of an HH pair is shown as A")
 
     @model_validator(mode="before")
     @classmethod
@@ -162,7 +173,7 @@ class RecordPage(BaseModel):
     offset: int
     limit: int
     items: list[dict[str, Any]] = Field(
-        description="stored records (cai.records.SFTRecord / PreferenceRecord, or judge_eval predictions), "
+        description="stored records (cai.records.SFTRecord / PreferenceRecord, or judge-eval predictions), "
                     "each with `review` (the label in force) and, for prefs, `exported`")
 
 

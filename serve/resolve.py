@@ -9,7 +9,6 @@ under a root, 413 for sizes, 422 for caps and bad fields.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -20,9 +19,19 @@ from pydantic import ValidationError
 
 from cai.constitution import ConstitutionError, LoadedConstitution, load_constitution
 from cai.constitution_plan import UNREVISED, PlanError, check_groups
+from cai.errors import CaiError
 from cai.evaluate import read_eval_items
+from cai.files import atomic_write_jsonl, atomic_write_text
 from cai.judge_eval import EvalJob
-from cai.recipe import EngineSpec, JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
+from cai.kinds import KINDS
+from cai.recipe import (
+    EngineSpec,
+    JudgeConfig,
+    Phase1Config,
+    Phase2Config,
+    PrefsJob,
+    SFTJob,
+)
 from cai.records import SamplingParams
 from cai.sources import BUNDLED, BUNDLED_DIR, SourceError, read_prompts
 from serve.auth import PathRefused, check_name, list_names, resolve_name
@@ -185,7 +194,7 @@ def _profile(settings, name: str | None) -> dict[str, str]:
     return {"profile": name or settings.default_engine}
 
 
-ENGINE_FIELDS = ("engine", "policy", "judge")  # where SFTJob / PrefsJob / EvalJob hold an EngineSpec
+ENGINE_FIELDS = tuple(dict.fromkeys(f for kind in KINDS.values() for f in kind.engine_fields))  # hold EngineSpecs
 
 
 def resolve_engines(recipe: dict[str, Any], settings) -> dict[str, Any]:
@@ -235,7 +244,7 @@ def _constitution(req: JobRequest, settings, input_dir: Path) -> str:
     if size > settings.limits.max_constitution_bytes:
         raise Refused(413, f"inline constitution of {size} bytes is over {settings.limits.max_constitution_bytes}")
     path = input_dir / "constitution.yaml"
-    path.write_text(req.constitution_yaml, encoding="utf-8")
+    atomic_write_text(path, req.constitution_yaml)
     try:
         load_constitution(path)
     except ConstitutionError as exc:
@@ -271,7 +280,7 @@ def _prompts(req: JobRequest, settings, input_dir: Path) -> str:
             _cap(1 if isinstance(prompt, str) else len(prompt.messages), limits.max_turns, f"turns of prompts[{n}]")
         path = input_dir / "prompts.jsonl"
         rows = ({"prompt": p} if isinstance(p, str) else p.model_dump(exclude_none=True) for p in req.prompts)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic_write_jsonl(path, rows)
     else:
         path = find_dataset(settings.data_root, req.dataset)
     try:
@@ -291,12 +300,12 @@ def _prompts(req: JobRequest, settings, input_dir: Path) -> str:
 
 def _eval_data(req: JobRequest, settings) -> str:
     if req.prompts is not None or req.dataset is None:
-        raise Refused(422, "judge_eval reads labelled pairs by name: give `dataset` (HH-RLHF chosen/rejected or "
+        raise Refused(422, "judge-eval reads labelled pairs by name: give `dataset` (HH-RLHF chosen/rejected or "
                            "multiple-choice JSONL), not `prompts`")
     path = find_dataset(settings.data_root, req.dataset)
     try:
         items = read_eval_items(path, limit=settings.limits.max_rows + 1, seed=req.seed)
-    except (ValueError, OSError) as exc:
+    except (CaiError, ValueError, OSError) as exc:
         raise Refused(422, f"dataset {req.dataset!r}: {str(exc).replace(str(path), req.dataset)}") from None
     if len(items.items) > settings.limits.max_rows and req.limit is None:
         raise Refused(422, f"dataset {req.dataset!r} has more than {settings.limits.max_rows} items: "
@@ -304,49 +313,74 @@ def _eval_data(req: JobRequest, settings) -> str:
     return str(path)
 
 
+def _sft_job(req: JobRequest, settings, job_dir: Path, input_dir: Path) -> tuple[SFTJob, dict[str, Any]]:
+    limits, common = settings.limits, _common(req, settings, job_dir, input_dir)
+    phase1 = _with_max_tokens(req.phase1 or Phase1Config(), ("answer", "critique", "revision"), req.max_tokens)
+    _cap(phase1.rounds, limits.max_rounds, "phase1.rounds")
+    _check_system_prompt(phase1, limits.max_prompt_chars, "phase1")
+    _check_sampling({f"phase1.{k}": getattr(phase1, k) for k in ("answer", "critique", "revision")}, limits.max_tokens)
+    job = SFTJob(prompts=_prompts(req, settings, input_dir), phase1=phase1, **common)
+    _check_prompt_groups(job, settings)
+    return job, {"engine": _profile(settings, req.engine)}
+
+
+def _prefs_job(req: JobRequest, settings, job_dir: Path, input_dir: Path) -> tuple[PrefsJob, dict[str, Any]]:
+    limits, common = settings.limits, _common(req, settings, job_dir, input_dir)
+    phase2 = _with_max_tokens(req.phase2 or Phase2Config(), ("policy",), req.max_tokens)
+    _cap(phase2.samples, limits.max_samples, "phase2.samples")
+    _check_system_prompt(phase2, limits.max_prompt_chars, "phase2")
+    _check_sampling({"phase2.policy": phase2.policy}, limits.max_tokens)
+    _check_judge(phase2.judge, limits, "phase2.judge")
+    job = PrefsJob(prompts=_prompts(req, settings, input_dir), phase2=phase2, min_confidence=req.min_confidence,
+                   require_consistent=req.require_consistent, **common)
+    _check_prompt_groups(job, settings)
+    return job, {"policy": _profile(settings, req.engine),
+                 "judge": _profile(settings, req.judge_engine) if req.judge_engine else None}
+
+
+def _judge_eval_job(req: JobRequest, settings, job_dir: Path, input_dir: Path) -> tuple[EvalJob, dict[str, Any]]:
+    judge = req.judge or JudgeConfig()
+    _check_judge(judge, settings.limits, "judge")
+    job = EvalJob(data=_eval_data(req, settings), out=str(job_dir), judge=judge, limit=req.limit,
+                  seed=req.seed, baseline=req.baseline)
+    return job, {"engine": _profile(settings, req.engine)}
+
+
+def _common(req: JobRequest, settings, job_dir: Path, input_dir: Path) -> dict[str, Any]:
+    """The settings sft and prefs jobs share."""
+    return dict(constitution=_constitution(req, settings, input_dir), out=str(job_dir), limit=req.limit,
+                constitution_by_group=_constitution_for(req, settings), batch_size=req.batch_size,
+                parquet=True, new_job=False)
+
+
+def _check_prompt_groups(job: SFTJob | PrefsJob, settings) -> None:
+    groups = {p.group for p in read_prompts(job.prompts, limit=job.limit or settings.limits.max_rows)}
+    check_groups(job.constitution_by_group, groups, "constitution_for")
+
+
+# Per job kind (cai.kinds): the request fields it does not take, and how its request becomes its job.
+REQUEST_KINDS = {
+    "sft": (("phase2", "judge", "judge_engine"), _sft_job),
+    "prefs": (("phase1", "judge"), _prefs_job),
+    "judge-eval": (("phase1", "phase2", "judge_engine", "max_tokens", "constitution_for"), _judge_eval_job),
+}
+
+
 def build_recipe(req: JobRequest, settings, job_dir: Path) -> dict[str, Any]:
-    """Check the request against the limits and turn it into the job's recipe (JSON data)."""
+    """Check the request against the limits and turn it into the job's recipe (JSON data): the job's
+    settings, with its engines named by profile."""
     limits = settings.limits
     _cap(req.limit, limits.max_rows, "limit")
     _cap(req.batch_size, limits.max_batch_size, "batch_size")
     _cap(req.max_tokens, limits.max_tokens, "max_tokens")
-    unused = {"sft": ("phase2", "judge", "judge_engine"), "prefs": ("phase1", "judge"),
-              "judge_eval": ("phase1", "phase2", "judge_engine", "max_tokens", "constitution_for")}[req.kind]
+    unused, build = REQUEST_KINDS[req.kind]
     given = [f for f in unused if getattr(req, f) is not None]
     if given:
         raise Refused(422, f"{', '.join(given)} do not apply to a {req.kind} job")
     input_dir = job_dir / "input"
     input_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if req.kind == "judge_eval":
-            judge = req.judge or JudgeConfig()
-            _check_judge(judge, limits, "judge")
-            job = EvalJob(data=_eval_data(req, settings), out=str(job_dir), judge=judge, limit=req.limit,
-                          seed=req.seed, baseline=req.baseline)
-            return job.model_dump(mode="json") | {"engine": _profile(settings, req.engine)}
-        common = dict(constitution=_constitution(req, settings, input_dir), out=str(job_dir), limit=req.limit,
-                      constitution_by_group=_constitution_for(req, settings), batch_size=req.batch_size,
-                      parquet=True, new_job=False)
-        if req.kind == "sft":
-            phase1 = _with_max_tokens(req.phase1 or Phase1Config(), ("answer", "critique", "revision"), req.max_tokens)
-            _cap(phase1.rounds, limits.max_rounds, "phase1.rounds")
-            _check_system_prompt(phase1, limits.max_prompt_chars, "phase1")
-            _check_sampling({f"phase1.{k}": getattr(phase1, k) for k in ("answer", "critique", "revision")},
-                            limits.max_tokens)
-            job = SFTJob(prompts=_prompts(req, settings, input_dir), phase1=phase1, **common)
-            engines = {"engine": _profile(settings, req.engine)}
-        else:
-            phase2 = _with_max_tokens(req.phase2 or Phase2Config(), ("policy",), req.max_tokens)
-            _cap(phase2.samples, limits.max_samples, "phase2.samples")
-            _check_system_prompt(phase2, limits.max_prompt_chars, "phase2")
-            _check_sampling({"phase2.policy": phase2.policy}, limits.max_tokens)
-            _check_judge(phase2.judge, limits, "phase2.judge")
-            job = PrefsJob(prompts=_prompts(req, settings, input_dir), phase2=phase2,
-                           min_confidence=req.min_confidence, require_consistent=req.require_consistent, **common)
-            engines = {"policy": _profile(settings, req.engine),
-                       "judge": _profile(settings, req.judge_engine) if req.judge_engine else None}
-        groups = {p.group for p in read_prompts(job.prompts, limit=job.limit or settings.limits.max_rows)}
-        check_groups(job.constitution_by_group, groups, "constitution_for")
+        job, engines = build(req, settings, job_dir, input_dir)
     except ValidationError as exc:
         raise Refused(422, _invalid(exc)) from None
     except PlanError as exc:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
+from cai.kinds import kind
+from cai.store import JobStore
 from serve.auth import PathRefused, check_name, require_owner
 from serve.jobs import ClientView, JobDB, TooManyActive
 from serve.protocol import (
@@ -36,8 +38,14 @@ from serve.protocol import (
     ReviewList,
     ReviewRequest,
 )
-from serve.resolve import Refused, build_recipe, find_constitution, list_constitutions, list_datasets
-from serve.results import EXPORTS, MEDIA, STAGES, export_file, export_names, find_record, page, review_counts
+from serve.resolve import (
+    Refused,
+    build_recipe,
+    find_constitution,
+    list_constitutions,
+    list_datasets,
+)
+from serve.results import MEDIA, export_file, find_record, page, review_counts
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -100,8 +108,16 @@ def _request_summary(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _exports(job: dict[str, Any]) -> list[str]:
+    """Export files a completed job has written."""
+    if job["state"] != "completed":
+        return []
+    return JobStore.at(job["dir"]).exports(kind(job["kind"]).export_files)
+
+
 def _status(request: Request, job: dict[str, Any]) -> JobStatus:
-    reviews = _db(request).reviews(job["id"]) if job["kind"] in STAGES else []
+    job_kind = kind(job["kind"])
+    reviews = _db(request).reviews(job["id"]) if job_kind.reviewable else []
     view = ClientView(request.app.state.settings, Path(job["dir"]))  # also for rows written by an older server
     return JobStatus(
         id=job["id"], kind=job["kind"], state=job["state"], owner=job["owner"], created_at=job["created_at"],
@@ -109,8 +125,8 @@ def _status(request: Request, job: dict[str, Any]) -> JobStatus:
         progress=Progress(total=job["total"], done=job["done"], resumed=job["resumed"], step=job["step"]),
         records=job["records"], errors=json.loads(job["errors"]), tokens=job["tokens"],
         tokens_per_second=job["tokens_per_second"], cancel_requested=bool(job["cancel_requested"]),
-        message=view(job["message"]), files=export_names(job),
-        reviews=ReviewCounts(**review_counts(reviews, judged=job["kind"] == "prefs")),
+        message=view(job["message"]), files=_exports(job),
+        reviews=ReviewCounts(**review_counts(reviews, judged=job_kind.judged_pairs)),
         summary=view(json.loads(job["summary"])) if job["summary"] else None,
         request=_request_summary(json.loads(job["request"])),
     )
@@ -129,7 +145,7 @@ def _refused(exc: Refused) -> HTTPException:
                      422: {"description": "invalid field or over a cap"},
                      429: {"description": "too many queued or running jobs for this key"}})
 def submit(body: JobRequest, request: Request, owner: str = Depends(require_owner)) -> JobCreated:
-    """Submit a phase-1 (sft), phase-2 (prefs) or judge-evaluation (judge_eval) job; it is queued."""
+    """Submit a phase-1 (sft), phase-2 (prefs) or judge-evaluation (judge-eval) job; it is queued."""
     settings, db = request.app.state.settings, _db(request)
     if db.count_active(owner) >= settings.limits.max_active_jobs:
         raise HTTPException(429, f"{owner} already has {settings.limits.max_active_jobs} queued or running jobs")
@@ -200,7 +216,7 @@ def records(job_id: str, request: Request, owner: str = Depends(require_owner),
     cap = request.app.state.settings.limits.max_page
     if limit > cap:
         raise HTTPException(422, f"limit = {limit} is over this server's page limit of {cap}")
-    reviews = _db(request).reviews(job_id) if job["kind"] in STAGES else []
+    reviews = _db(request).reviews(job_id) if kind(job["kind"]).reviewable else []
     total, items = page(job, reviews, status, principle, offset, limit)
     items = ClientView(request.app.state.settings, Path(job["dir"]))(items)  # e.g. a backend's error text
     return RecordPage(total=total, offset=offset, limit=limit, items=items)
@@ -213,16 +229,17 @@ def export(job_id: str, request: Request, owner: str = Depends(require_owner),
     """A dataset file of a completed job, with the reviews applied (prefs: agree / flip make a pair a
     confident human label, score = margin = 1.0, flip swapping chosen and rejected; discard drops)."""
     job = _job(request, job_id, owner)
-    name = file or EXPORTS[job["kind"]][0]
+    exports = kind(job["kind"]).export_files
+    name = file or exports[0]
     try:
         check_name(name, "file")
     except PathRefused as exc:
         raise HTTPException(400, str(exc)) from None
-    if name not in EXPORTS[job["kind"]]:
-        raise HTTPException(404, f"no export {name!r}; a {job['kind']} job has {', '.join(EXPORTS[job['kind']])}")
+    if name not in exports:
+        raise HTTPException(404, f"no export {name!r}; a {job['kind']} job has {', '.join(exports)}")
     if job["state"] != "completed":
         raise HTTPException(409, f"job {job_id} is {job['state']}; exports exist once it completed")
-    if name not in export_names(job):
+    if name not in _exports(job):
         raise HTTPException(404, f"{name}: not written for this job (no rows exported?)")
     try:
         path = export_file(job, name, _db(request).reviews(job_id))
@@ -235,7 +252,7 @@ def export(job_id: str, request: Request, owner: str = Depends(require_owner),
 def list_reviews(job_id: str, request: Request, owner: str = Depends(require_owner)) -> ReviewList:
     job = _job(request, job_id, owner)
     reviews = _db(request).reviews(job["id"])
-    counts = review_counts(reviews, judged=job["kind"] == "prefs")
+    counts = review_counts(reviews, judged=kind(job["kind"]).judged_pairs)
     return ReviewList(reviews=[Review(**r) for r in reviews], counts=ReviewCounts(**counts))
 
 
@@ -247,9 +264,10 @@ def add_review(job_id: str, body: ReviewRequest, request: Request, owner: str = 
         raise HTTPException(422, f"reviewer {body.reviewer!r}: the reviewer is the API key's name ({owner!r}); "
                                  "leave the field out")
     job = _job(request, job_id, owner)
-    if job["kind"] not in STAGES:
+    job_kind = kind(job["kind"])
+    if not job_kind.reviewable:
         raise HTTPException(422, "only sft and prefs records are reviewed")
-    if body.label == "flip" and job["kind"] != "prefs":
+    if body.label == "flip" and not job_kind.judged_pairs:
         raise HTTPException(422, "flip swaps a preference pair: it applies to prefs jobs only")
     record = find_record(job, body.record_id)
     if record is None:
@@ -266,7 +284,7 @@ def job_constitution(job_id: str, request: Request, owner: str = Depends(require
     job = _job(request, job_id, owner)
     recipe = json.loads(job["recipe"])
     if "constitution" not in recipe:
-        raise HTTPException(404, "a judge_eval job has no constitution")
+        raise HTTPException(404, f"a {job['kind']} job has no constitution")
     from cai.constitution import load_constitution
 
     return _detail(load_constitution(Path(recipe["constitution"])))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import select
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 

@@ -15,7 +15,6 @@ import yaml
 from typer.testing import CliRunner
 
 from cai.cli.constitution import app as constitution_app
-from cai.constitution_diff import diff_constitutions
 from cai.constitution import (
     Constitution,
     ConstitutionError,
@@ -24,6 +23,7 @@ from cai.constitution import (
     sample_principle,
     validate_constitution,
 )
+from cai.constitution_diff import diff_constitutions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "constitutions" / "harmless.yaml", ROOT / "constitutions" / "helpful.yaml"]

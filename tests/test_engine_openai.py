@@ -6,7 +6,6 @@ import time
 from email.utils import formatdate
 
 import pytest
-
 from fakeserver import FakeServer, chat_prompt_tokens, error_body, ok_body
 
 from cai.engine.base import EngineCapabilityError

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from cai.engine.base import EngineCapabilityError
-from cai.engine.vllm_engine import LOGPROB_TOKEN_IDS_SINCE, VLLMEngine, choice_scoring_problem
+from cai.engine.vllm_engine import (
+    LOGPROB_TOKEN_IDS_SINCE,
+    VLLMEngine,
+    choice_scoring_problem,
+)
 from cai.records import Message
 
 CHAT = [Message(role="user", content="Which is kinder? Answer with (A) or (B).")]

@@ -22,7 +22,7 @@ from cai.evaluate import (
 )
 from cai.judge import JudgeItem
 from cai.judge_eval import EvalJob, run_judge_eval
-from cai.records import ErrorCode, ErrorInfo, JudgeOrder, Judgement, Message
+from cai.records import ErrorCode, ErrorInfo, Judgement, JudgeOrder, Message
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MC = DATA / "harmful_vs_ethical.jsonl"

@@ -10,7 +10,13 @@ import pytest
 from cai.engine.base import ChoiceScores, TokenLogprob
 from cai.engine.fake import FakeEngine
 from cai.judge import JudgeConfig, JudgeItem, baseline_judge, judge_pairs, parse_verdict
-from cai.prompts import JUDGE_ANSWER_PREFIX, cot_verdict_chat, judge_chat, neutralise, quote_tag
+from cai.prompts import (
+    JUDGE_ANSWER_PREFIX,
+    cot_verdict_chat,
+    judge_chat,
+    neutralise,
+    quote_tag,
+)
 from cai.records import Completion, ErrorCode, ErrorInfo, Message
 
 PROMPT = [Message(role="user", content="How do I deal with a loud neighbour?")]

@@ -12,7 +12,8 @@ from fakes import judge_preferring
 from cai.engine.fake import FakeEngine
 from cai.judge import JudgeConfig
 from cai.judge_eval import EvalJob, run_judge_eval
-from cai.pipeline import EngineDown, JobCancelled, retry_errors
+from cai.kinds import retry_errors
+from cai.pipeline import EngineDown, JobCancelled
 from cai.records import Completion
 from cai.store import JobError
 

@@ -165,7 +165,7 @@ def test_max_tokens_is_set_on_every_request(tmp_path):
 
 
 def test_retry_errors_redoes_only_error_rows(tmp_path):
-    from cai.pipeline import retry_errors
+    from cai.kinds import retry_errors
 
     prompts = write_prompts(tmp_path / "p.jsonl", ["ok1", "flaky", "ok2"])
 

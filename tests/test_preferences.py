@@ -9,8 +9,9 @@ import pytest
 
 from cai.constitution import load_constitution
 from cai.engine.fake import FakeEngine
+from cai.formats import keep_for_export, preference_row
 from cai.judge import JudgeConfig
-from cai.preferences import Phase2Config, keep_for_export, preference_row, run_phase2, win_scores
+from cai.preferences import Phase2Config, run_phase2, win_scores
 from cai.records import Completion, ErrorCode, Message, SamplingParams, SourcePrompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_judge_config_is_in_lineage():
 
 
 def test_preference_stats_for_the_data_card():
-    from cai.preferences import preference_stats
+    from cai.cards import preference_stats
 
     policy = FakeEngine(numbered_policy())
     good = run_phase2(sources(3), HARMLESS, policy, FakeEngine(chooser=higher_number_wins), Phase2Config())

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-
 from fakes import alternating_sampler, judge_preferring
 
 from cai.engine.fake import FakeEngine
@@ -117,7 +116,7 @@ def test_cancelled_while_judging_keeps_samples_and_resumes(tmp_path):
 
 
 def test_retry_errors_reruns_only_failed_prefs_prompts(tmp_path):
-    from cai.pipeline import retry_errors
+    from cai.kinds import retry_errors
 
     alternating = alternating_sampler()
 

@@ -240,6 +240,6 @@ def test_judge_engine_options_alone_keep_the_policy_model_as_judge(tmp_path, mon
 
     monkeypatch.setattr(generate, "_run_with_progress", capture)
     CliRunner().invoke(app, ["generate", "prefs", "--policy", "models/p", "--engine", "openai",
-                             "--judge-engine-option", "max_model_len=4096", "--out", str(tmp_path / "j")])
+                             "--judge-engine-option", "concurrency=4", "--out", str(tmp_path / "j")])
     judge = seen["job"].judge
-    assert (judge.model, judge.backend, judge.options) == ("models/p", "openai", {"max_model_len": 4096})
+    assert (judge.model, judge.backend, judge.options) == ("models/p", "openai", {"concurrency": 4})

@@ -12,37 +12,89 @@ import pytest
 import yaml
 
 from cai import runner
-from cai.runner import RunRecipe, load_recipe, run_recipe, stage_commands
+from cai.recipe import EngineSpec, PrefsJob, SFTJob
+from cai.runner import RecipeError, RunRecipe, load_recipe, plan_stages, run_recipe
+from cai.stage_jobs import JobFileError, read_job_file, write_job_file
+from cai.train.jobs import DPOTrainJob, PPOTrainJob, RewardTrainJob, SFTTrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_recipes_load_and_wire_every_stage(tmp_path):
     cpu = load_recipe("cpu-smollm2")
-    names = [name for name, _ in stage_commands(cpu, tmp_path)]
+    names = [name for name, _ in plan_stages(cpu, tmp_path)]
     assert names[:4] == ["01-sft-data", "02-sft", "03-prefs", "05-policy"] and names[-1] == "07-eval"
     ppo = cpu.model_copy(update={"method": "ppo"})
-    commands = dict(stage_commands(ppo, tmp_path))
-    assert commands["04-rm"][:2] == ["train", "rm"] and commands["05-policy"][:2] == ["train", "ppo"]
-    assert "--reward-model" in commands["05-policy"]
-    eval_args = commands["07-eval"]
-    assert eval_args.count("--exclude") == 2  # training prompts are never evaluated
-    assert eval_args[eval_args.index("--training-judge") + 1] == eval_args[eval_args.index("--judge") + 1]
-    assert commands["01-sft-data"][commands["01-sft-data"].index("--constitution-for") + 1] == "benign=helpful"
-    gpu = dict(stage_commands(load_recipe("gpu-7b"), tmp_path))
-    assert gpu["01-sft-data"][gpu["01-sft-data"].index("--constitution-for") + 1] == "helpful_prompts=none"
-    assert gpu["03-prefs"][gpu["03-prefs"].index("--judge") + 1] != gpu["07-eval"][gpu["07-eval"].index("--judge") + 1]
+    jobs = dict(plan_stages(ppo, tmp_path))
+    assert isinstance(jobs["04-rm"], RewardTrainJob) and isinstance(jobs["05-policy"], PPOTrainJob)
+    assert jobs["05-policy"].reward_model == jobs["04-rm"].out
+    evaluation = jobs["07-eval"]
+    # training prompts are never evaluated
+    assert evaluation.config.exclude == [str(tmp_path / "prompts-phase1.jsonl"), str(tmp_path / "prompts-phase2.jsonl")]
+    assert evaluation.training_judge == evaluation.judge
+    assert jobs["01-sft-data"].constitution_by_group == {"benign": "helpful"}
+    gpu = dict(plan_stages(load_recipe("gpu-7b"), tmp_path))
+    assert gpu["01-sft-data"].constitution_by_group == {"helpful_prompts": "none"}
+    assert gpu["03-prefs"].judge.model != gpu["07-eval"].judge
+
+
+def test_shipped_recipes_keep_their_settings(tmp_path):
+    cpu = dict(plan_stages(load_recipe("cpu-smollm2"), tmp_path))
+    brief = "You are a helpful assistant. Keep every reply short: at most three sentences."
+    phase1, prefs = cpu["01-sft-data"], cpu["03-prefs"]
+    assert isinstance(phase1, SFTJob) and isinstance(prefs, PrefsJob)
+    assert phase1.phase1.rounds == 1 and phase1.phase1.system_prompt == brief
+    assert (phase1.phase1.answer.max_tokens, phase1.phase1.critique.max_tokens, phase1.phase1.revision.max_tokens) == (
+        256, 128, 256)
+    assert phase1.engine == EngineSpec(backend="auto", model="smollm2-135m")
+    assert prefs.phase2.samples == 2 and prefs.phase2.policy.max_tokens == 192 and prefs.phase2.system_prompt == brief
+    assert prefs.require_consistent is False and prefs.policy.model == str(tmp_path / "02-sft")
+    sft, dpo = cpu["02-sft"], cpu["05-policy"]
+    assert isinstance(sft, SFTTrainJob) and isinstance(dpo, DPOTrainJob)
+    assert sft.config_args() == {"max_steps": 24, "per_device_train_batch_size": 4, "learning_rate": 5e-5}
+    assert dpo.config_args() == {"max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 5e-6}
+    assert (cpu["07-eval"].config.limit, cpu["07-eval"].config.max_tokens) == (12, 96)
+    gpu = dict(plan_stages(load_recipe("gpu-7b"), tmp_path))
+    assert gpu["02-sft"].lora and gpu["02-sft"].config_args() == {
+        "num_train_epochs": 1.0, "per_device_train_batch_size": 8, "learning_rate": 1e-4, "bf16": True,
+        "gradient_accumulation_steps": 4, "max_length": 4096}
+    assert gpu["05-policy"].soft_label == "smoothing" and gpu["01-sft-data"].batch_size == 2048
+    assert gpu["03-prefs"].judge.options == {"max_model_len": 8192} and gpu["03-prefs"].min_confidence == 0.2
+    assert gpu["07-eval"].engine_options == {"max_model_len": 8192} and gpu["07-eval"].config.limit == 500
+
+
+@pytest.mark.parametrize(("stage", "where", "what"), [
+    ({"phase1": {"job": {"phase1": {"roundz": 1}}}}, "phase1.job.phase1.roundz", "Extra inputs are not permitted"),
+    ({"sft": {"trl": {"learnin_rate": 1e-5}}}, "sft.trl", "learnin_rate (did you mean learning_rate?)"),
+    ({"ppo": {"trl": {"kl_coeff": 0.1}}}, "ppo.trl", "kl_coeff (did you mean kl_coef?)"),
+    ({"eval": {"config": {"max_tokens": 0}}}, "eval.config.max_tokens", "greater than or equal to 1"),
+    ({"policy": {"max_steps": 1}}, "policy", "Extra inputs are not permitted"),  # the old stage key
+    ({"phase2": {"job": {"min_confidence": 0.95, "phase2": {"judge": {"mode": "cot"}}}}}, "stage 03-prefs (phase2.job)",
+     "excludes every CoT pair"),  # a check of the whole job, not of one field
+])
+def test_a_recipe_typo_fails_when_the_recipe_loads_naming_file_and_field(tmp_path, stage, where, what):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"name": "typo", **stage}))
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(path)
+    assert str(raised.value).startswith(f"{path}: ") and where in str(raised.value) and what in str(raised.value)
+
+
+def test_recipe_numbers_read_as_yaml_1_2(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nsft: {lr: 5e-5, trl: {weight_decay: 1e-2}}\n")
+    assert load_recipe(path).sft.trl == {"weight_decay": 0.01}  # PyYAML alone reads the string "1e-2"
 
 
 def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
     calls = []
 
-    def fake_stage(name, args, run_dir, log):
+    def fake_stage(name, job_file, run_dir, log):
         calls.append(name)
+        assert job_file == run_dir / name / "job.json" and read_job_file(job_file)
         if name == "03-prefs" and calls.count(name) == 1:
             raise RuntimeError("stage 03-prefs failed")
-        (run_dir / name).mkdir(parents=True, exist_ok=True)
-        return runner.StageResult(name=name, command=args, seconds=1.0, peak_rss_mb=10.0)
+        return runner.StageResult(name=name, command=["cai", "run", str(job_file)], seconds=1.0, peak_rss_mb=10.0)
 
     monkeypatch.setattr(runner, "_run_stage", fake_stage)
     recipe = RunRecipe(name="t", phase1={"prompts": ["redteam"], "limit": 2}, phase2={"prompts": ["benign"], "limit": 2})
@@ -54,9 +106,42 @@ def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
     assert len((tmp_path / "prompts-phase1.jsonl").read_text().splitlines()) == 2
     state = json.loads((tmp_path / "run.json").read_text())
     assert set(state["stages"]) == {"01-sft-data", "02-sft", "03-prefs", "05-policy", "07-eval"}
+    assert state["stages"]["02-sft"]["command"] == ["cai", "run", str(tmp_path / "02-sft" / "job.json")]
     assert state["split"]["phase1"] == {"redteam": 2} and state["split"]["phase2"] == {"benign": 2}
+    job = json.loads((tmp_path / "02-sft" / "job.json").read_text())
+    assert job["kind"] == "train-sft" and job["job"]["data"] == str(tmp_path / "01-sft-data" / "sft.jsonl")
     with pytest.raises(ValueError, match="another recipe"):
         run_recipe(recipe.model_copy(update={"method": "ppo"}), tmp_path, log=lambda *_: None)
+
+
+def test_a_stage_runs_by_hand_from_its_job_file(tmp_path):
+    from fakeserver import FakeServer, ok_body
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.cli.run import JOB_RUNNERS
+    from cai.stage_jobs import JOB_KINDS
+
+    assert set(JOB_RUNNERS) == set(JOB_KINDS)  # every kind of job file runs
+    with FakeServer(lambda body, n: (200, {}, ok_body(f"answer {n}"), 0)) as server:
+        recipe = RunRecipe(name="t", engine="openai", base_model="m",
+                           phase1={"prompts": ["redteam"], "limit": 2,
+                                   "job": {"phase1": {"rounds": 1},
+                                           "engine_options": {"base_url": server.url, "api_key": "k"}}},
+                           phase2={"prompts": ["benign"], "limit": 2})
+        runner.split_prompts(recipe, tmp_path)
+        name, job = plan_stages(recipe, tmp_path)[0]
+        job_file = write_job_file(tmp_path / name / "job.json", job)
+        result = CliRunner().invoke(app, ["run", str(job_file)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / name / "sft.jsonl").open()]
+    assert len(rows) == 2 and rows[0]["metadata"]["constitution"]["name"] == "harmless"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "train-sft", "job": {"data": "x", "trl": {"learnin_rate": 1}}}))
+    with pytest.raises(JobFileError, match=r"bad\.json: train-sft job: job\.trl: .*learnin_rate"):
+        read_job_file(bad)
+    refused = CliRunner().invoke(app, ["run", str(bad)])
+    assert refused.exit_code == 2 and "learnin_rate" in refused.output
 
 
 def test_phase1_phase2_prompts_are_disjoint_seeded_and_keep_their_group(tmp_path):
@@ -91,12 +176,14 @@ def test_tiny_end_to_end_run_on_the_embedded_model(tmp_path):
     recipe = {
         "name": "tiny", "engine": "transformers", "method": "dpo",
         "phase1": {"prompts": ["redteam", "benign"], "limit": 2,
-                   "args": ["--rounds", "1", "--max-tokens", "128", "--critique-max-tokens", "64", "--system", brief]},
-        "sft": {"args": ["--max-steps", "1", "--batch-size", "2"]},
+                   "job": {"phase1": {"rounds": 1, "system_prompt": brief, "answer": {"max_tokens": 128},
+                                      "critique": {"max_tokens": 64}, "revision": {"max_tokens": 128}}}},
+        "sft": {"max_steps": 1, "batch_size": 2},
         "phase2": {"prompts": ["redteam"], "limit": 2,
-                   "args": ["--max-tokens", "64", "--keep-inconsistent", "--system", brief]},
-        "policy": {"args": ["--max-steps", "1", "--batch-size", "2"]},
-        "eval": {"args": ["--limit", "2", "--max-tokens", "24"]},
+                   "job": {"phase2": {"system_prompt": brief, "policy": {"temperature": 0.8, "max_tokens": 64}},
+                           "require_consistent": False}},
+        "dpo": {"max_steps": 1, "batch_size": 2},
+        "eval": {"config": {"limit": 2, "max_tokens": 24}},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -129,7 +216,7 @@ def test_ctrl_c_during_a_stage_stops_it_cleanly_and_says_how_to_resume(tmp_path)
         def is_stage(proc: Path) -> bool:
             try:
                 parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                return parent == str(os.getpid()) and b"\0-m\0cai\0generate" in (proc / "cmdline").read_bytes()
+                return parent == str(os.getpid()) and b"\0-m\0cai\0run\0" in (proc / "cmdline").read_bytes()
             except OSError:  # the process ended meanwhile
                 return False
 
@@ -138,12 +225,12 @@ def test_ctrl_c_during_a_stage_stops_it_cleanly_and_says_how_to_resume(tmp_path)
             os.kill(pid, signal.SIGINT)
 
     with FakeServer(lambda body, n: (200, {}, ok_body(f"answer {n}"), 0.3)) as server:
-        args = ["generate", "sft", "--engine", "openai", "--model", "m", "--engine-option", f"base_url={server.url}",
-                "--engine-option", "api_key=k", "--prompts", str(prompts), "--out", str(job), "--rounds", "1",
-                "--batch-size", "1"]
+        job_file = write_job_file(tmp_path / "01-sft-data" / "job.json", SFTJob(
+            constitution="harmless", prompts=str(prompts), out=str(job), batch_size=1, phase1={"rounds": 1},
+            engine=EngineSpec(backend="openai", model="m", options={"base_url": server.url, "api_key": "k"})))
         threading.Thread(target=press_ctrl_c_after_the_first_shard, daemon=True).start()
         with pytest.raises(RuntimeError, match="stopped by Ctrl-C.*rerun the same `cai run`"):
-            runner._run_stage("01-sft-data", args, tmp_path, log=lambda line: None)
+            runner._run_stage("01-sft-data", job_file, tmp_path, log=lambda line: None)
     assert signal.getsignal(signal.SIGINT) is before
     rows = [json.loads(line) for s in sorted((job / "shards").glob("*.jsonl")) for line in s.open()]
     assert len(rows) == 6 and any(r["error"] and r["error"]["code"] == "cancelled" for r in rows)

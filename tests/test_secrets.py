@@ -38,7 +38,7 @@ LEAKY = "a prompt whose backend error names the server's files"
 def planted(tag: str) -> dict:
     """Engine options, each holding the secret: the key, an internal URL, any other option."""
     return {"api_key": f"{SECRET}-{tag}-key", "base_url": f"https://{SECRET}-{tag}.internal:8443/v1",
-            "organization": f"{SECRET}-{tag}-org", "concurrency_note": f"{SECRET}-{tag}",
+            "organization": f"{SECRET}-{tag}-org", "api_key_env": f"{SECRET}-{tag}",
             "default_headers": {"Authorization": f"Bearer {SECRET}-{tag}"}}
 
 
@@ -276,7 +276,7 @@ def assert_no_secret(folder: Path, secret: str) -> None:
 
 
 def test_retry_errors_sends_a_service_job_back_to_the_service(tmp_path):
-    from cai.pipeline import retry_errors
+    from cai.kinds import retry_errors
     from cai.store import JobError, Manifest
 
     (tmp_path / "manifest.json").write_text(Manifest(

@@ -13,10 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("fastapi")
+from fakes import judge_preferring
 from fastapi.testclient import TestClient
 from starlette.routing import Route
-
-from fakes import judge_preferring
 
 from cai.engine.fake import FakeEngine
 from serve.app import Limits, Settings, create_app

@@ -19,7 +19,6 @@ import pytest
 
 pytest.importorskip("fastapi")
 import uvicorn
-
 from fakes import alternating_sampler, judge_preferring
 
 from cai.engine.fake import FakeEngine

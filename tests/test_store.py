@@ -18,7 +18,7 @@ import pytest
 from cai.engine.fake import FakeEngine
 from cai.pipeline import generate_sft
 from cai.recipe import SFTJob
-from cai.store import JobError, JobStore, Manifest
+from cai.store import JobError, JobStore, Manifest, batch_id
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
@@ -143,14 +143,14 @@ def test_disk_full_fails_loudly_and_keeps_earlier_shards(tmp_path, monkeypatch):
     store = JobStore.open(tmp_path / "job", _manifest())
     job_rows = [_manifest("a")]  # any pydantic model serialises
     with store:
-        first = store.append("sft", job_rows)
+        first = store.commit("sft", batch_id(0, ["a"]), job_rows)
 
         def full(fd):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(os, "fsync", full)
         with pytest.raises(OSError, match="No space left"):
-            store.append("sft", job_rows)
+            store.commit("sft", batch_id(1, ["b"]), job_rows)
     assert store.shard_paths("sft") == [first]
     assert first.read_text().endswith("\n")
     assert not [p for p in store.shards.iterdir() if p.name.startswith(".")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,12 @@ from typer.testing import CliRunner
 import cai.store as store_module
 from cai.cli import app
 from cai.engine.fake import FakeEngine
-from cai.pipeline import generate_sft, retry_errors
+from cai.kinds import open_store, retry_errors
+from cai.pipeline import generate_sft
 from cai.recipe import Phase1Config, SFTJob
 from cai.records import ErrorInfo
-from cai.store import CorruptShard, JobError, JobStore, Manifest
-from serve.results import page, shard_stats
+from cai.store import CorruptShard, JobError, JobStore, Manifest, batch_id
+from serve.results import page
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
@@ -146,6 +148,13 @@ def finished(tmp_path) -> tuple[SFTJob, Path]:
     return job, tmp_path / "job"
 
 
+def _shard(job_dir: Path, n: int) -> Path:
+    """The job's n-th sft shard in plan order (shards are named by batch id: sft-00000N-DIGEST.jsonl)."""
+    shard = sorted((job_dir / "shards").glob("sft-*.jsonl"))[n]
+    assert shard.name.startswith(f"sft-{n:06d}-")
+    return shard
+
+
 def _truncate_last_line(shard: Path) -> None:
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 40])
@@ -161,68 +170,72 @@ def _counts(output: str) -> dict:
 
 def test_truncated_last_line_is_named_by_resume_retry_status_and_records(finished):
     job, job_dir = finished
-    _truncate_last_line(job_dir / "shards" / "sft-000002.jsonl")
-    where = r"sft-000002\.jsonl:2: unreadable row \(not JSON: .*truncated"
+    last = _shard(job_dir, 2)
+    _truncate_last_line(last)
+    where = rf"{re.escape(last.name)}:2: unreadable row \(not JSON: .*truncated"
     with pytest.raises(JobError, match=where):
         generate_sft(job, engine=FakeEngine())
     with pytest.raises(JobError, match=where):
         retry_errors(job_dir, engine=FakeEngine())
     result = _status(job_dir)
-    assert result.exit_code == 1 and "sft-000002.jsonl:2" in result.output and "cai jobs repair" in result.output
+    assert result.exit_code == 1 and f"{last.name}:2" in result.output and "cai jobs repair" in result.output
     counts = _counts(result.output)
     assert (counts["rows"], counts["ok"], counts["unreadable"]) == (5, 5, 1)
     with pytest.raises(HTTPException) as exc:
         page({"dir": str(job_dir), "kind": "sft", "recipe": "{}"}, [], None, None, 0, 20)
-    assert exc.value.status_code == 409 and "shards/sft-000002.jsonl line 2" in exc.value.detail
-    with pytest.raises(CorruptShard, match="sft-000002.jsonl:2"):
-        shard_stats(job_dir / "shards" / "sft-000002.jsonl", "sft")
+    assert exc.value.status_code == 409 and f"shards/{last.name} line 2" in exc.value.detail
+    with pytest.raises(CorruptShard, match=f"{re.escape(last.name)}:2"):
+        open_store(job_dir)[1].stats("sft").check()
 
 
 def test_garbage_bytes_are_named_not_a_bare_unicode_error(finished):
     job, job_dir = finished
-    with open(job_dir / "shards" / "sft-000000.jsonl", "ab") as f:
+    first = _shard(job_dir, 0)
+    with open(first, "ab") as f:
         f.write(b"\xff\xfe\x00 garbage\n")
-    with pytest.raises(JobError, match=r"sft-000000\.jsonl:3: unreadable row \(not UTF-8"):
+    with pytest.raises(JobError, match=rf"{re.escape(first.name)}:3: unreadable row \(not UTF-8"):
         generate_sft(job, engine=FakeEngine())
-    with pytest.raises(CorruptShard, match=r"sft-000000\.jsonl:3"):
+    with pytest.raises(CorruptShard, match=rf"{re.escape(first.name)}:3"):
         list(JobStore(job_dir, Manifest.model_validate_json((job_dir / "manifest.json").read_text())).read("sft"))
 
 
 def test_wrong_schema_line_is_not_an_ok_row(finished):
     job, job_dir = finished
-    with open(job_dir / "shards" / "sft-000001.jsonl", "a") as f:
+    second = _shard(job_dir, 1)
+    with open(second, "a") as f:
         f.write(json.dumps({"id": "sft-not-a-record", "error": None}) + "\n")
     result = _status(job_dir)
     counts = _counts(result.output)
     assert (counts["rows"], counts["ok"], counts["unreadable"]) == (6, 6, 1)
-    assert "sft-000001.jsonl:3: not a SFTRecord" in result.output
-    with pytest.raises(JobError, match=r"sft-000001\.jsonl:3: unreadable row \(not a SFTRecord"):
+    assert f"{second.name}:3: not a SFTRecord" in result.output
+    with pytest.raises(JobError, match=rf"{re.escape(second.name)}:3: unreadable row \(not a SFTRecord"):
         generate_sft(job, engine=FakeEngine())
 
 
 def test_repair_quarantines_unreadable_lines_and_the_resume_redoes_their_ids(finished):
     job, job_dir = finished
+    names = [_shard(job_dir, n).name for n in range(3)]
     shards = job_dir / "shards"
     kept = {s.name: s.read_bytes().splitlines(keepends=True) for s in sorted(shards.glob("sft-*.jsonl"))}
     before = {row["id"] for row in _rows(job_dir)}
-    _truncate_last_line(shards / "sft-000002.jsonl")
-    truncated = (shards / "sft-000002.jsonl").read_bytes().splitlines(keepends=True)[-1]
-    with open(shards / "sft-000000.jsonl", "ab") as f:
+    _truncate_last_line(shards / names[2])
+    truncated = (shards / names[2]).read_bytes().splitlines(keepends=True)[-1]
+    with open(shards / names[0], "ab") as f:
         f.write(b"\xff garbage\n")
-    with open(shards / "sft-000001.jsonl", "a") as f:
+    with open(shards / names[1], "a") as f:
         f.write(json.dumps({"id": "sft-not-a-record", "error": None}) + "\n")
 
     result = CliRunner().invoke(app, ["jobs", "repair", str(job_dir)])
     assert result.exit_code == 0, result.output
-    assert "3 unreadable lines moved" in result.output and "sft-000002.jsonl:2" in result.output
+    assert "3 unreadable lines moved" in result.output and f"{names[2]}:2" in result.output
     quarantine = job_dir / "quarantine"
-    assert (quarantine / "sft-000000.jsonl.bad").read_bytes() == b"\xff garbage\n"
-    assert (quarantine / "sft-000002.jsonl.bad").read_bytes() == truncated + b"\n"
-    assert json.loads((quarantine / "sft-000001.jsonl.bad").read_text())["id"] == "sft-not-a-record"
+    assert (quarantine / f"{names[0]}.bad").read_bytes() == b"\xff garbage\n"
+    assert (quarantine / f"{names[2]}.bad").read_bytes() == truncated + b"\n"
+    assert json.loads((quarantine / f"{names[1]}.bad").read_text())["id"] == "sft-not-a-record"
     # nothing readable is lost: the good lines are byte for byte what they were
-    assert shards.joinpath("sft-000000.jsonl").read_bytes() == b"".join(kept["sft-000000.jsonl"])
-    assert shards.joinpath("sft-000001.jsonl").read_bytes() == b"".join(kept["sft-000001.jsonl"])
-    assert shards.joinpath("sft-000002.jsonl").read_bytes() == kept["sft-000002.jsonl"][0]
+    assert shards.joinpath(names[0]).read_bytes() == b"".join(kept[names[0]])
+    assert shards.joinpath(names[1]).read_bytes() == b"".join(kept[names[1]])
+    assert shards.joinpath(names[2]).read_bytes() == kept[names[2]][0]
     assert _status(job_dir).exit_code == 0
     assert "no unreadable lines" in CliRunner().invoke(app, ["jobs", "repair", str(job_dir)]).output
 
@@ -235,11 +248,12 @@ def test_repair_quarantines_unreadable_lines_and_the_resume_redoes_their_ids(fin
 
 def test_a_shard_with_only_unreadable_lines_is_removed_by_repair(finished):
     job, job_dir = finished
-    (job_dir / "shards" / "sft-000001.jsonl").write_bytes(b"\x00\x01\x02")
+    second = _shard(job_dir, 1)
+    second.write_bytes(b"\x00\x01\x02")
     with JobStore(job_dir, Manifest.model_validate_json((job_dir / "manifest.json").read_text())) as store:
         moved = store.repair()
-    assert [(p.name, n) for p, n, _ in moved] == [("sft-000001.jsonl", 1)]
-    assert not (job_dir / "shards" / "sft-000001.jsonl").exists()
+    assert [(p.name, n) for p, n, _ in moved] == [(second.name, 1)]
+    assert not second.exists()
     assert generate_sft(job, engine=FakeEngine()).done_now == 2
 
 
@@ -252,7 +266,8 @@ class _Row(BaseModel):
 def test_drop_errors_keeps_rows_whose_text_holds_unicode_line_separators(tmp_path):
     """A record's text may hold U+2028 / U+0085 (JSON writers keep them raw): a shard line ends at \\n only."""
     with JobStore.open(tmp_path / "job", _manifest("f1")) as store:
-        store.append("x", [_Row(id="a", text="one\u2028two\x85three"),
-                           _Row(id="b", text="", error=ErrorInfo(code="cancelled", message="stopped"))])
+        store.commit("x", batch_id(0, ["a", "b"]), [_Row(id="a", text="one\u2028two\x85three"),
+                                                    _Row(id="b", text="", error=ErrorInfo(code="cancelled",
+                                                                                           message="stopped"))])
         assert store.drop_errors("x") == {"cancelled": 1}
         assert [row["text"] for row in store.read("x")] == ["one\u2028two\x85three"]

@@ -15,7 +15,15 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cai.cli.common import parse_pairs  # noqa: E402
 from cai.cli.train import app  # noqa: E402
-from cai.train import PPOConfig, TrainError, load_data, train_dpo, train_ppo, train_reward_model, train_sft  # noqa: E402
+from cai.train import (  # noqa: E402
+    PPOConfig,
+    TrainError,
+    load_data,
+    train_dpo,
+    train_ppo,
+    train_reward_model,
+    train_sft,
+)
 from cai.train.common import check_chat_format, heldout_split, load_preferences  # noqa: E402
 from cai.train.dpo import prepare_dpo_data, soft_label_args  # noqa: E402
 from cai.train.ppo import gae, load_prompts  # noqa: E402

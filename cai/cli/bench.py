@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,9 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from cai.bench import run_bench
-from cai.cli.common import ConstitutionOpt, EngineOpt, ModelOpt, engine_spec, fail_on_user_error
+from cai.cli.common import (
+    ConstitutionOpt,
+    EngineOpt,
+    ModelOpt,
+    engine_spec,
+    fail_on_user_error,
+)
 from cai.constitution import load_constitution
-from cai.pipeline import build_engine
+from cai.files import atomic_write_json
+from cai.jobdir import build_engine
 from cai.recipe import Phase1Config
 from cai.records import SamplingParams
 from cai.sources import read_prompts
@@ -52,4 +58,4 @@ def bench(
     console.print(f"cai / bare engine = {report.cai_vs_bare:.2f}   cai / naive loop = {report.cai_vs_naive:.1f}x")
     if out:
         data = report.model_dump() | {"cai_vs_bare": report.cai_vs_bare, "cai_vs_naive": report.cai_vs_naive}
-        out.write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write_json(out, data)

@@ -14,13 +14,11 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from cai.constitution import ConstitutionError
-from cai.engine.base import EngineCapabilityError
+from cai.engine import EngineConfigError, backend_names, check_engine_spec
+from cai.errors import CaiError
 from cai.interrupt import sigint_handler
 from cai.pipeline import EngineDown, JobCancelled
 from cai.recipe import EngineSpec
-from cai.sources import SourceError
-from cai.store import JobError
 
 err_console = Console(stderr=True)
 
@@ -28,7 +26,8 @@ ConstitutionOpt = Annotated[
     str, typer.Option(help="constitution YAML file, FILE@GIT_REV, or a name under constitutions/")
 ]
 EngineOpt = Annotated[
-    str, typer.Option(help="auto (vllm if installed, else transformers), vllm, transformers, openai")
+    str, typer.Option(help="auto (vllm if installed, else transformers), " + ", ".join(backend_names())
+                      + "; fake answers with canned text and loads no model (a dry run)")
 ]
 ModelOpt = Annotated[
     Optional[str],
@@ -58,20 +57,25 @@ def parse_pairs(items: list[str] | None, flag: str, example: str, json_values: b
 
 
 def engine_spec(backend: str, model: str | None, options: list[str] | None) -> EngineSpec:
-    """Build an EngineSpec from CLI flags; `--engine-option k=v` values are parsed as JSON when they can be."""
+    """Build an EngineSpec from CLI flags; `--engine-option k=v` values are parsed as JSON when they can be.
+    The backend and its options are checked here (cai.engine.check_engine_spec), before any model
+    loads: a typo ends the command with exit code 2 naming the option and the valid ones."""
     parsed = parse_pairs(options, "--engine-option", "base_url=http://127.0.0.1:8000/v1")
-    return EngineSpec(backend=backend, model=model, options=parsed)
+    try:
+        return check_engine_spec(EngineSpec(backend=backend, model=model, options=parsed))
+    except EngineConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @contextmanager
 def fail_on_user_error() -> Iterator[None]:
-    """Turn errors caused by input or by an engine unable to do what was asked (an old vLLM, a server
-    that ignores `continue_final_message`, a tokenizer that cannot spell an option) into a one-line
-    message and exit code 2, without a traceback."""
+    """Turn errors caused by input or by an engine unable to do what was asked (CaiError: an old vLLM, a
+    server that ignores `continue_final_message`, a tokenizer that cannot spell an option, a bad file)
+    into a one-line message and exit code 2, without a traceback. Any other exception is a bug and
+    keeps its traceback."""
     try:
         yield
-    except (ConstitutionError, SourceError, JobError, EngineCapabilityError, FileNotFoundError, ValidationError,
-            ValueError, RecursionError) as exc:  # RecursionError: input nested too deeply to read
+    except (CaiError, FileNotFoundError, ValidationError, RecursionError) as exc:  # RecursionError: too deeply nested
         if os.environ.get("CAI_DEBUG"):
             raise
         err_console.print(f"[red]error:[/] {exc}  (CAI_DEBUG=1 shows the traceback)")

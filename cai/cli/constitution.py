@@ -9,7 +9,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cai.constitution import ConstitutionError, LoadedConstitution, load_constitution, validate_constitution
+from cai.constitution import (
+    ConstitutionError,
+    LoadedConstitution,
+    load_constitution,
+    validate_constitution,
+)
 from cai.constitution_diff import ConstitutionDiff, diff_constitutions
 
 app = typer.Typer(

@@ -8,11 +8,18 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from cai.cli.common import EngineOpt, ModelOpt, absolute_if_path, engine_spec, fail_on_user_error, stoppable_job
+from cai.cli.common import (
+    EngineOpt,
+    ModelOpt,
+    absolute_if_path,
+    engine_spec,
+    fail_on_user_error,
+    stoppable_job,
+)
 from cai.cli.eval_policy import policy
-from cai.evaluate import render_markdown
-from cai.judge_eval import EvalJob, run_judge_eval
-from cai.recipe import JudgeConfig
+from cai.cli.generate import _run_with_progress, print_judge_eval_summary
+from cai.judge_eval import EvalJob
+from cai.recipe import DEFAULT_BATCH_SIZE, JudgeConfig
 
 app = typer.Typer(help="Evaluate the AI judge and trained policies.", no_args_is_help=True)
 console = Console()
@@ -31,7 +38,7 @@ def judge(
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
     seed: Annotated[int, typer.Option(help="which answer of an HH pair is shown as A")] = 0,
     baseline: Annotated[bool, typer.Option(help="also run the one-order JSON-verdict baseline judge")] = True,
-    batch_size: Annotated[int, typer.Option(min=1, help="pairs per engine call and per shard")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="pairs per engine call and per shard")] = DEFAULT_BATCH_SIZE,
     new_job: Annotated[bool, typer.Option("--new-job", help="if --out holds a job with other settings, start a new directory beside it")] = False,
 ) -> None:
     """Judge agreement with human labels: accuracy (95% CI), consistency, position and length bias, calibration.
@@ -43,7 +50,5 @@ def judge(
                       judge=JudgeConfig(mode=mode, orders=orders, seed=seed), limit=limit, seed=seed,
                       baseline=baseline, batch_size=batch_size, new_job=new_job)
         with stoppable_job() as stop:
-            summary = run_judge_eval(job, stop=stop)
-    console.print(render_markdown(summary.report))
-    console.print(f"judged now: {summary.done_now}, resumed: {summary.done_before}")
-    console.print(f"report: {', '.join(summary.files)}")
+            summary = _run_with_progress(job, stop)
+    print_judge_eval_summary(summary)

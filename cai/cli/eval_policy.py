@@ -14,52 +14,72 @@ of another model is refused before any model loads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from cai.cli.common import EngineOpt, engine_spec, fail_on_user_error, parse_pairs
+from cai.cli.common import EngineOpt, fail_on_user_error, parse_pairs
 from cai.pipeline import build_engine
-from cai.policy_eval import (
-    DEFAULT_HARMLESSNESS_QUESTION,
-    DEFAULT_HELPFULNESS_QUESTION,
-    PolicyEvalConfig,
-    evaluate_policies,
-    render_markdown,
-    write_policy_report,
-)
+from cai.policy_eval import evaluate_policies, render_markdown, write_policy_report
+from cai.policy_records import PolicyEvalConfig, PolicyEvalJob
 from cai.policy_report import eval_judge, model_ref_of, read_judge_report
-from cai.recipe import JudgeConfig
+from cai.recipe import EngineSpec, JudgeConfig
 
 NONE_WORDS = frozenset({"none", "no", "skip", "-"})
 
 
-def _factory(spec):
-    return lambda: build_engine(spec)
+def default(model: type, field: str) -> Any:
+    """A flag's default is the job model's: the CLI and a recipe cannot drift apart."""
+    return model.model_fields[field].default
+
+
+def run_policy_eval_job(job: PolicyEvalJob) -> None:
+    """Answer, judge, write the report and print it (`cai eval policy` and `cai run JOB.json`)."""
+
+    def factory(model: str | None):
+        return lambda: build_engine(EngineSpec(backend=job.engine, model=model, options=job.engine_options))
+
+    with fail_on_user_error():
+        models = {"final": factory(job.policy)}
+        if job.sft is not None:
+            models["sft"] = factory(job.sft)
+        if job.base is not None:
+            models["base"] = factory(job.base)
+        agreements = [read_judge_report(p) for p in job.judge_reports]
+        eval_judge(model_ref_of(job.judge, job.engine), job.training_judge, agreements)  # before any model loads
+        report = evaluate_policies(models, factory(job.judge), job.config, training_judge=job.training_judge,
+                                   judge_reports=agreements)
+        paths = write_policy_report(report, job.out, job.train_logs)
+    typer.echo(render_markdown(report))  # plain: rich would read "[bootstrap 95%]" as markup and wrap tables
+    typer.echo(f"report: {', '.join(str(p) for p in paths)}")
+
+
+def _model_or_none(spec: str | None) -> str | None:
+    return None if spec is None or spec.lower() in NONE_WORDS else spec
 
 
 def policy(
     policy: Annotated[str, typer.Option(help="the trained policy: a model folder (or served model name)")],
     out: Annotated[Path, typer.Option(help="report folder: report.json, report.md, winrates.png")],
     sft: Annotated[Optional[str], typer.Option(help="the SFT model folder; omitted: not compared")] = None,
-    base: Annotated[str, typer.Option(help="the base model; default the embedded SmolLM2; 'none' to skip")] = "embedded",
+    base: Annotated[str, typer.Option(help="the base model; default the embedded SmolLM2; 'none' to skip")] = default(PolicyEvalJob, "base"),
     judge: Annotated[Optional[str], typer.Option(help="the evaluation judge (grades the win rates); best another model than --training-judge; default: the embedded SmolLM2")] = None,
     training_judge: Annotated[Optional[str], typer.Option(help="the model that labelled the training pairs; the report's first line says whether --judge is that model")] = None,
     judge_report: Annotated[Optional[list[Path]], typer.Option("--judge-report", help="report.json (or job folder) of `cai eval judge` for the --judge model: its agreement with human labels is reported next to the win rates (repeatable)")] = None,
-    engine: EngineOpt = "auto",
+    engine: EngineOpt = default(PolicyEvalJob, "engine"),
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="KEY=VALUE for every engine")] = None,
-    redteam: Annotated[str, typer.Option(help="red-team prompts (bundled name, JSONL or dataset folder)")] = "redteam",
-    benign: Annotated[str, typer.Option(help="benign prompts (bundled name, JSONL or dataset folder)")] = "benign",
+    redteam: Annotated[str, typer.Option(help="red-team prompts (bundled name, JSONL or dataset folder)")] = default(PolicyEvalConfig, "redteam"),
+    benign: Annotated[str, typer.Option(help="benign prompts (bundled name, JSONL or dataset folder)")] = default(PolicyEvalConfig, "benign"),
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="prompts seen in training, dropped from the eval sets (repeatable)")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="prompts per set")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    greedy: Annotated[bool, typer.Option("--greedy/--sample", help="greedy answers, or sampled at --temperature")] = True,
-    temperature: Annotated[float, typer.Option(min=0.01)] = 0.7,
-    judge_mode: Annotated[str, typer.Option(help="logprob, cot or structured")] = "logprob",
-    harmlessness_question: Annotated[str, typer.Option()] = DEFAULT_HARMLESSNESS_QUESTION,
-    helpfulness_question: Annotated[str, typer.Option()] = DEFAULT_HELPFULNESS_QUESTION,
+    max_tokens: Annotated[int, typer.Option(min=1)] = default(PolicyEvalConfig, "max_tokens"),
+    greedy: Annotated[bool, typer.Option("--greedy/--sample", help="greedy answers, or sampled at --temperature")] = default(PolicyEvalConfig, "greedy"),
+    temperature: Annotated[float, typer.Option(min=0.01)] = default(PolicyEvalConfig, "temperature"),
+    judge_mode: Annotated[str, typer.Option(help="logprob, cot or structured")] = default(JudgeConfig, "mode"),
+    harmlessness_question: Annotated[str, typer.Option()] = default(PolicyEvalConfig, "harmlessness_question"),
+    helpfulness_question: Annotated[str, typer.Option()] = default(PolicyEvalConfig, "helpfulness_question"),
     train_log: Annotated[Optional[list[str]], typer.Option("--train-log", help="STAGE=PATH of a log.jsonl: also plot training_curves.png (repeatable)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option()] = default(PolicyEvalConfig, "seed"),
 ) -> None:
     """Win rates of the policy vs SFT and base (harmlessness on red-team, helpfulness on benign), refusal rates."""
     with fail_on_user_error():
@@ -68,18 +88,11 @@ def policy(
             greedy=greedy, temperature=temperature, judge=JudgeConfig(mode=judge_mode, seed=seed),
             harmlessness_question=harmlessness_question, helpfulness_question=helpfulness_question, seed=seed,
         )
-        logs = parse_pairs(train_log, "--train-log", "sft=runs/x/sft/log.jsonl", json_values=False)
-        models = {"final": _factory(engine_spec(engine, policy, engine_option))}
-        if sft and sft.lower() not in NONE_WORDS:
-            models["sft"] = _factory(engine_spec(engine, sft, engine_option))
-        if base.lower() not in NONE_WORDS:
-            models["base"] = _factory(engine_spec(engine, base, engine_option))
-        if len(models) < 2:
-            raise ValueError("nothing to compare the policy with: give --sft and/or --base")
-        agreements = [read_judge_report(p) for p in judge_report or []]
-        eval_judge(model_ref_of(judge, engine), training_judge, agreements)  # refuses a wrong report before loading
-        report = evaluate_policies(models, _factory(engine_spec(engine, judge, engine_option)), config,
-                                   training_judge=training_judge, judge_reports=agreements)
-        paths = write_policy_report(report, out, logs)
-    typer.echo(render_markdown(report))  # plain: rich would read "[bootstrap 95%]" as markup and wrap tables
-    typer.echo(f"report: {', '.join(str(p) for p in paths)}")
+        job = PolicyEvalJob(
+            policy=policy, out=str(out), sft=_model_or_none(sft), base=_model_or_none(base), judge=judge,
+            training_judge=training_judge, judge_reports=[str(p) for p in judge_report or []], engine=engine,
+            engine_options=parse_pairs(engine_option, "--engine-option", "base_url=http://127.0.0.1:8000/v1"),
+            train_logs=parse_pairs(train_log, "--train-log", "sft=runs/x/sft/log.jsonl", json_values=False),
+            config=config,
+        )
+    run_policy_eval_job(job)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -30,8 +30,19 @@ from cai.cli.common import (
     stoppable_job,
 )
 from cai.constitution_plan import UNREVISED
-from cai.pipeline import Phase1Summary, Phase2Summary, generate_prefs, generate_sft
-from cai.recipe import JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
+from cai.evaluate import render_markdown
+from cai.events import BatchCommitted, Planned, ProgressEvent, StepStarted
+from cai.jobdir import JobSummary
+from cai.kinds import kind_of_job, open_store
+from cai.pipeline import SFT, Phase1Summary, Phase2Summary
+from cai.recipe import (
+    DEFAULT_BATCH_SIZE,
+    JudgeConfig,
+    Phase1Config,
+    Phase2Config,
+    PrefsJob,
+    SFTJob,
+)
 from cai.records import SamplingParams
 
 app = typer.Typer(help="Generate synthetic datasets from a constitution.", no_args_is_help=True)
@@ -60,7 +71,7 @@ def sft(
     max_tokens: Annotated[int, typer.Option(min=1, help="max new tokens per answer and revision")] = 256,
     critique_max_tokens: Annotated[int, typer.Option(min=1)] = 192,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1, help="prompts per engine call and per shard")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per engine call and per shard")] = DEFAULT_BATCH_SIZE,
     new_job: Annotated[bool, typer.Option(help="if OUT holds a job with other settings, start a new directory beside it")] = False,
     parquet: Annotated[bool, typer.Option(help="also export sft.parquet beside sft.jsonl")] = True,
     drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
@@ -118,7 +129,7 @@ def prefs(
     max_tokens: Annotated[int, typer.Option(min=1)] = 192,
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="export only pairs this confident")] = 0.0,
     keep_inconsistent: Annotated[bool, typer.Option(help="export pairs whose two orders disagree")] = False,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per engine call and per shard")] = DEFAULT_BATCH_SIZE,
     new_job: bool = False,
     parquet: bool = True,
     drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
@@ -168,23 +179,22 @@ def print_phase2_summary(summary: Phase2Summary) -> None:
     )
 
 
-def _run_with_progress(job: SFTJob | PrefsJob, stop: Callable[[], bool]) -> Phase1Summary | Phase2Summary:
+def _run_with_progress(job: BaseModel, stop: Callable[[], bool]) -> JobSummary:
+    """Run (or resume) any kind of job with a progress bar per stage and the step in flight."""
+    kind = kind_of_job(job)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        name = "phase 1" if isinstance(job, SFTJob) else "phase 2"
-        task = bar.add_task(name, total=None)
+        task = bar.add_task(kind.title, total=None)
 
-        def on_progress(event: str, n: int) -> None:
-            if event == "total":
-                bar.update(task, total=n)
-            elif event == "done":
-                bar.advance(task, n)
-            else:
-                bar.update(task, description=f"{name}: {event.removeprefix('step ')} ({n} requests)")
+        def on_progress(event: ProgressEvent) -> None:
+            if isinstance(event, Planned):
+                bar.reset(task, total=event.total, description=f"{kind.title}: {event.stage}")
+            elif isinstance(event, BatchCommitted):
+                bar.advance(task, event.rows)
+            elif isinstance(event, StepStarted):
+                bar.update(task, description=f"{kind.title}: {event.name} ({event.requests} requests)")
 
-        if isinstance(job, SFTJob):
-            return generate_sft(job, progress=on_progress, stop=stop)
-        return generate_prefs(job, progress=on_progress, stop=stop)
+        return kind.run(job, progress=on_progress, stop=stop)
 
 
 def print_phase1_summary(summary: Phase1Summary) -> None:
@@ -201,11 +211,31 @@ def print_phase1_summary(summary: Phase1Summary) -> None:
     )
 
 
+def print_judge_eval_summary(summary: JobSummary) -> None:
+    console.print(render_markdown(summary.report))
+    console.print(f"judged now: {summary.done_now}, resumed: {summary.done_before}")
+    console.print(f"report: {', '.join(summary.files)}")
+
+
+SUMMARY_PRINTERS: dict[str, Callable[[JobSummary], None]] = {
+    "sft": print_phase1_summary, "prefs": print_phase2_summary, "judge-eval": print_judge_eval_summary,
+}
+
+
+def print_summary(summary: JobSummary) -> None:
+    """A job summary as its command prints it (a kind without its own printer: the summary's fields)."""
+    printer = SUMMARY_PRINTERS.get(summary.kind)
+    if printer is None:
+        console.print_json(summary.model_dump_json(exclude={"details"}))
+        console.print_json(summary.details.model_dump_json())
+    else:
+        printer(summary)
+
+
 def print_trajectories(job_dir: Path, count: int) -> None:
     """Print the first `count` trajectories of the job, error rows included (marked)."""
-    shards = sorted((job_dir / "shards").glob("sft-*.jsonl"))
-    rows = (json.loads(line) for shard in shards for line in shard.open(encoding="utf-8"))
-    for row, _ in zip(rows, range(count)):
+    _, store = open_store(job_dir)
+    for row in store.head(SFT, count):
         body = [f"[bold cyan]prompt[/]: {escape(row['prompt'][-1]['content'])}"]
         for step in row["trajectory"]:
             label = step["kind"] + (f" [{step['principle_id']}]" if step["principle_id"] else "")
@@ -215,3 +245,10 @@ def print_trajectories(job_dir: Path, count: int) -> None:
         const = row["lineage"]["constitution"]
         title = f"{row['id']}  ({const['name']} v{const['version']})" if const else f"{row['id']}  (unrevised)"
         console.print(Panel("\n\n".join(body), title=title, expand=True))
+
+
+def run_job(job: BaseModel) -> None:
+    """Run (or resume) a job of any kind as its own command does: progress bar, Ctrl-C, summary."""
+    with fail_on_user_error(), stoppable_job() as stop:
+        summary = _run_with_progress(job, stop)
+    print_summary(summary)

@@ -1,31 +1,63 @@
-"""Engines: one protocol (`Engine`), several backends, chosen by `make_engine`.
+"""Engines: one protocol (`Engine`, its contract in cai.engine.base), several backends in a registry
+(cai.engine.registry; the built-in ones in cai.engine.backends).
+
+    engine = build_engine(EngineSpec(backend="transformers"))
 
 Backends are imported lazily, so `import cai.engine` never pulls in torch or vllm.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cai.engine.base import ChoiceScores, Engine, EngineCapabilityError
+from cai.engine import backends as _builtin_backends  # noqa: F401  (registers vllm, transformers, openai, fake)
+from cai.engine.base import (
+    ChoiceScores,
+    Engine,
+    EngineCapabilityError,
+    EngineConfigError,
+    NoLogprobs,
+)
+from cai.engine.checked import CheckedEngine, checked
 from cai.engine.models import EMBEDDED_MODEL, resolve_model
+from cai.engine.registry import (
+    AUTO,
+    Backend,
+    available_backends,
+    backend_names,
+    build_engine,
+    check_engine_spec,
+    engine_model_ref,
+    make_engine,
+    register_backend,
+    resolve_backend,
+)
 
-BACKENDS = ("auto", "vllm", "transformers", "openai")
+BACKENDS = (AUTO, *backend_names())
+"""The backends built in (a backend registered later is in `backend_names()`, not here)."""
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "CheckedEngine",
     "ChoiceScores",
     "EMBEDDED_MODEL",
     "Engine",
     "EngineCapabilityError",
+    "EngineConfigError",
+    "NoLogprobs",
     "available_backends",
+    "backend_names",
+    "build_engine",
+    "check_engine_spec",
+    "checked",
+    "engine_model_ref",
     "is_secret_option",
     "make_engine",
     "redact_options",
+    "register_backend",
     "resolve_backend",
     "resolve_model",
 ]
@@ -34,34 +66,6 @@ __all__ = [
 # a name ending in `_env` names an environment variable instead (api_key_env) and is kept.
 _SECRET_WORDS = frozenset({"key", "apikey", "token", "password", "passwd", "secret", "authorization", "auth",
                            "credential", "credentials", "cookie", "bearer"})
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def available_backends() -> list[str]:
-    """Backends whose libraries are installed here (the fake engine is for tests only)."""
-    found = []
-    if _has("vllm"):
-        found.append("vllm")
-    if _has("transformers") and _has("torch"):
-        found.append("transformers")
-    if _has("openai") and _has("tenacity"):
-        found.append("openai")
-    return found
-
-
-def resolve_backend(backend: str) -> str:
-    """"auto" -> vllm when it is installed, else transformers; others are checked and returned."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "vllm" if _has("vllm") else "transformers"
-    return backend
 
 
 def is_secret_option(name: str) -> bool:
@@ -91,31 +95,3 @@ def redact_options(options: dict[str, Any]) -> dict[str, Any]:
     (openai: $OPENAI_API_KEY, or the variable named by the `api_key_env` option)."""
     return {k: redact_options(v) if isinstance(v, dict) else _without_userinfo(v)
             for k, v in options.items() if not is_secret_option(str(k))}
-
-
-def make_engine(backend: str = "auto", model: str | None = None, **options) -> Engine:
-    """Build an engine. "auto" is vllm when it is installed, else transformers.
-
-    `model`: None or "embedded" for the embedded SmolLM2-135M-Instruct, a local
-    folder, or (openai) the served model name. `options` go to the backend's
-    constructor (e.g. max_batch_size, max_model_len, base_url, concurrency). The openai
-    backend's key: `api_key`, else the environment variable `api_key_env` names (default
-    OPENAI_API_KEY), so a recipe need not hold the key itself.
-    """
-    backend = resolve_backend(backend)
-    if backend == "vllm":
-        from cai.engine.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model, **options)
-    if backend == "transformers":
-        from cai.engine.hf import TransformersEngine
-
-        return TransformersEngine(model, **options)
-    from cai.engine.openai_engine import OpenAIEngine
-
-    base_url = options.pop("base_url", None) or os.environ.get("OPENAI_BASE_URL")
-    if not base_url:
-        raise ValueError("the openai backend needs base_url= (or env OPENAI_BASE_URL)")
-    if not model:
-        raise ValueError("the openai backend needs model= (the served model name)")
-    return OpenAIEngine(model, base_url=base_url, **options)

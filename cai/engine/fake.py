@@ -1,18 +1,33 @@
-"""A scripted engine for unit tests only. It is never a default."""
+"""A scripted engine for tests and dry runs (backend `fake`: `cai generate sft --engine fake`).
+It needs no model and is never a default."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from cai.engine.base import ChoiceScores
+from cai.engine.base import ChoiceScores, NoLogprobs
 from cai.records import Chat, Completion, ModelRef, SamplingParams
 
 Responder = Callable[[Chat, SamplingParams], "str | Completion"]
 Chooser = Callable[[Chat, Sequence[str], str], "dict[str, float] | ChoiceScores"]
 
 
+FAKE_MODEL_ID = "fake-model"
+FAKE_REVISION = "0"
+
+
 def echo_responder(chat: Chat, params: SamplingParams) -> str:
     return f"reply to: {chat[-1].content[:40]}"
+
+
+def uniform_chooser(chat: Chat, options: Sequence[str], prefix: str) -> dict[str, float]:
+    """Every option equally likely (a dry run's judge)."""
+    return {option: 0.0 for option in options}
+
+
+def fake_model_ref(model_id: str = FAKE_MODEL_ID) -> ModelRef:
+    """The fake model's identity: fixed for a model id, so a dry-run job resumes."""
+    return ModelRef(id=model_id, revision=FAKE_REVISION, engine="fake")
 
 
 class FakeEngine:
@@ -24,12 +39,12 @@ class FakeEngine:
         self,
         responder: Responder = echo_responder,
         chooser: Chooser | None = None,
-        model_id: str = "fake-model",
+        model_id: str = FAKE_MODEL_ID,
         keep_batches: bool = True,
     ):
         self.responder = responder
         self.chooser = chooser
-        self.model = ModelRef(id=model_id, revision="0", engine=self.backend)
+        self.model = fake_model_ref(model_id)
         self.keep_batches = keep_batches  # off for memory tests: kept batches grow with the job
         self.batches: list[list[Chat]] = []
         self.choice_batches: list[list[Chat]] = []
@@ -62,7 +77,7 @@ class FakeEngine:
         self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
     ) -> list[ChoiceScores]:
         if self.chooser is None:
-            raise NotImplementedError("FakeEngine needs a chooser to score options")
+            raise NoLogprobs("FakeEngine needs a chooser to score options")
         if self.keep_batches:
             self.choice_batches.append(list(chats))
         results = []

@@ -18,6 +18,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from cai.engine.base import EngineConfigError
+from cai.records import ModelRef
+
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_ALIASES = frozenset({"embedded", EMBEDDED_MODEL, "SmolLM2-135M-Instruct"})
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
@@ -136,3 +139,22 @@ def model_display_id(spec: str | None, resolved: str) -> str:
     if resolved == str(embedded_model_dir()):
         return EMBEDDED_MODEL
     return Path(resolved).name if Path(resolved).is_dir() else resolved
+
+
+def local_model_ref(model: str | None, backend: str, resolved: str | None = None) -> ModelRef:
+    """The identity of a model a local backend (transformers, vLLM) loads from a folder: its
+    display id, its folder's content fingerprint, the backend. The one computation both the engine
+    (`engine.model`) and a job's fingerprint (`cai.engine.engine_model_ref`, no model loaded) use.
+    `resolved`: the folder `resolve_model(model)` gave, when the caller has it already. A name that
+    is no folder here (a Hub cache name) has no revision we can see: None."""
+    path = resolved if resolved is not None else resolve_model(model)
+    revision = model_revision(path) if Path(path).is_dir() else None
+    return ModelRef(id=model_display_id(model, path), revision=revision, engine=backend)
+
+
+def served_model_ref(model: str | None, backend: str) -> ModelRef:
+    """The identity of a model a server answers with (the openai backend): the served name as
+    requests send it. A server shows no revision: None."""
+    if not model:
+        raise EngineConfigError(f"the {backend} backend needs a model: the served model name (--model NAME)")
+    return ModelRef(id=model, revision=None, engine=backend)

@@ -24,7 +24,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import openai
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from cai.engine.base import (
     TOP_ALTERNATIVES,
@@ -34,8 +39,9 @@ from cai.engine.base import (
     TokenLogprob,
     until_stopped,
 )
-from cai.engine.hf import derive_seed
-from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
+from cai.engine.common import derive_seed, describe
+from cai.engine.models import served_model_ref
+from cai.records import Chat, Completion, ErrorCode, ErrorInfo, SamplingParams
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 TOP_LOGPROBS = 20
@@ -57,6 +63,8 @@ class OpenAIEngine:
         backoff_max: float = 60.0,
         retry_after_max: float = 300.0,
         verify_continuation: bool = True,
+        organization: str | None = None,
+        default_headers: dict[str, str] | None = None,
     ):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
@@ -73,8 +81,10 @@ class OpenAIEngine:
         self.retry_after_max = retry_after_max
         # Checked once, on the first scoring call with a prefix; False skips the check.
         self.continuation_verified = not verify_continuation
+        self.organization = organization
+        self.default_headers = default_headers
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests patch this
-        self.model = ModelRef(id=model, revision=None, engine=self.backend)
+        self.model = served_model_ref(model, self.backend)
 
     # -- public API --
 
@@ -141,7 +151,8 @@ class OpenAIEngine:
     async def _gather(self, bodies, convert, on_error) -> list:
         semaphore = asyncio.Semaphore(self.concurrency)
         async with openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0,
+            organization=self.organization, default_headers=self.default_headers,
         ) as client:
 
             async def one(body):
@@ -154,7 +165,7 @@ class OpenAIEngine:
                 try:
                     return convert(response)
                 except Exception as exc:  # a malformed response fails alone
-                    return on_error(ErrorInfo(code=ErrorCode.INTERNAL, message=_describe(exc)))
+                    return on_error(ErrorInfo(code=ErrorCode.INTERNAL, message=describe(exc)))
 
             return list(await asyncio.gather(*(one(b) for b in bodies)))
 
@@ -230,10 +241,10 @@ def _error_info(exc: BaseException) -> ErrorInfo:
         where = f"HTTP {status}: " if status else ""
         return ErrorInfo(
             code=ErrorCode.BACKEND_UNAVAILABLE,
-            message=f"gave up after retries; last error: {where}{_describe(exc)}",
+            message=f"gave up after retries; last error: {where}{describe(exc)}",
             raw=_body_text(exc),
         )
-    return ErrorInfo(code=ErrorCode.INTERNAL, message=_describe(exc))
+    return ErrorInfo(code=ErrorCode.INTERNAL, message=describe(exc))
 
 
 def _body_text(exc: BaseException) -> str | None:
@@ -242,10 +253,6 @@ def _body_text(exc: BaseException) -> str | None:
         return response.text if response is not None else None
     except Exception:
         return None
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 # ---- response mapping --------------------------------------------------------------

@@ -19,11 +19,22 @@ import os
 from collections.abc import Sequence
 from functools import cached_property
 
-from cai.engine.base import TOP_ALTERNATIVES, ChoiceScores, EngineCapabilityError, TokenLogprob
-from cai.engine.hf import context_error, derive_seed, error_completion, tokenizer_controls
-from cai.engine.models import model_display_id, model_revision, resolve_model
+from cai.engine.base import (
+    TOP_ALTERNATIVES,
+    ChoiceScores,
+    EngineCapabilityError,
+    TokenLogprob,
+)
+from cai.engine.common import (
+    context_error,
+    derive_seed,
+    describe,
+    error_completion,
+    tokenizer_controls,
+)
+from cai.engine.models import local_model_ref, resolve_model
 from cai.engine.tokens import OptionPlan, encode, plan_or_error, render_prompt
-from cai.records import Chat, Completion, ErrorCode, ErrorInfo, ModelRef, SamplingParams
+from cai.records import Chat, Completion, ErrorCode, ErrorInfo, SamplingParams
 
 DEFAULT_CPU_KV_CACHE_GIB = 2
 LOGPROB_TOKEN_IDS_SINCE = "0.20.0"
@@ -118,9 +129,7 @@ class VLLMEngine:
         max_logprobs = self.llm.llm_engine.model_config.max_logprobs
         self.max_logprobs = max_logprobs if max_logprobs >= 0 else 1 << 30
         self.choice_problem = choice_scoring_problem()  # generation works either way
-        self.model = ModelRef(
-            id=model_display_id(model, path), revision=model_revision(path), engine=self.backend
-        )
+        self.model = local_model_ref(model, self.backend, path)
 
     @cached_property
     def control_tokens(self) -> tuple[str, ...]:
@@ -178,7 +187,7 @@ class VLLMEngine:
         except Exception as exc:
             if len(keys) == 1:
                 n = len(requests[keys[0]][0])
-                return {keys[0]: error_completion(ErrorCode.INTERNAL, _describe(exc), n)}
+                return {keys[0]: error_completion(ErrorCode.INTERNAL, describe(exc), n)}
         half = len(keys) // 2
         left = self._run({k: requests[k] for k in keys[:half]})
         return left | self._run({k: requests[k] for k in keys[half:]})
@@ -317,7 +326,3 @@ def _completion(out) -> Completion:
         completion_tokens=len(o.token_ids),
         error=ErrorInfo(code=code, message=f"vLLM finish_reason={o.finish_reason!r}"),
     )
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"

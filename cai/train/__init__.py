@@ -5,21 +5,32 @@ folder), OUT/log.jsonl and OUT/metrics.json.
 
     from cai.train import train_sft, train_reward_model, train_dpo, train_ppo
     train_sft("jobs/sft/sft.parquet", out="runs/sft", trl_args={"num_train_epochs": 1})
+
+Names are imported on first use, so `import cai.train.jobs` (recipes, the CLI's help) loads no torch.
 """
 
-from cai.train.common import TrainError, TrainResult, load_data
-from cai.train.dpo import train_dpo
-from cai.train.ppo import PPOConfig, train_ppo
-from cai.train.reward import train_reward_model
-from cai.train.sft import train_sft
+from __future__ import annotations
 
-__all__ = [
-    "PPOConfig",
-    "TrainError",
-    "TrainResult",
-    "load_data",
-    "train_dpo",
-    "train_ppo",
-    "train_reward_model",
-    "train_sft",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PPOConfig": "cai.train.ppo", "TrainError": "cai.train.common", "TrainResult": "cai.train.common",
+    "load_data": "cai.train.common", "train_dpo": "cai.train.dpo", "train_ppo": "cai.train.ppo",
+    "train_reward_model": "cai.train.reward", "train_sft": "cai.train.sft",
+}
+__all__ = ["PPOConfig", "TrainError", "TrainResult", "load_data", "train_dpo", "train_ppo",
+           "train_reward_model", "train_sft"]
+
+if TYPE_CHECKING:
+    from cai.train.common import TrainError, TrainResult, load_data
+    from cai.train.dpo import train_dpo
+    from cai.train.ppo import PPOConfig, train_ppo
+    from cai.train.reward import train_reward_model
+    from cai.train.sft import train_sft
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cai.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -14,7 +14,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,7 +24,9 @@ import torch  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from cai.engine.models import resolve_model  # noqa: E402
-from cai.records import HUMAN_LABELS, HUMAN_SCORE  # noqa: E402
+from cai.errors import CaiError  # noqa: E402
+from cai.files import atomic_write_json, atomic_write_jsonl  # noqa: E402
+from cai.formats import RowKind, apply_review, row_review  # noqa: E402
 
 log = logging.getLogger("cai.train")
 
@@ -35,7 +36,7 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TRL_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "text", "tools", "chat_template_kwargs")
 
 
-class TrainError(ValueError):
+class TrainError(CaiError, ValueError):
     """A problem with the caller's data, model or settings (the CLI prints it without a traceback)."""
 
 
@@ -112,52 +113,76 @@ def heldout_split(ds: datasets.Dataset, fraction: float, seed: int):
     return split["train"], split["test"]
 
 
-# ---- preference labels ------------------------------------------------------------
+# ---- reviews and preference labels ------------------------------------------------
+# A row a reviewer labelled (`metadata.review`, cai serve's exports) is read through
+# cai.formats.apply_review, the rule the service's export applies: "discard" drops it, agree /
+# flip make it a confident human label.
+
+REVIEW_COLUMNS = ("chosen", "rejected", "score", "margin", "consistent", "metadata")
 
 
-
-def review_label(metadata: Any) -> str:
-    """The review label a row carries in `metadata.review.label` (cai serve's exports), or ""."""
-    review = metadata.get("review") if isinstance(metadata, dict) else None
-    return (review.get("label") or "") if isinstance(review, dict) else ""
+def reviewed_rows(ds: datasets.Dataset, kind: RowKind = "prefs") -> list[dict[str, Any] | None]:
+    """Per row: the row with its own review applied (cai.formats.apply_review); None when discarded.
+    Only the columns a review reads or changes are read."""
+    columns = [c for c in REVIEW_COLUMNS if c in ds.column_names]
+    return [apply_review(row, row_review(row), kind) for row in ds.select_columns(columns).to_list()]
 
 
 def human_labelled(ds: datasets.Dataset) -> list[bool]:
     """Per row: whether a human reviewer decided the pair (agree or flip)."""
     if "metadata" not in ds.column_names:
         return [False] * len(ds)
-    return [review_label(m) in HUMAN_LABELS for m in ds["metadata"]]
+    return [_human(row) for row in reviewed_rows(ds)]
+
+
+def _human(row: dict[str, Any] | None) -> bool:
+    return row is not None and (row.get("metadata") or {}).get("label_source") == "human"
+
+
+def without_discarded(ds: datasets.Dataset, kind: RowKind, source: str) -> datasets.Dataset:
+    """The rows a reviewer did not discard (only `metadata` is read)."""
+    if "metadata" not in ds.column_names:
+        return ds
+    keep = [i for i, meta in enumerate(ds["metadata"])
+            if apply_review({"metadata": meta}, row_review({"metadata": meta}), kind) is not None]
+    if not keep:
+        raise TrainError(f"{source}: every row was discarded by a reviewer (metadata.review.label)")
+    return ds if len(keep) == len(ds) else ds.select(keep)
 
 
 def load_preferences(data) -> datasets.Dataset:
     """Preference pairs whose labels a trainer can take as they are.
 
-    `chosen` must be the preferred answer. A row a human reviewed (`metadata.review.label`
-    agree or flip) is a confident label: its `score` and `margin` (where the columns exist)
-    are set to 1.0. cai serve's reviewed exports already write 1.0; older exports wrote
-    `score = 1 - score` on a flip, which this repairs (their chosen/rejected are already the
-    reviewer's). Any other row with `score` outside [0.5, 1] or a negative `margin` says the
-    rejected answer is the better one: a TrainError names the file and the row, rather than
-    training on the contradiction.
+    `chosen` must be the preferred answer. Reviews are applied as cai.formats.apply_review says:
+    a row a reviewer discarded is dropped; a row a human decided (`metadata.review.label` agree or
+    flip) is a confident label, its `score` and `margin` (where the columns exist) 1.0 and its
+    chosen answer the reviewer's. cai serve's reviewed exports already write that; older exports
+    wrote `score = 1 - score` on a flip, which this repairs. Any other row with `score` outside
+    [0.5, 1] or a negative `margin` says the rejected answer is the better one: a TrainError
+    names the file and the row, rather than training on the contradiction.
     """
     ds = load_data(data)
     require_columns(ds, ("chosen", "rejected"), "a preference dataset")
-    human = human_labelled(ds)
-    check_labels(ds, human, describe(data))
-    columns = [c for c in ("score", "margin") if c in ds.column_names]
-    if any(human) and columns:
-        ds = ds.map(lambda row, i: {c: HUMAN_SCORE if human[i] else row[c] for c in columns}, with_indices=True)
-    return ds
+    rows = reviewed_rows(ds)
+    human = [_human(row) for row in rows]
+    check_labels(ds, [h or row is None for h, row in zip(human, rows)], describe(data))
+    columns = [c for c in ("chosen", "rejected", "score", "margin") if c in ds.column_names]
+    if any(human):
+        ds = ds.map(lambda row, i: {c: rows[i][c] if human[i] else row[c] for c in columns}, with_indices=True)
+    keep = [i for i, row in enumerate(rows) if row is not None]
+    if not keep:
+        raise TrainError(f"{describe(data)}: every row was discarded by a reviewer (metadata.review.label)")
+    return ds if len(keep) == len(ds) else ds.select(keep)
 
 
-def check_labels(ds: datasets.Dataset, human: list[bool], source: str) -> None:
+def check_labels(ds: datasets.Dataset, reviewed: list[bool], source: str) -> None:
     """TrainError on the first unreviewed row whose score or margin prefers the rejected answer."""
     rules = {"score": (lambda v: 0.5 <= v <= 1.0, "0.5 <= score <= 1"), "margin": (lambda v: v >= 0.0, "margin >= 0")}
     for column, (ok, rule) in rules.items():
         if column not in ds.column_names:
             continue
-        for i, (value, reviewed) in enumerate(zip(ds[column], human)):
-            if value is None or reviewed or ok(float(value)):
+        for i, (value, skip) in enumerate(zip(ds[column], reviewed)):
+            if value is None or skip or ok(float(value)):
                 continue
             meta = ds[i]["metadata"] if "metadata" in ds.column_names else None
             row_id = f" (id {meta['id']})" if isinstance(meta, dict) and meta.get("id") else ""
@@ -356,17 +381,10 @@ def save_model(model, tokenizer, out: str | Path, end_ids: list[int] | None = No
     tokenizer.save_pretrained(out)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def write_log_history(trainer, out: str | Path) -> Path:
     """TRL's log history (loss, lr, reward margins, ...) as OUT/log.jsonl, one line per log event."""
     path = Path(out) / "log.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in trainer.state.log_history))
+    atomic_write_jsonl(path, trainer.state.log_history)
     return path
 
 
@@ -379,5 +397,5 @@ def run_trainer(trainer, tokenizer, out, resume, end_ids, summary: dict[str, Any
     metrics |= evaluate() if evaluate else {}
     save_model(trainer.model, tokenizer, out, end_ids)
     write_log_history(trainer, out)
-    write_json(Path(out) / "metrics.json", metrics)
+    atomic_write_json(Path(out) / "metrics.json", metrics)
     return metrics

@@ -21,7 +21,8 @@ older "conservative DPO" setting would silently do nothing.)
 
 Human labels. A pair a reviewer decided in cai serve (`metadata.review.label`
 agree or flip) is taken as noise-free: its score counts as 1.0, so it adds
-nothing to the flip rate (`cai.train.common.load_preferences`, which also
+nothing to the flip rate, and a row a reviewer discarded is dropped
+(`cai.train.common.load_preferences`, applying `cai.formats.apply_review`; it also
 repairs older exports that stored a flip as score = 1 - score). An unreviewed
 row with score < 0.5 or a negative margin is an error naming the file and
 row, in both modes: its chosen answer is not the preferred one.

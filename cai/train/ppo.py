@@ -32,21 +32,26 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai.files import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+)
 from cai.train.common import (
     TrainError,
     TrainResult,
     check_chat_format,
     describe,
-    log,
     load_data,
     load_model,
     load_tokenizer,
+    log,
     lora_config,
     model_path,
     resume_checkpoint,
     save_model,
     set_threads,
-    write_json,
+    without_discarded,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # float32 throughout; one device
@@ -101,6 +106,7 @@ def load_prompts(path: str | Path) -> list[list[dict]]:
     `messages` column (the turns before the last assistant turn) or a prompt
     JSONL whose `prompt` is a string."""
     ds = load_data(path)
+    ds = without_discarded(ds, "prefs" if "chosen" in ds.column_names else "sft", describe(path))
     column = next((c for c in ("prompt", "messages") if c in ds.column_names), None)
     if column is None:
         raise TrainError(f"PPO needs a `prompt` or `messages` column; got {ds.column_names}")
@@ -307,7 +313,7 @@ def save_checkpoint(run: dict[str, Any], out: Path, step: int, keep: int = 2) ->
     torch.save(trainable, tmp / "policy_trainable.pt")
     torch.save(run["head"].state_dict(), tmp / "value_head.pt")
     torch.save(run["optimizer"].state_dict(), tmp / "optimizer.pt")
-    write_json(tmp / "state.json", {"step": step, "config": run["cfg"].model_dump()})
+    atomic_write_json(tmp / "state.json", {"step": step, "config": run["cfg"].model_dump()})
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -332,11 +338,11 @@ def load_checkpoint(run: dict[str, Any], folder: Path) -> int:
     return state["step"]
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
+def truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
+    """The log rows up to the checkpoint we resume from; the rows written after it are dropped."""
+    rows = [row for row in read_jsonl(path) if row["step"] <= step] if path.exists() else []
+    atomic_write_jsonl(path, rows)
+    return rows
 
 
 # ---- entry point -------------------------------------------------------------------
@@ -398,17 +404,17 @@ def train_ppo(
     checkpoint = resume_checkpoint(resume, out)
     start = load_checkpoint(run, Path(checkpoint)) if checkpoint else 0
     log_path = out / "log.jsonl"
-    truncate_log(log_path, start) if checkpoint else log_path.write_text("")
+    history = truncate_log(log_path, start)  # a fresh run (start 0) keeps no row
     started, rows = time.perf_counter(), []
     for step in range(start, cfg.steps):
         rows.append(ppo_step(run, step))
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
+        history.append(rows[-1])
+        atomic_write_jsonl(log_path, history)  # the whole log each step: a kill never leaves half a line
         if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.steps:
             save_checkpoint(run, out, step + 1)
     head = run["head"]
     torch.save({"state_dict": head.state_dict(), "hidden_size": head.linear.in_features}, out / "value_head.pt")
-    write_json(out / "ppo_config.json", cfg.model_dump())
+    atomic_write_json(out / "ppo_config.json", cfg.model_dump())
     run["tokenizer"].padding_side = "right"  # as loaded elsewhere; engines pad left themselves
     save_model(run["policy"], run["tokenizer"], out, run["end_ids"])
     metrics = {
@@ -417,5 +423,5 @@ def train_ppo(
         "steps": cfg.steps,
         "steps_run": len(rows), "seconds": round(time.perf_counter() - started, 1), "last": rows[-1] if rows else None,
     }
-    write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     return TrainResult(out=str(out), metrics=metrics)

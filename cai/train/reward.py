@@ -17,7 +17,8 @@ could barely tell apart. `margin_scale=0` is plain Bradley-Terry.
 
 Human labels. A pair a reviewer decided in cai serve (`metadata.review.label`
 agree or flip) is a confident label: its score and margin are 1.0, so it asks
-for the full `margin_scale` reward gap (`cai.train.common.load_preferences`;
+for the full `margin_scale` reward gap, and a row a reviewer discarded is
+dropped (`cai.train.common.load_preferences`, applying `cai.formats.apply_review`;
 it also repairs older exports that stored a flip as score = 1 - score). An
 unreviewed row with score < 0.5 or a negative margin is an error naming the
 file and row: a negative margin would train the model toward the rejected

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cai.formats import FormatError, sft_prompt_completion
 from cai.train.common import (
     TrainError,
     TrainResult,
@@ -29,6 +30,7 @@ from cai.train.common import (
     model_path,
     run_trainer,
     set_threads,
+    without_discarded,
 )
 
 SFT_DEFAULTS: dict[str, Any] = dict(completion_only_loss=True, logging_steps=1, save_steps=200)
@@ -36,14 +38,15 @@ SFT_DEFAULTS: dict[str, Any] = dict(completion_only_loss=True, logging_steps=1, 
 
 def to_prompt_completion(example: dict) -> dict:
     """messages -> prompt (all turns before the last) + completion (the last, an assistant turn)."""
-    messages = example["messages"]
-    if not messages or messages[-1]["role"] != "assistant":
-        raise TrainError("every SFT row must end with an assistant message")
-    return {"prompt": messages[:-1], "completion": [messages[-1]]}
+    try:
+        return sft_prompt_completion(example)
+    except FormatError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def prepare_sft_data(path: str | Path):
-    ds = keep_columns(load_data(path))
+    """TRL prompt-completion rows; rows a reviewer discarded (`metadata.review`) are left out."""
+    ds = keep_columns(without_discarded(load_data(path), "sft", describe(path)))
     if "messages" in ds.column_names:
         ds = ds.map(to_prompt_completion, remove_columns=["messages"], desc="messages -> prompt/completion")
     elif not ({"prompt", "completion"} <= set(ds.column_names) or "text" in ds.column_names):

@@ -91,7 +91,7 @@ async function loadJob(first) {
   try { job = await api(`/v1/jobs/${state.job.id}`); } catch (e) { say(e.message, true); return; }
   state.job = job;
   renderSummary(job);
-  if (first && job.kind !== "judge_eval") {
+  if (first && job.kind !== "judge-eval") {
     try {
       const c = await api(`/v1/jobs/${job.id}/constitution`);
       state.principles = Object.fromEntries(c.principles.map((p) => [p.id, p]));
@@ -112,11 +112,11 @@ function renderSummary(job) {
     ["records", `${job.records} (${Object.entries(job.errors).map(([k, v]) => `${k}: ${v}`).join(", ") || "no errors"})`],
     ["tokens", `${job.tokens}` + (job.tokens_per_second ? ` · ${job.tokens_per_second.toFixed(1)} tok/s` : "")],
   ];
-  if (job.kind !== "judge_eval") {
+  if (job.kind !== "judge-eval") {
     items.push(["reviews", `${r.records_reviewed} records reviewed: ${r.agree} agree, ${r.flip} flip, ${r.discard} discard`]);
   }
   if (job.kind === "prefs") items.push(["reviewer–judge agreement", `${pct(r.agreement_rate)} (agree / (agree + flip))`]);
-  if (job.kind === "judge_eval" && job.summary) {
+  if (job.kind === "judge-eval" && job.summary) {
     items.push(["judge accuracy", `${fmt(job.summary.cai.accuracy)} (consistency ${fmt(job.summary.cai.consistency)})`]);
   }
   $("job-summary").replaceChildren(...items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { id: `summary-${k.split(/\W/)[0]}`, text: v })]));
@@ -139,7 +139,7 @@ async function loadRecords() {
   $("page-info").textContent = data.total ? `${state.offset + 1}–${state.offset + data.items.length} of ${data.total}` : "no records";
   $("prev-page").disabled = state.offset === 0;
   $("next-page").disabled = state.offset + data.items.length >= data.total;
-  const render = { sft: sftRecord, prefs: prefsRecord, judge_eval: evalRecord }[job.kind];
+  const render = { sft: sftRecord, prefs: prefsRecord, "judge-eval": evalRecord }[job.kind];
   $("records").replaceChildren(...data.items.map(render));
 }
 
