@@ -20,6 +20,7 @@ from cai.formats import (
     ExportFilters,
     preference_exclusion,
 )
+from cai.judge import JUDGE_MODE_SPECS
 from cai.preferences import PreferenceStats
 from cai.records import ErrorCode, PreferenceRecord, SFTRecord
 from cai.store import JobStore
@@ -309,6 +310,12 @@ and `RewardTrainer` take the `prompt` / `chosen` / `rejected` columns as is.
 """
 
 
+def _has_option_mass(mode: str) -> bool:
+    """Whether a mode's orders record P(A) + P(B) (a mode this cai does not know: assumed so)."""
+    spec = JUDGE_MODE_SPECS.get(mode)
+    return spec is None or spec.option_mass
+
+
 def _label_rows(judge: dict, stats: PreferenceStats) -> str:
     """The label statistics that apply to the job's judge (no consistency with one order, no option
     mass for JSON verdicts)."""
@@ -316,7 +323,8 @@ def _label_rows(judge: dict, stats: PreferenceStats) -> str:
     if judge.get("orders", 2) == 2:
         rows.append(("consistency rate (both orders agree)", _fmt(stats.consistency_rate)))
     rows.append(("share of first-position wins (per order)", _fmt(stats.first_position_wins)))
-    if set(stats.judge_modes) - {"structured"} or (not stats.judge_modes and judge.get("mode") != "structured"):
+    modes = stats.judge_modes or [judge.get("mode", "logprob")]
+    if any(_has_option_mass(mode) for mode in modes):
         rows.append(("mean P(A) + P(B) before normalising (per order; logprob and cot)", _fmt(stats.mean_option_mass)))
     rows += [("mean length chosen / rejected (chars, exported)",
               f"{_fmt(stats.mean_chosen_chars, '.0f')} / {_fmt(stats.mean_rejected_chars, '.0f')}"),
@@ -332,19 +340,6 @@ def _consistency_rule(judge: dict, require_consistent: bool) -> str:
     if judge.get("orders", 2) != 2:
         return "one order per pair, so no consistency check"
     return "both orders must agree" if require_consistent else "inconsistent pairs kept"
-
-
-def _judge_how(judge: dict) -> str:
-    mode = judge.get("mode", "logprob")
-    if mode == "cot":
-        low, high = judge.get("clamp", (0.05, 0.95))
-        return ("the judge wrote its reasoning first, then its options (A) / (B) were scored from their "
-                f"normalised log-probabilities, the probability clamped to [{low}, {high}]")
-    if mode == "structured":
-        return (f"the judge answered with a JSON verdict (a malformed reply asked again up to "
-                f"{judge.get('structured_retries', 2)} times, then an error row): a hard vote for one answer, "
-                "not a probability")
-    return "the judge's options (A) / (B) were scored from their normalised log-probabilities (no text generated)"
 
 
 def _pairing(phase2: dict) -> str:
@@ -367,10 +362,11 @@ def judging_text(phase2: dict, stats: PreferenceStats) -> str:
     else:
         orders = ("in one order (answer A shown first). `score` is that order's P(chosen preferred): position "
                   "bias is not averaged out, and `consistent` is null")
+    how = JUDGE_MODE_SPECS.get(mode, JUDGE_MODE_SPECS["logprob"]).describe(judge)
     fallback = {m: n for m, n in stats.judge_modes.items() if m != mode}
     switched = "".join(f" {n} judged pairs used mode `{m}` instead: the judge's backend returned no log-probabilities."
                        for m, n in fallback.items())
     return f"""For each prompt the policy sampled
 {phase2.get('samples')} answers; {_pairing(phase2)}. The judge compared each pair under a sampled
-principle's comparison question, {orders}. Per order, {_judge_how(judge)}.{switched}
+principle's comparison question, {orders}. Per order, {how}.{switched}
 `margin` = 2·score − 1."""

@@ -23,7 +23,7 @@ from cai.cards import (  # noqa: F401  (SFTExportStats: part of this module's AP
     prefs_data_card,
     sft_data_card,
 )
-from cai.files import atomic_write_lines, atomic_write_text, read_jsonl
+from cai.files import atomic_open, atomic_write_lines, atomic_write_text, read_jsonl
 from cai.formats import (
     ExportFilters,
     preference_exclusion,
@@ -44,18 +44,13 @@ def jsonl_to_parquet(jsonl: Path, rows_per_group: int = 1000) -> Path:
     JSONL export does not grow at all. The schema comes from the first chunk.
     """
     parquet = jsonl.with_suffix(".parquet")
-    tmp = parquet.with_name(f".{parquet.name}.tmp")
     rows = read_jsonl(jsonl)
     chunks = iter(lambda: list(itertools.islice(rows, rows_per_group)), [])
     first = next(chunks)
     schema = pa.RecordBatch.from_pylist(first).schema
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for chunk in itertools.chain([first], chunks):
-                writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
-        tmp.replace(parquet)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(parquet, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        for chunk in itertools.chain([first], chunks):
+            writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
     return parquet
 
 

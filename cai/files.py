@@ -33,19 +33,22 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> None:
     """Write to a temp file beside `path`, fsync, rename. Errors (disk full...) propagate."""
-    with _atomic(path, "w") as f:
+    with atomic_open(path, "w") as f:
         for line in lines:
             f.write(line)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """`data` as the file's bytes (e.g. a rendered image), atomically."""
-    with _atomic(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(data)
 
 
 @contextmanager
-def _atomic(path: str | Path, mode: str) -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file open for writing (`w` or `wb`) at a temp name beside `path`; on a clean exit it is flushed,
+    fsynced and renamed to `path`; on an error it is removed. For writers that want a file object
+    (Parquet, torch.save, matplotlib)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -27,12 +27,17 @@ averaged, so a judge that always picks the first position gets p_a = 0.5 and is
 flagged inconsistent. Every step sends all pairs x orders to the engine in one
 call. A failure in any order makes the judgement an error row: never a default
 winner or a silent tie.
+
+Each mode is one JUDGE_MODE_SPECS entry (JudgeModeSpec). Adding one: its name in cai.records.JUDGE_MODES,
+its templates in cai.prompts.JUDGE_MODE_TEMPLATES, its runner and entry here; in cai.recipe.JudgeConfig
+a `<mode>_max_tokens` field if it writes text, its name in CLAMPED_MODES if its labels are clamped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from pydantic import (
@@ -45,14 +50,17 @@ from cai.constitution import Principle
 from cai.engine.base import ChoiceScores, Engine, NoLogprobs, check_stop
 from cai.prompts import (
     JUDGE_ANSWER_PREFIX,
+    JUDGE_MODE_TEMPLATES,
     JUDGE_OPTIONS,
     baseline_judge_chat,
     cot_verdict_chat,
     judge_chat,
+    judge_template_hash,
     structured_retry_chat,
 )
 from cai.recipe import JudgeConfig
 from cai.records import (
+    JUDGE_MODES,
     Chat,
     Completion,
     ErrorCode,
@@ -218,10 +226,8 @@ def _cot_orders(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig)
             out[i, o] = _order(o, raw=c.text, finish_reason=c.finish_reason, error=c.error)
         else:
             scored.append((i, o, c, cot_verdict_chat(chat, c.text)))
-    low, high = config.clamp
     for (i, o, c, _), s in zip(scored, _score(engine, [chat for *_, chat in scored])):
         p, mass, err = read_options(s, config.min_option_mass)
-        p = None if p is None else min(max(p, low), high)
         out[i, o] = _order(o, logprobs=s.logprobs, option_mass=mass, bounded=s.bounded, p_first=p,
                            raw=c.text, finish_reason=c.finish_reason, error=err)
     return out
@@ -263,13 +269,20 @@ def _structured_order(order: int, c: Completion, attempt: int) -> JudgeOrder:
                   finish_reason=c.finish_reason, attempts=attempt)
 
 
-_RUNNERS = {"logprob": _logprob_orders, "cot": _cot_orders, "structured": _structured_orders}
+def _clamped(order: JudgeOrder, clamp: tuple[float, float]) -> JudgeOrder:
+    if order.p_first is None:
+        return order
+    low, high = clamp
+    p_first = min(max(order.p_first, low), high)
+    return order.model_copy(update={"p_first": p_first, "p_a": p_first if order.first == "A" else 1.0 - p_first})
 
 
 def judge_pairs(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig | None = None) -> list[Judgement]:
     """Judge every item in both orders (config.orders); one Judgement per item, in order."""
     config = config or JudgeConfig()
-    orders = _RUNNERS[config.mode](engine, items, config)
+    orders = judge_mode_spec(config.mode).run(engine, items, config)
+    if config.labels_clamped:
+        orders = {key: _clamped(order, config.clamp) for key, order in orders.items()}
     modes = {i: config.mode for i in range(len(items))}
     if config.fallback_structured and config.mode != "structured":
         lacking = sorted({i for (i, _), o in orders.items()
@@ -280,6 +293,82 @@ def judge_pairs(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig 
             modes[lacking[k]] = "structured"
     return [combine(it, [orders[i, o] for o in range(config.orders)], modes[i])
             for i, it in enumerate(items)]
+
+
+# ---- the modes ---------------------------------------------------------------------------
+
+OrderRunner = Callable[[Engine, Sequence[JudgeItem], JudgeConfig], dict[tuple[int, int], JudgeOrder]]
+
+
+@dataclass(frozen=True)
+class JudgeModeSpec:
+    """One judge mode.
+
+    - `run(engine, items, config)`: (item index, order) -> JudgeOrder for every item x config.orders,
+      in batched engine calls; an order the backend cannot score is a NO_LOGPROBS error (the judge
+      then falls back to structured verdicts when `fallback_structured`).
+    - `describe(judge)`: how one order was labelled, for the data card, from the job's `judge`
+      settings as stored in its manifest (a dict: keys may be missing, use JudgeConfig's defaults).
+    - `option_mass`: its orders record P(A) + P(B) before normalising (the card reports its mean).
+    """
+
+    name: str
+    run: OrderRunner
+    describe: Callable[[dict], str]
+    option_mass: bool
+
+    @property
+    def templates(self) -> dict[str, str]:
+        """The mode's own templates (cai.prompts.JUDGE_MODE_TEMPLATES), hashed into its job lineage."""
+        return JUDGE_MODE_TEMPLATES[self.name]
+
+    @property
+    def template_hash(self) -> str:
+        return judge_template_hash(self.name)
+
+    @property
+    def clamped(self) -> bool:
+        """Its P(first shown preferred) is clamped to JudgeConfig.clamp (JudgeConfig.CLAMPED_MODES)."""
+        return self.name in JudgeConfig.CLAMPED_MODES
+
+    def max_tokens(self, config: JudgeConfig) -> int:
+        """The cap on the judge's own text in this mode (1: it scores one token and writes none)."""
+        return config.generation(self.name).max_tokens
+
+
+def _logprob_text(judge: dict) -> str:
+    return "the judge's options (A) / (B) were scored from their normalised log-probabilities (no text generated)"
+
+
+def _cot_text(judge: dict) -> str:
+    low, high = judge.get("clamp", (0.05, 0.95))
+    return ("the judge wrote its reasoning first, then its options (A) / (B) were scored from their "
+            f"normalised log-probabilities, the probability clamped to [{low}, {high}]")
+
+
+def _structured_text(judge: dict) -> str:
+    return (f"the judge answered with a JSON verdict (a malformed reply asked again up to "
+            f"{judge.get('structured_retries', 2)} times, then an error row): a hard vote for one answer, "
+            "not a probability")
+
+
+JUDGE_MODE_SPECS: dict[str, JudgeModeSpec] = {spec.name: spec for spec in (
+    JudgeModeSpec(name="logprob", run=_logprob_orders, describe=_logprob_text, option_mass=True),
+    JudgeModeSpec(name="cot", run=_cot_orders, describe=_cot_text, option_mass=True),
+    JudgeModeSpec(name="structured", run=_structured_orders, describe=_structured_text, option_mass=False),
+)}
+
+
+def judge_mode_spec(name: str) -> JudgeModeSpec:
+    """The registered mode `name`; ValueError naming the known ones for any other."""
+    if name not in JUDGE_MODE_SPECS:
+        raise ValueError(f"unknown judge mode {name!r}; known: {', '.join(JUDGE_MODE_SPECS)}")
+    return JUDGE_MODE_SPECS[name]
+
+
+def judge_modes_text(modes: Sequence[str] = JUDGE_MODES) -> str:
+    """The modes for help texts: "logprob, cot or structured"."""
+    return " or ".join(filter(None, (", ".join(modes[:-1]), modes[-1])))
 
 
 # ---- baseline ----------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cai.files import atomic_open
+
 if TYPE_CHECKING:
     from cai.policy_records import PolicyReport
 
@@ -99,7 +101,8 @@ def plot_training_curves(log_files: Mapping[str, str | Path], out_png: str | Pat
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return Path(out_png)
 
@@ -147,6 +150,7 @@ def plot_win_rates(report: PolicyReport, out_png: str | Path) -> Path:
     ax2.set(ylim=(0, 1), ylabel="refusal rate", title="Refusals (phrase list)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return Path(out_png)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from cai.constitution import FewShotExample, Principle
-from cai.records import Chat, Message, sha256_text
+from cai.records import JUDGE_MODES, Chat, Message, sha256_text
 
 CRITIQUE_TURN = "Critique request: {request}"
 REVISION_TURN = (
@@ -141,7 +141,8 @@ JUDGE_SHARED_TEMPLATES = {
     "quote_controls": QUOTE_CONTROLS,
 }
 # Each mode's own turns. A mode's hash covers the shared templates and its own, so a new mode
-# (or a change to one mode's wording) leaves the jobs of every other mode resumable.
+# (or a change to one mode's wording) leaves the jobs of every other mode resumable. A mode shown
+# in the shared layout (judge_chat) names its closing instruction `judge_tail_<mode>`.
 JUDGE_MODE_TEMPLATES: dict[str, dict[str, str]] = {
     "logprob": {"judge_tail_logprob": JUDGE_TAIL_LOGPROB, "judge_answer_prefix": JUDGE_ANSWER_PREFIX},
     "cot": {"judge_tail_cot": JUDGE_TAIL_COT, "judge_cot_followup": JUDGE_COT_FOLLOWUP,
@@ -149,14 +150,14 @@ JUDGE_MODE_TEMPLATES: dict[str, dict[str, str]] = {
     "structured": {"judge_tail_structured": JUDGE_TAIL_STRUCTURED, "judge_structured_retry": JUDGE_STRUCTURED_RETRY},
     "baseline": {"baseline": BASELINE_TEMPLATE},  # pasted text, no quoting: nothing shared
 }
-JUDGE_TEMPLATES = {  # every template of the three cai judge modes
+JUDGE_TEMPLATES = {  # every template of cai's judge modes
     **JUDGE_SHARED_TEMPLATES,
-    **{k: v for mode in ("logprob", "cot", "structured") for k, v in JUDGE_MODE_TEMPLATES[mode].items()},
+    **{k: v for mode in JUDGE_MODES for k, v in JUDGE_MODE_TEMPLATES[mode].items()},
 }
 
 
 def judge_template_hash(mode: str) -> str:
-    """The hash of the templates a judge `mode` (logprob, cot, structured, baseline) renders."""
+    """The hash of the templates a judge `mode` (one of JUDGE_MODES, or baseline) renders."""
     if mode not in JUDGE_MODE_TEMPLATES:
         raise ValueError(f"unknown judge mode {mode!r}; known: {', '.join(JUDGE_MODE_TEMPLATES)}")
     shared = {} if mode == "baseline" else JUDGE_SHARED_TEMPLATES
@@ -164,6 +165,11 @@ def judge_template_hash(mode: str) -> str:
 
 
 BASELINE_TEMPLATE_HASH = judge_template_hash("baseline")
+
+
+def judge_tail(mode: str) -> str:
+    """The closing instruction of a judge mode shown in the shared layout (JUDGE_MODE_TEMPLATES)."""
+    return JUDGE_MODE_TEMPLATES[mode][f"judge_tail_{mode}"]
 
 
 def judge_config_template_hashes(mode: str, fallback_structured: bool) -> dict[str, str]:
@@ -226,11 +232,11 @@ def judge_chat(
 ) -> Chat:
     """The judge's request: `first` is shown as option (A), `second` as (B).
 
-    layout: "logprob" (score the options after JUDGE_ANSWER_PREFIX), "cot"
-    (reason first; see cot_verdict_chat) or "structured" (a JSON verdict).
+    layout: the judge mode whose closing instruction (`judge_tail_<mode>` in JUDGE_MODE_TEMPLATES)
+    ends the request: "logprob" (score the options after JUDGE_ANSWER_PREFIX), "cot" (reason first;
+    see cot_verdict_chat), "structured" (a JSON verdict).
     controls: the judge engine's control tokens, broken up in every quoted block (neutralise).
     """
-    tails = {"logprob": JUDGE_TAIL_LOGPROB, "cot": JUDGE_TAIL_COT, "structured": JUDGE_TAIL_STRUCTURED}
     conversation = render_conversation(prompt)
     tag = quote_tag(conversation, first, second)
     body = JUDGE_BODY.format(
@@ -239,7 +245,7 @@ def judge_chat(
         question=question.strip(),
         first=quote(first, tag, controls),
         second=quote(second, tag, controls),
-        tail=tails[layout],
+        tail=judge_tail(layout),
     )
     return [Message(role="user", content=body)]
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cai.records import SamplingParams
+from cai.records import JUDGE_MODES, SamplingParams
 
 DEFAULT_BATCH_SIZE = 256
 """Prompts per engine call and per shard, for every job kind (CLI, service, recipes, notebooks)."""
@@ -39,7 +39,11 @@ class Phase1Config(BaseModel):
 
 class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # clamp, min_option_mass: finite
-    mode: Literal["logprob", "cot", "structured"] = "logprob"
+    # A mode that writes text caps it with its field `<mode>_max_tokens`; one without scores one token.
+    MAX_TOKENS_SUFFIX: ClassVar[str] = "_max_tokens"
+    # Modes whose P(first shown preferred) is clamped to `clamp`: reasoning makes a judge overconfident.
+    CLAMPED_MODES: ClassVar[frozenset[str]] = frozenset({"cot"})
+    mode: Literal[JUDGE_MODES] = "logprob"
     orders: Literal[1, 2] = 2
     clamp: tuple[float, float] = (0.05, 0.95)
     cot_max_tokens: int = Field(256, ge=1)
@@ -61,9 +65,30 @@ class JudgeConfig(BaseModel):
         return self
 
     def generation(self, mode: str | None = None) -> SamplingParams:
-        """Sampling settings of the judge's own text (greedy); logprob mode scores one token."""
-        tokens = {"logprob": 1, "cot": self.cot_max_tokens, "structured": self.structured_max_tokens}
-        return SamplingParams(max_tokens=tokens[mode or self.mode], temperature=0.0, seed=self.seed)
+        """Sampling settings of the judge's own text in `mode` (default: its mode), greedy: at most
+        `<mode>_max_tokens` tokens, or one scored token for a mode without that field (logprob)."""
+        mode = mode or self.mode
+        if mode not in JUDGE_MODES:
+            raise KeyError(mode)
+        tokens = getattr(self, f"{mode}{self.MAX_TOKENS_SUFFIX}", 1)
+        return SamplingParams(max_tokens=tokens, temperature=0.0, seed=self.seed)
+
+    def max_token_settings(self) -> dict[str, int]:
+        """Field name -> value of every mode's cap on the judge's own text (`cot_max_tokens`, ...)."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name.endswith(self.MAX_TOKENS_SUFFIX)}
+
+    @property
+    def labels_clamped(self) -> bool:
+        """Whether this judge's labels are clamped to `clamp` (its mode is in CLAMPED_MODES)."""
+        return self.mode in self.CLAMPED_MODES
+
+    def confidence_ceiling(self) -> float | None:
+        """The highest confidence a clamped judge's label can have; None when labels are not clamped.
+        Two orders average p_first and 1 - p_first: the clamp's edges give confidence high - low."""
+        if not self.labels_clamped:
+            return None
+        low, high = self.clamp
+        return high - low if self.orders == 2 else max(2 * high - 1, 1 - 2 * low)
 
 
 class Phase2Config(BaseModel):
@@ -131,12 +156,10 @@ class PrefsJob(BaseModel):
     @model_validator(mode="after")
     def _exportable(self) -> PrefsJob:
         """A CoT judge's labels are clamped: a confidence floor at or above the clamp's ceiling exports nothing."""
-        if self.phase2.judge.mode == "cot":
-            low, high = self.phase2.judge.clamp
-            # two orders average p_first and 1 - p_first: the clamp's edges give confidence high - low
-            ceiling = high - low if self.phase2.judge.orders == 2 else max(2 * high - 1, 1 - 2 * low)
-            if self.min_confidence >= ceiling - 1e-9:
-                raise ValueError(
-                    f"min_confidence {self.min_confidence} excludes every CoT pair: the clamp {list(self.phase2.judge.clamp)}"
-                    f" caps confidence at {ceiling:.2f}; lower --min-confidence or widen the clamp")
+        judge = self.phase2.judge
+        ceiling = judge.confidence_ceiling()
+        if ceiling is not None and self.min_confidence >= ceiling - 1e-9:
+            raise ValueError(
+                f"min_confidence {self.min_confidence} excludes every CoT pair: the clamp {list(judge.clamp)}"
+                f" caps confidence at {ceiling:.2f}; lower --min-confidence or widen the clamp")
         return self

@@ -166,7 +166,12 @@ def sha256_text(text: str) -> str:
 # ---- phase 2: judging and preferences ------------------------------------------------
 
 Position = Literal["A", "B"]
-JudgeMode = Literal["logprob", "cot", "structured", "baseline"]
+JUDGE_MODES: tuple[str, ...] = ("logprob", "cot", "structured")
+"""The modes of cai's judge (`JudgeConfig.mode`), in the order help texts list them. Each one has its
+entry in `cai.judge.JUDGE_MODE_SPECS` (runner, templates, data-card text); the layers below the judge
+validate mode names against this tuple."""
+# Literal[tuple] is Literal[each item]: the schema's enum and the validation message name every mode.
+JudgeMode = Literal[(*JUDGE_MODES, "baseline")]  # "baseline": the evaluation's reference judge
 
 
 class JudgeOrder(BaseModel):

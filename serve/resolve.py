@@ -138,8 +138,8 @@ def _check_sampling(params: dict[str, SamplingParams], cap: int) -> None:
 
 def _check_judge(judge: JudgeConfig, limits, where: str) -> None:
     """The judge's token budgets and its re-asks of a malformed verdict (each one upstream call per order)."""
-    _cap(judge.cot_max_tokens, limits.max_tokens, f"{where}.cot_max_tokens")
-    _cap(judge.structured_max_tokens, limits.max_tokens, f"{where}.structured_max_tokens")
+    for name, value in judge.max_token_settings().items():
+        _cap(value, limits.max_tokens, f"{where}.{name}")
     _cap(judge.structured_retries, limits.max_retries, f"{where}.structured_retries")
 
 

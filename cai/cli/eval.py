@@ -18,6 +18,7 @@ from cai.cli.common import (
 )
 from cai.cli.eval_policy import policy
 from cai.cli.generate import _run_with_progress, print_judge_eval_summary
+from cai.judge import judge_modes_text
 from cai.judge_eval import EvalJob
 from cai.recipe import DEFAULT_BATCH_SIZE, JudgeConfig
 
@@ -33,7 +34,7 @@ def judge(
     judge: ModelOpt = None,
     engine: EngineOpt = "auto",
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option")] = None,
-    mode: Annotated[str, typer.Option(help="logprob, cot or structured")] = "logprob",
+    mode: Annotated[str, typer.Option(help=judge_modes_text())] = "logprob",
     orders: Annotated[int, typer.Option(min=1, max=2)] = 2,
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,
     seed: Annotated[int, typer.Option(help="which answer of an HH pair is shown as A")] = 0,

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cai.cli.common import EngineOpt, fail_on_user_error, parse_pairs
+from cai.judge import judge_modes_text
 from cai.pipeline import build_engine
 from cai.policy_eval import evaluate_policies, render_markdown, write_policy_report
 from cai.policy_records import PolicyEvalConfig, PolicyEvalJob
@@ -75,7 +76,7 @@ def policy(
     max_tokens: Annotated[int, typer.Option(min=1)] = default(PolicyEvalConfig, "max_tokens"),
     greedy: Annotated[bool, typer.Option("--greedy/--sample", help="greedy answers, or sampled at --temperature")] = default(PolicyEvalConfig, "greedy"),
     temperature: Annotated[float, typer.Option(min=0.01)] = default(PolicyEvalConfig, "temperature"),
-    judge_mode: Annotated[str, typer.Option(help="logprob, cot or structured")] = default(JudgeConfig, "mode"),
+    judge_mode: Annotated[str, typer.Option(help=judge_modes_text())] = default(JudgeConfig, "mode"),
     harmlessness_question: Annotated[str, typer.Option()] = default(PolicyEvalConfig, "harmlessness_question"),
     helpfulness_question: Annotated[str, typer.Option()] = default(PolicyEvalConfig, "helpfulness_question"),
     train_log: Annotated[Optional[list[str]], typer.Option("--train-log", help="STAGE=PATH of a log.jsonl: also plot training_curves.png (repeatable)")] = None,

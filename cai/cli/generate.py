@@ -33,6 +33,7 @@ from cai.constitution_plan import UNREVISED
 from cai.evaluate import render_markdown
 from cai.events import BatchCommitted, Planned, ProgressEvent, StepStarted
 from cai.jobdir import JobSummary
+from cai.judge import judge_modes_text
 from cai.kinds import kind_of_job, open_store
 from cai.pipeline import SFT, Phase1Summary, Phase2Summary
 from cai.recipe import (
@@ -120,7 +121,7 @@ def prefs(
     samples: Annotated[int, typer.Option(min=2, help="K answers sampled per prompt")] = 2,
     system: Annotated[Optional[str], typer.Option(help="system turn before every policy request (not exported)")] = None,
     pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
-    mode: Annotated[str, typer.Option(help="judge scoring: logprob, cot or structured")] = "logprob",
+    mode: Annotated[str, typer.Option(help=f"judge scoring: {judge_modes_text()}")] = "logprob",
     orders: Annotated[int, typer.Option(min=1, max=2, help="judge both orders (2) or one")] = 2,
     min_option_mass: Annotated[float, typer.Option(min=0.0, max=1.0, help="an order whose P(A)+P(B) is below this is an `off_options` error row, not a label (0 disables)")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(min=1)] = None,

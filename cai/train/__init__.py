@@ -15,15 +15,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "PPOConfig": "cai.train.ppo", "TrainError": "cai.train.common", "TrainResult": "cai.train.common",
-    "load_data": "cai.train.common", "train_dpo": "cai.train.dpo", "train_ppo": "cai.train.ppo",
+    "PPOConfig": "cai.train.ppo", "TrainError": "cai.train.data", "TrainResult": "cai.train.common",
+    "load_data": "cai.train.data", "train_dpo": "cai.train.dpo", "train_ppo": "cai.train.ppo",
     "train_reward_model": "cai.train.reward", "train_sft": "cai.train.sft",
 }
 __all__ = ["PPOConfig", "TrainError", "TrainResult", "load_data", "train_dpo", "train_ppo",
            "train_reward_model", "train_sft"]
 
 if TYPE_CHECKING:
-    from cai.train.common import TrainError, TrainResult, load_data
+    from cai.train.common import TrainResult
+    from cai.train.data import TrainError, load_data
     from cai.train.dpo import train_dpo
     from cai.train.ppo import PPOConfig, train_ppo
     from cai.train.reward import train_reward_model
