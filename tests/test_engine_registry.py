@@ -154,6 +154,12 @@ def test_the_fake_backend_builds_without_a_model_and_names_it_stably():
         make_engine("fake", chooser="none").choice_logprobs(CHATS, ["A", "B"])
 
 
+def test_the_fake_backends_varied_responder_gives_k_samples_that_differ():
+    engine = build_engine(EngineSpec(backend="fake", options={"responder": "varied"}))
+    outs = engine.generate(CHATS[:1] * 3, SamplingParams(max_tokens=8, temperature=0.8))
+    assert len({o.text for o in outs}) == 3 and all(o.text.endswith("to: one") for o in outs)
+
+
 def test_the_openai_backend_names_its_served_model_without_a_server(monkeypatch):
     spec = EngineSpec(backend="openai", model="served-7b", options={"base_url": "http://127.0.0.1:9/v1"})
     assert engine_model_ref(spec) == ModelRef(id="served-7b", revision=None, engine="openai")

@@ -24,6 +24,7 @@ from cai.engine.fake import (
     echo_responder,
     fake_model_ref,
     uniform_chooser,
+    varied_responder,
 )
 from cai.engine.models import local_model_ref, served_model_ref
 from cai.engine.registry import Backend, register_backend
@@ -158,7 +159,7 @@ def _openai(model: str | None, options: OpenAIOptions) -> Engine:
 
 # ---- fake -----------------------------------------------------------------------------------------
 
-FAKE_RESPONDERS = {"echo": echo_responder}
+FAKE_RESPONDERS = {"echo": lambda: echo_responder, "varied": varied_responder}
 FAKE_CHOOSERS = {"uniform": uniform_chooser, "none": None}
 
 
@@ -167,7 +168,9 @@ class FakeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model_id: str = Field(FAKE_MODEL_ID, description="the model id records carry (--model wins)")
-    responder: Literal["echo"] = Field("echo", description="echo: 'reply to: <the last message>'")
+    responder: Literal["echo", "varied"] = Field(
+        "echo", description="echo: 'reply to: <the last message>'; varied: 'reply N to: ...', numbered per request "
+        "(K samples differ, so a phase-2 dry run has pairs)")
     chooser: Literal["uniform", "none"] = Field(
         "uniform", description="judge scores: uniform (every option alike), none (cannot score: no_logprobs)")
 
@@ -179,7 +182,7 @@ def _fake_ref(model: str | None, options: FakeOptions) -> ModelRef:
 def _fake(model: str | None, options: FakeOptions) -> Engine:
     from cai.engine.fake import FakeEngine
 
-    return FakeEngine(responder=FAKE_RESPONDERS[options.responder], chooser=FAKE_CHOOSERS[options.chooser],
+    return FakeEngine(responder=FAKE_RESPONDERS[options.responder](), chooser=FAKE_CHOOSERS[options.chooser],
                       model_id=_fake_ref(model, options).id, keep_batches=False)
 
 

@@ -3,6 +3,7 @@ It needs no model and is never a default."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 from cai.engine.base import ChoiceScores, NoLogprobs
@@ -18,6 +19,13 @@ FAKE_REVISION = "0"
 
 def echo_responder(chat: Chat, params: SamplingParams) -> str:
     return f"reply to: {chat[-1].content[:40]}"
+
+
+def varied_responder() -> Responder:
+    """Like echo_responder, numbered per request, so K samples of one prompt differ (a phase-2 dry run
+    gets pairs to judge)."""
+    count = itertools.count(1)
+    return lambda chat, params: f"reply {next(count)} to: {chat[-1].content[:40]}"
 
 
 def uniform_chooser(chat: Chat, options: Sequence[str], prefix: str) -> dict[str, float]:
