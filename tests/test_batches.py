@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import HARMLESS, write_prompts
 from pydantic import BaseModel
 
 from cai.batches import Committer, JobCancelled, run_batches
@@ -20,9 +21,6 @@ from cai.pipeline import generate_sft
 from cai.recipe import Phase1Config, SFTJob
 from cai.records import Completion, ErrorCode, ErrorInfo
 from cai.store import JobStore, Manifest, batch_id
-
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
 
 
 class Row(BaseModel):
@@ -158,8 +156,7 @@ def test_dead_engine_batch_is_not_committed_by_any_executor(tmp_path):
 
 
 def _prompts(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(n)))
-    return path
+    return write_prompts(path, [f"question {i}" for i in range(n)])
 
 
 def _job(tmp_path: Path, out: str, n: int = 7, **kw) -> SFTJob:

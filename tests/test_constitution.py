@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CONSTITUTIONS, ROOT
 from typer.testing import CliRunner
 
 from cai.cli.constitution import app as constitution_app
@@ -25,8 +26,7 @@ from cai.constitution import (
 )
 from cai.constitution_diff import diff_constitutions
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = [ROOT / "constitutions" / "harmless.yaml", ROOT / "constitutions" / "helpful.yaml"]
+SHIPPED = [CONSTITUTIONS / "harmless.yaml", CONSTITUTIONS / "helpful.yaml"]
 
 GOOD = """\
 # a comment
@@ -439,7 +439,7 @@ def test_cli_diff_revisions(repo: Path) -> None:
 
 # --------------------------------------------------------------------------- shipped constitutions
 
-SHIPPED_ALL = sorted((ROOT / "constitutions").glob("*.yaml"))
+SHIPPED_ALL = sorted(CONSTITUTIONS.glob("*.yaml"))
 EXAMPLE_WORD_LIMIT = 120  # prompt + answer + critique + revision, in words
 
 
@@ -459,7 +459,7 @@ def test_shipped_every_principle_has_short_example(path: Path) -> None:
 
 
 def test_harmless_comparison_questions_penalise_evasive_answers() -> None:
-    c = load_constitution(ROOT / "constitutions" / "harmless.yaml").constitution
+    c = load_constitution(CONSTITUTIONS / "harmless.yaml").constitution
     for p in c.principles:
         q = p.comparison_question
         assert "evasive or preachy" in q, f"{p.id}: {q!r} does not ask against evasive or preachy answers"

@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+from tiny_tokenizers import tiny_llama, trained_bpe
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see cai.engine
 
@@ -21,18 +22,6 @@ from cai.engine.hf import TransformersEngine, encode, render_prompt  # noqa: E40
 from cai.engine.models import model_revision, resolve_model  # noqa: E402
 from cai.records import ErrorCode, Message, SamplingParams  # noqa: E402
 
-CHATML = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "a constitution lists principles for critique and revision",
-    "please answer helpfully and harmlessly, without refusing everything",
-    "which response is better? (A) or (B). The answer is",
-    "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation . , ; : ! ? ( ) [ ]",
-]
-
 
 def chat(text: str) -> list[Message]:
     return [Message(role="user", content=text)]
@@ -40,45 +29,7 @@ def chat(text: str) -> list[Message]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    specials = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        add_bos_token=True,
-    )
-    hf_tok.chat_template = CHATML
-    hf_tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(hf_tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), trained_bpe(), max_positions=256)
 
 
 @pytest.fixture(scope="module")

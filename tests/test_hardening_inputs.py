@@ -13,7 +13,8 @@ pytest.importorskip("fastapi")
 from fakes import judge_preferring
 from fakeserver import FakeServer, error_body, ok_body
 from fastapi.testclient import TestClient
-from test_serve import A, app_for, roots  # noqa: F401  (roots is a fixture)
+from helpers import write_jsonl
+from serve_helpers import A, app_for
 from typer.testing import CliRunner
 
 from cai.cli import app as cli_app
@@ -36,7 +37,7 @@ def post(c: TestClient, raw: bytes):
 
 
 @pytest.fixture
-def client(roots):  # noqa: F811
+def client(roots):
     with TestClient(app_for(roots, max_body_bytes=2_000_000, max_constitution_bytes=200_000)) as c:
         yield c
 
@@ -58,10 +59,9 @@ def test_structured_retry_loop_stops_when_the_job_stops():
 
 
 def test_cancel_during_judge_retries_writes_cancelled_rows_for_the_batch_in_flight(tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
-                                        "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}) + "\n"
-                            for i in range(3)))
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
+                                                   "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+                                                  for i in range(3)])
     engine = FakeEngine(garbage, chooser=judge_preferring("good", 0.9))
     job = EvalJob(data=str(data), out=str(tmp_path / "eval"), batch_size=10,
                   judge=JudgeConfig(mode="structured", structured_retries=3000))
@@ -238,10 +238,10 @@ def test_empty_prompts_file_is_an_error(tmp_path):
 # ---------------------------------------------------------------- 10. turns per prompt, characters per job
 
 
-def test_turns_per_prompt_and_characters_per_job_are_bounded(roots):  # noqa: F811
+def test_turns_per_prompt_and_characters_per_job_are_bounded(roots):
     many = [{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(25_000)]
     many.append({"role": "user", "content": "x"})  # 25,001 turns, 1 character: under max_prompt_chars
-    (roots / "data" / "long.jsonl").write_text(json.dumps({"messages": many[:100] + many[-1:]}) + "\n")
+    write_jsonl(roots / "data" / "long.jsonl", [{"messages": many[:100] + many[-1:]}])
     with TestClient(app_for(roots, max_body_bytes=2_000_000, max_job_chars=45)) as c:
         r = c.post("/v1/jobs", json={"kind": "sft", "prompts": [{"messages": many}]}, headers=A)
         assert r.status_code == 422 and "turns of prompts[0] = 25001" in r.json()["detail"], r.text

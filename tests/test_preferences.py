@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
+from helpers import CONSTITUTIONS
 
 from cai.constitution import load_constitution
 from cai.engine.fake import FakeEngine
@@ -14,8 +14,7 @@ from cai.judge import JudgeConfig
 from cai.preferences import Phase2Config, run_phase2, win_scores
 from cai.records import Completion, ErrorCode, Message, SamplingParams, SourcePrompt
 
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = load_constitution(ROOT / "constitutions" / "harmless.yaml")
+HARMLESS = load_constitution(CONSTITUTIONS / "harmless.yaml")
 
 
 def sources(n: int) -> list[SourcePrompt]:

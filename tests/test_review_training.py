@@ -15,8 +15,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from test_serve import A, app_for, export_rows, roots, submit, wait  # noqa: E402,F401  (roots: a fixture)
-from test_train import build_tiny  # noqa: E402
+from serve_helpers import A, app_for, export_rows, submit, wait  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from cai.cli.train import app as train_app  # noqa: E402
@@ -97,11 +96,10 @@ def test_dpo_data_from_the_reviewed_export(reviewed):
     assert none == {} and plain["chosen"] == dataset["chosen"]
 
 
-def test_cli_rm_and_dpo_train_on_the_reviewed_export(reviewed, tmp_path):
+def test_cli_rm_and_dpo_train_on_the_reviewed_export(reviewed, tiny_chat_model, tmp_path):
     """One step of each trainer on a tiny model, through the CLI: metrics count the human labels."""
-    tiny = build_tiny(tmp_path / "tiny")
     data = str(reviewed["files"]["prefs.jsonl"])
-    common = ["--data", data, "--model", str(tiny), "--max-steps", "1", "--batch-size", "3",
+    common = ["--data", data, "--model", str(tiny_chat_model), "--max-steps", "1", "--batch-size", "3",
               "--trl", "save_strategy=no"]
     runs = {"rm": ["--eval-fraction", "0"], "dpo": ["--soft-label", "smoothing"]}
     for command, extra in runs.items():

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_prompts
 
 from cai import runner
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.runner import RecipeError, RunRecipe, load_recipe, plan_stages, run_recipe
 from cai.stage_jobs import JobFileError, read_job_file, write_job_file
 from cai.train.jobs import DPOTrainJob, PPOTrainJob, RewardTrainJob, SFTTrainJob
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_recipes_load_and_wire_every_stage(tmp_path):
@@ -205,7 +204,7 @@ def test_ctrl_c_during_a_stage_stops_it_cleanly_and_says_how_to_resume(tmp_path)
     from fakeserver import FakeServer, ok_body
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(6)))
+    write_prompts(prompts, [f"question {i}" for i in range(6)])
     job = tmp_path / "job"
     before = signal.getsignal(signal.SIGINT)
 

@@ -19,7 +19,8 @@ pytest.importorskip("fastapi")
 from fakes import judge_preferring
 from fakeserver import FakeServer, error_body, ok_body
 from fastapi.testclient import TestClient
-from test_serve import A, responder, roots  # noqa: F401  (roots: a fixture)
+from helpers import ROOT, write_prompts
+from serve_helpers import A, responder
 
 from cai.constitution import CONSTITUTIONS_DIR
 from cai.engine import is_secret_option, redact_options
@@ -31,7 +32,6 @@ from serve.app import Limits, Settings, create_app
 from serve.routes import ASSETS
 
 SECRET = "sEcReT-9f3a1c77d2"
-ROOT = Path(__file__).resolve().parents[1]
 LEAKY = "a prompt whose backend error names the server's files"
 
 
@@ -234,7 +234,7 @@ def test_cli_job_directory_holds_no_key_and_retry_errors_takes_it_from_the_envir
     monkeypatch.setattr(openai_engine.OpenAIEngine, "__init__", recording_init)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("question one", "BAD question", "three")))
+    write_prompts(prompts, ["question one", "BAD question", "three"])
     job = tmp_path / "job"
     healthy = {"on": False}
 

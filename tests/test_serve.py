@@ -6,7 +6,6 @@ import io
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,98 +14,31 @@ import pytest
 pytest.importorskip("fastapi")
 from fakes import judge_preferring
 from fastapi.testclient import TestClient
+from helpers import CONSTITUTIONS
+from serve_helpers import (
+    ALICE,
+    A,
+    B,
+    app_for,
+    export_rows,
+    responder,
+    settings,
+    submit,
+    wait,
+)
 from starlette.routing import Route
 
 from cai.engine.fake import FakeEngine
-from serve.app import Limits, Settings, create_app
+from serve.app import create_app
 from serve.auth import PUBLIC_PATHS
 
-ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00"
-A, B = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
-FINAL = ("completed", "failed", "cancelled")
-
-
-# ---------------------------------------------------------------- fixtures and helpers
-
-
-def responder(gate: threading.Event | None = None, block_on: str | None = None, truncate: str | None = None):
-    """Phase-1 replies by step; phase-2 samples alternate a good and a bad answer.
-
-    With `gate`, the first request about the prompt `block_on` waits until the gate opens."""
-    counter = {"n": 0}
-
-    def respond(chat, params):
-        texts = [m.content for m in chat]
-        if gate is not None and block_on in texts:
-            gate.wait(30)
-        if truncate in texts:
-            return "many words " * (params.max_tokens + 1)
-        last = texts[-1]
-        if last.startswith("Critique request"):
-            return "CRITIQUE: the answer could be kinder"
-        if last.startswith("Revision request"):
-            return "REVISED: a careful, kind answer"
-        if params.temperature > 0:  # phase 2 policy samples
-            counter["n"] += 1
-            return ("a good careful answer" if counter["n"] % 2 else "a bad answer") + f" #{counter['n']}"
-        return "ANSWER to " + last
-
-    return respond
-
-
-@pytest.fixture
-def roots(tmp_path: Path) -> Path:
-    (tmp_path / "keys.txt").write_text(f"# test keys\nalice:{ALICE}\nbob:{BOB}\n")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "questions.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
-    (data / "big.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(30)))
-    hh = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: a good careful answer {i}",
-           "rejected": f"\n\nHuman: q{i}\n\nAssistant: a bad answer {i}"} for i in range(3)]
-    (data / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh))
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.jsonl").write_text(json.dumps({"prompt": "secret"}) + "\n")
-    (data / "leak.jsonl").symlink_to(outside / "secret.jsonl")
-    return tmp_path
-
-
-def settings(root: Path, **limits) -> Settings:
-    return Settings(jobs_root=root / "jobs", data_root=root / "data", keys_file=root / "keys.txt",
-                    keys_from_env=False, limits=Limits(**{"max_rows": 20, **limits}), shutdown_grace_s=30)
-
-
-def app_for(root: Path, engine: FakeEngine | None = None, **limits):
-    engine = engine or FakeEngine(responder(), chooser=judge_preferring("good", 0.9))
-    return create_app(settings(root, **limits), engine_factory=lambda spec: engine)
+# ---------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
 def client(roots):
     with TestClient(app_for(roots)) as c:
         yield c
-
-
-def submit(c: TestClient, headers=A, **body) -> str:
-    r = c.post("/v1/jobs", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def wait(c: TestClient, job_id: str, until=FINAL, headers=A, timeout=60.0, check=None) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if (job["state"] in until) if check is None else check(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['state']}: {job}")
-
-
-def export_rows(c: TestClient, job_id: str, file: str | None = None) -> list[dict]:
-    r = c.get(f"/v1/jobs/{job_id}/export", params={"file": file} if file else None, headers=A)
-    assert r.status_code == 200, r.text
-    return [json.loads(line) for line in r.text.splitlines()]
 
 
 # ---------------------------------------------------------------- jobs
@@ -518,8 +450,7 @@ def test_constitution_route_traversal_400(client, url):
 def test_constitution_symlink_out_of_root_400(roots):
     folder = roots / "constitutions"
     folder.mkdir()
-    (roots / "outside" / "evil.yaml").write_text(
-        (Path(__file__).resolve().parents[1] / "constitutions" / "harmless.yaml").read_text())
+    (roots / "outside" / "evil.yaml").write_text((CONSTITUTIONS / "harmless.yaml").read_text())
     (folder / "evil.yaml").symlink_to(roots / "outside" / "evil.yaml")
     s = settings(roots).model_copy(update={"constitutions_dir": folder})
     with TestClient(create_app(s, engine_factory=lambda spec: FakeEngine())) as c:

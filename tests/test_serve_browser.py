@@ -6,6 +6,7 @@ The screenshot is kept at tmp_path/review.png and copied to $CAI_TEST_ARTIFACTS 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -32,9 +33,7 @@ KEY = "browser-key-0123456789abcdef"
 def _skip_reason() -> str | None:
     if CHROMIUM is None or CHROMEDRIVER is None:
         return "Chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)"
-    try:
-        import selenium
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install selenium)"
     return None
 

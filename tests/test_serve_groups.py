@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fastapi.testclient import TestClient
-from test_serve import A, app_for, roots, submit, wait  # noqa: F401  (roots: a fixture)
+from serve_helpers import A, app_for, submit, wait
 
 
 def test_prefs_job_judges_each_group_under_its_own_constitution(roots):

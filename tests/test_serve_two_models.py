@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from fakes import LoggedEngine, alternating_sampler, judge_preferring
 from fastapi.testclient import TestClient
+from helpers import write_prompts
 
 from cai.recipe import EngineSpec
 from serve.app import Limits, Settings, create_app
@@ -18,7 +18,7 @@ KEY = "k-" + "a" * 40
 def test_prefs_job_with_a_judge_profile_closes_the_policy_before_the_judge_starts(tmp_path: Path):
     (tmp_path / "keys.txt").write_text(f"alice:{KEY}\n")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "q.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    write_prompts(tmp_path / "data" / "q.jsonl", [f"q{i}" for i in range(3)])
     settings = Settings(
         jobs_root=tmp_path / "jobs", data_root=tmp_path / "data", keys_file=tmp_path / "keys.txt",
         keys_from_env=False, limits=Limits(max_rows=20), shutdown_grace_s=5, default_engine="policy",

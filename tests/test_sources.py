@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA, write_jsonl
 
 from cai.records import Message, stable_id
 from cai.sources import (
@@ -18,16 +18,10 @@ from cai.sources import (
     read_prompts,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-HH_DEV = SHARED / "hh_harmless_dev.jsonl"
+HH_DEV = SHARED_DATA / "hh_harmless_dev.jsonl"
 needs_hh = pytest.mark.skipif(
     not HH_DEV.exists(), reason=f"reference data {HH_DEV} not present (shared/data is outside the repo)"
 )
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def roles(prompt) -> list[str]:

@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import HARMLESS, ROOT, write_jsonl, write_prompts
 
 from cai.engine.fake import FakeEngine
 from cai.pipeline import generate_sft
 from cai.recipe import SFTJob
 from cai.store import JobError, JobStore, Manifest, batch_id
-
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
 
 WORKER = textwrap.dedent(
     """
@@ -95,7 +93,7 @@ def kill_at_random_points_then_finish(cmd: list[str], count_rows, total: int) ->
 
 def test_kill_at_random_points_then_resume_is_exactly_once(tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(60)))
+    write_prompts(prompts, [f"question number {i}" for i in range(60)])
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     job_dir = tmp_path / "job"
@@ -112,10 +110,9 @@ def test_kill_at_random_points_then_resume_is_exactly_once(tmp_path):
 
 
 def test_killed_judge_evaluation_resumes_exactly_once_to_the_same_report(tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes {i}",
-                                        "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}) + "\n"
-                            for i in range(40)))
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes {i}",
+                                                   "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}
+                                                  for i in range(40)])
     script = tmp_path / "judge_worker.py"
     script.write_text(JUDGE_WORKER)
     job_dir = tmp_path / "eval"
@@ -172,7 +169,7 @@ def test_one_process_at_a_time(tmp_path):
 
 def test_killed_export_is_redone(tmp_path, monkeypatch):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
+    write_prompts(prompts, [f"q{i}" for i in range(5)])
     job = SFTJob(constitution=HARMLESS, prompts=str(prompts), out=str(tmp_path / "job"))
     import cai.pipeline as pipeline
 

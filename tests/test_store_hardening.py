@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi import HTTPException
+from helpers import HARMLESS, write_prompts
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -24,18 +25,13 @@ from cai.records import ErrorInfo
 from cai.store import CorruptShard, JobError, JobStore, Manifest, batch_id
 from serve.results import page
 
-ROOT = Path(__file__).resolve().parents[1]
-HARMLESS = str(ROOT / "constitutions" / "harmless.yaml")
-
 
 def _manifest(fp: str) -> Manifest:
     return Manifest(stage="sft", fingerprint=fp, fingerprint_inputs={"model": fp}, recipe={})
 
 
 def _prompts(tmp_path: Path, n: int = 6) -> Path:
-    path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(n)))
-    return path
+    return write_prompts(tmp_path / "p.jsonl", [f"question number {i}" for i in range(n)])
 
 
 def _job(tmp_path: Path, rounds: int = 1, **kw) -> SFTJob:

@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import write_jsonl  # noqa: E402
+from tiny_tokenizers import WORD_CHATML  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from cai.cli.common import parse_pairs  # noqa: E402
@@ -32,57 +34,13 @@ from cai.train.sft import prepare_sft_data  # noqa: E402
 
 torch.set_num_threads(1)
 
-TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
-WORDS = (
-    "user assistant system hello hi how are you fine thanks yes no please help me with a the cat dog is "
-    "good bad do not can i will tell write poem story about why what ok sure sorry"
-).split()
 GOOD = ["sure i will help", "ok i can help you", "yes i will tell a story"]
 BAD = ["no", "sorry i can not", "no no no"]
 FAST = dict(per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1, save_strategy="no")
 
 
-def build_tiny(folder: Path) -> Path:
-    """A word-level tokenizer with a ChatML template and a 2-layer, 64-wide Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-        unk_token="[UNK]", additional_special_tokens=SPECIALS[:3],
-    )
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +158,7 @@ def test_human_reviewed_rows_are_confident_labels(tmp_path, pref_data):
     assert dataset[0]["chosen"] == rows[0]["rejected"]
 
 
-def test_unreviewed_row_preferring_rejected_is_refused(tmp_path, pref_data, tiny):
+def test_unreviewed_row_preferring_rejected_is_refused(tmp_path, pref_data, tiny_chat_model):
     rows = [json.loads(line) for line in pref_data.read_text().splitlines()][:3]
     rows[1] |= {"score": 0.3, "margin": -0.4}
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -213,7 +171,7 @@ def test_unreviewed_row_preferring_rejected_is_refused(tmp_path, pref_data, tiny
     with pytest.raises(TrainError, match=r"m\.jsonl: row 2 \(id pair-1\) has margin = -0\.4"):
         prepare_pairs(only_margin, 1.0)
     for command in ("rm", "dpo"):  # the CLI names the file and row, before loading a model
-        args = [command, "--data", str(path), "--model", str(tiny), "--out", str(tmp_path / command)]
+        args = [command, "--data", str(path), "--model", str(tiny_chat_model), "--out", str(tmp_path / command)]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and "row 2 (id pair-1)" in " ".join(result.output.split()), result.output
         assert not (tmp_path / command).exists()
@@ -227,12 +185,12 @@ def test_heldout_split_is_seeded(pref_data):
     assert a_eval["metadata"] == b_eval["metadata"]
 
 
-def test_chat_format_end_of_turn(tiny):
+def test_chat_format_end_of_turn(tiny_chat_model):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
     assert check_chat_format(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
-    tok.chat_template = TEMPLATE.replace("<|im_end|>", "<|endoftext|>")  # turn end != EOS (like Llama 3)
+    tok.chat_template = WORD_CHATML.replace("<|im_end|>", "<|endoftext|>")  # turn end != EOS (like Llama 3)
     assert check_chat_format(tok) == [0, tok.eos_token_id]
     tok.chat_template = None
     with pytest.raises(TrainError, match="no chat template"):
@@ -251,70 +209,74 @@ def test_gae_matches_hand_computation():
 # ---- trainers ----------------------------------------------------------------------
 
 
-def test_sft_trains_saves_and_resumes(tiny, sft_data, tmp_path):
+def test_sft_trains_saves_and_resumes(tiny_chat_model, sft_data, tmp_path):
     out = tmp_path / "sft"
-    first = train_sft(sft_data, str(tiny), out, trl_args=FAST | dict(max_steps=2, save_strategy="steps", save_steps=1))
+    first = train_sft(sft_data, str(tiny_chat_model), out,
+                      trl_args=FAST | dict(max_steps=2, save_strategy="steps", save_steps=1))
     assert first.metrics["global_step"] == 2 and (out / "checkpoint-2").is_dir()
-    result = train_sft(sft_data, str(tiny), out, resume=True, trl_args=FAST | dict(max_steps=3))
+    result = train_sft(sft_data, str(tiny_chat_model), out, resume=True, trl_args=FAST | dict(max_steps=3))
     assert result.metrics["resumed_from"].endswith("checkpoint-2")
     assert result.metrics["global_step"] == 3
-    assert changed(tiny, out) > 0
+    assert changed(tiny_chat_model, out) > 0
     assert [row["step"] for row in read_log(out) if "loss" in row] == [1, 2, 3]
     assert json.loads((out / "metrics.json").read_text())["trainer"] == "sft"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
-def test_sft_lora_merges_adapter(tiny, sft_data, tmp_path):
+def test_sft_lora_merges_adapter(tiny_chat_model, sft_data, tmp_path):
     out = tmp_path / "sft-lora"
-    result = train_sft(sft_data, str(tiny), out, lora={"r": 4, "lora_alpha": 8}, trl_args=FAST | dict(max_steps=2))
+    result = train_sft(sft_data, str(tiny_chat_model), out, lora={"r": 4, "lora_alpha": 8},
+                       trl_args=FAST | dict(max_steps=2))
     assert result.metrics["lora"] is True
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert changed(tiny, out) > 0  # the merged weights differ from the base
+    assert changed(tiny_chat_model, out) > 0  # the merged weights differ from the base
 
 
-def test_reward_model_reports_heldout_accuracy(tiny, pref_data, tmp_path):
+def test_reward_model_reports_heldout_accuracy(tiny_chat_model, pref_data, tmp_path):
     out = tmp_path / "rm"
     result = train_reward_model(
-        pref_data, str(tiny), out, eval_fraction=0.25, trl_args=FAST | dict(max_steps=10, per_device_train_batch_size=8),
+        pref_data, str(tiny_chat_model), out, eval_fraction=0.25,
+        trl_args=FAST | dict(max_steps=10, per_device_train_batch_size=8),
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == result.metrics
     assert metrics["heldout_pairs"] == 10 and metrics["uses_margin"] is True
     assert metrics["heldout_accuracy"] >= 0.8 and "heldout_accuracy_before" in metrics
-    assert changed(tiny, out, "AutoModelForSequenceClassification") > 0
+    assert changed(tiny_chat_model, out, "AutoModelForSequenceClassification") > 0
     from transformers import AutoModelForSequenceClassification
 
     rm = AutoModelForSequenceClassification.from_pretrained(out)
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == 2
 
 
-def test_dpo_plain(tiny, pref_data, tmp_path):
+def test_dpo_plain(tiny_chat_model, pref_data, tmp_path):
     out = tmp_path / "dpo"
-    result = train_dpo(pref_data, str(tiny), out, trl_args=FAST | dict(max_steps=2))
+    result = train_dpo(pref_data, str(tiny_chat_model), out, trl_args=FAST | dict(max_steps=2))
     assert result.metrics["soft_label"] == "none" and "label_smoothing" not in result.metrics
-    assert changed(tiny, out) > 0
+    assert changed(tiny_chat_model, out) > 0
     assert any("rewards/margins" in row for row in read_log(out))
 
 
-def test_dpo_lora_with_soft_label(tiny, pref_data, tmp_path):
+def test_dpo_lora_with_soft_label(tiny_chat_model, pref_data, tmp_path):
     out = tmp_path / "dpo-lora"
-    result = train_dpo(pref_data, str(tiny), out, lora=True, soft_label="smoothing", trl_args=FAST | dict(max_steps=2))
+    result = train_dpo(pref_data, str(tiny_chat_model), out, lora=True, soft_label="smoothing",
+                       trl_args=FAST | dict(max_steps=2))
     assert result.metrics["loss_type"] == ["robust"]
     assert 0.0 < result.metrics["label_smoothing"] < 0.5
-    assert (out / "adapter").is_dir() and changed(tiny, out) > 0
+    assert (out / "adapter").is_dir() and changed(tiny_chat_model, out) > 0
 
 
 def count_yes(prompts, completions):
     return [text.split().count("yes") for text in completions]
 
 
-def test_ppo_reward_rises_with_bounded_kl(tiny, pref_data, tmp_path):
+def test_ppo_reward_rises_with_bounded_kl(tiny_chat_model, pref_data, tmp_path):
     """Toy reward: the number of "yes" words in an 8-token completion (about 0.2 for the random model).
     The KL penalty keeps the policy near the reference: at the KL-regularised optimum, "yes" is only
     exp(1/kl_coef)x likelier than under the reference, so reward plateaus well below 8."""
     out = tmp_path / "ppo"
     cfg = PPOConfig(steps=20, batch_size=16, minibatch_size=8, max_new_tokens=8, learning_rate=3e-3, kl_coef=0.3, save_steps=100)
-    result = train_ppo(pref_data, str(tiny), out, reward_fn=count_yes, config=cfg)
+    result = train_ppo(pref_data, str(tiny_chat_model), out, reward_fn=count_yes, config=cfg)
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, 21))
     first = sum(r["reward"] for r in rows[:5]) / 5
@@ -323,21 +285,22 @@ def test_ppo_reward_rises_with_bounded_kl(tiny, pref_data, tmp_path):
     assert max(r["kl"] for r in rows) < 15.0  # a collapsed policy would be at ~25 nats (8 x log 0.8*42)
     assert all(k in rows[-1] for k in ("entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl"))
     assert result.metrics["steps_run"] == 20
-    assert changed(tiny, out) > 0
+    assert changed(tiny_chat_model, out) > 0
     head = torch.load(out / "value_head.pt")
     assert head["hidden_size"] == 64
 
 
-def test_ppo_reward_model_lora_resume(tiny, pref_data, tmp_path):
+def test_ppo_reward_model_lora_resume(tiny_chat_model, pref_data, tmp_path):
     out = tmp_path / "ppo-lora"
     cfg = dict(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, save_steps=1)
     # any sequence-classification folder is a reward model; the tiny LM gets a fresh score head
-    train_ppo(pref_data, str(tiny), out, reward_model=str(tiny), lora=True, config=cfg)
+    train_ppo(pref_data, str(tiny_chat_model), out, reward_model=str(tiny_chat_model), lora=True, config=cfg)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    result = train_ppo(pref_data, str(tiny), out, reward_model=str(tiny), lora=True, config=cfg | {"steps": 3}, resume=True)
+    result = train_ppo(pref_data, str(tiny_chat_model), out, reward_model=str(tiny_chat_model), lora=True,
+                       config=cfg | {"steps": 3}, resume=True)
     assert result.metrics["resumed_from"].endswith("checkpoint-2") and result.metrics["steps_run"] == 1
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
-    assert (out / "adapter").is_dir() and changed(tiny, out) > 0
+    assert (out / "adapter").is_dir() and changed(tiny_chat_model, out) > 0
 
 
 def test_ppo_prompts_dedup_and_sources(tmp_path, pref_data, sft_data):
@@ -350,10 +313,10 @@ def test_ppo_prompts_dedup_and_sources(tmp_path, pref_data, sft_data):
 # ---- CLI ---------------------------------------------------------------------------
 
 
-def test_cli_sft_and_errors(tiny, sft_data, tmp_path):
+def test_cli_sft_and_errors(tiny_chat_model, sft_data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli-sft"
-    args = ["sft", "--data", str(sft_data), "--model", str(tiny), "--out", str(out), "--max-steps", "1",
+    args = ["sft", "--data", str(sft_data), "--model", str(tiny_chat_model), "--out", str(out), "--max-steps", "1",
             "--lr", "0.001", "--batch-size", "2", "--trl", "save_strategy=no", "--trl", "logging_steps=1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -361,7 +324,7 @@ def test_cli_sft_and_errors(tiny, sft_data, tmp_path):
     assert metrics["global_step"] == 1
     bad = runner.invoke(app, args[:7] + ["--trl", "no_such_field=1"])
     assert bad.exit_code == 2 and "no_such_field" in bad.output
-    missing = runner.invoke(app, ["dpo", "--data", str(tmp_path / "nope.jsonl"), "--model", str(tiny)])
+    missing = runner.invoke(app, ["dpo", "--data", str(tmp_path / "nope.jsonl"), "--model", str(tiny_chat_model)])
     assert missing.exit_code == 2 and "not found" in missing.output
 
 
