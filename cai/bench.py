@@ -136,3 +136,57 @@ def run_bench(
         naive_loop=naive,
         naive_backend=naive_engine.backend,
     )
+
+
+class BatchSizeRun(BaseModel):
+    batch_size: int
+    prompts: int
+    calls: int
+    seconds: float  # generation: the phase-1 calls of every batch, as a job counts them
+
+    @property
+    def prompts_per_second(self) -> float:
+        return self.prompts / self.seconds if self.seconds else 0.0
+
+
+class BatchSizeReport(BaseModel):
+    model: str
+    backend: str
+    rounds: int
+    runs: list[BatchSizeRun]
+
+    @property
+    def slowest_vs_fastest(self) -> float:
+        """The slowest run's prompts/s over the fastest's: 1.0 when the batch size does not matter."""
+        rates = [r.prompts_per_second for r in self.runs]
+        return min(rates) / max(rates) if rates and max(rates) else 0.0
+
+
+def cycled(sources: Sequence[SourcePrompt], count: int) -> list[SourcePrompt]:
+    """`count` prompts: `sources` repeated as often as needed, each repeat with its own id."""
+    out = list(sources[:count])
+    while len(out) < count:
+        repeat, source = divmod(len(out), len(sources))
+        out.append(sources[source].model_copy(update={"id": f"{sources[source].id}~{repeat}"}))
+    return out
+
+
+def run_batch_size_bench(
+    engine: Engine,
+    sources: Sequence[SourcePrompt],
+    constitution: LoadedConstitution,
+    config: Phase1Config,
+    batch_sizes: Sequence[int],
+) -> BatchSizeReport:
+    """Phase 1 on `sources` cut into batches of each size in turn (one `run_phase1` per batch, as a
+    job's batch runner does), after one warm-up call: prompts/s should not depend on the batch size."""
+    engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
+    runs = []
+    for size in batch_sizes:
+        recorder = RecordingEngine(engine)
+        started = time.perf_counter()
+        for start in range(0, len(sources), size):
+            run_phase1(sources[start:start + size], constitution, recorder, config)
+        seconds = time.perf_counter() - started
+        runs.append(BatchSizeRun(batch_size=size, prompts=len(sources), calls=len(recorder.calls), seconds=seconds))
+    return BatchSizeReport(model=engine.model.id, backend=engine.backend, rounds=config.rounds, runs=runs)

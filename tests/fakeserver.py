@@ -40,17 +40,29 @@ def error_body(message: str) -> dict:
 
 
 class FakeServer:
-    """Scripted per call: `script(body, call_no)` -> (status, headers, json body, delay)."""
+    """Scripted per call: `script(body, call_no)` -> (status, headers, json body, delay).
 
-    def __init__(self, script):
+    `keep_alive`: speak HTTP/1.1 and keep connections open between requests, as real servers do;
+    `connections` counts the TCP connections accepted."""
+
+    def __init__(self, script, keep_alive: bool = False):
         self.script = script
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cai.bench import run_bench
+from cai.bench import (
+    BatchSizeReport,
+    BenchReport,
+    cycled,
+    run_batch_size_bench,
+    run_bench,
+)
 from cai.cli.common import (
     ConstitutionOpt,
     EngineOpt,
@@ -18,6 +25,7 @@ from cai.cli.common import (
     fail_on_user_error,
 )
 from cai.constitution import load_constitution
+from cai.engine.stub_server import StubChatServer
 from cai.files import atomic_write_json
 from cai.jobdir import build_engine
 from cai.recipe import Phase1Config
@@ -39,16 +47,39 @@ def bench(
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     out: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
     naive_engine: Annotated[Optional[str], typer.Option(help="backend of the one-at-a-time loop; default: the same engine")] = None,
+    batch_size: Annotated[Optional[list[int]], typer.Option(
+        "--batch-size", min=1, help="instead: phase 1 on --limit prompts (the source repeated if shorter) cut "
+        "into batches of this size, as a job cuts them; repeat to compare sizes (prompts/s and their ratio)")] = None,
+    stub_latency_ms: Annotated[Optional[float], typer.Option(
+        min=0, help="answer from a local OpenAI-compatible stub server that replies after this many ms "
+        "(the openai backend; e.g. --engine-option concurrency=16): the backend's own cost, no model")] = None,
 ) -> None:
-    """Measure generated tokens/s: bare engine, cai phase 1, naive loop; print the ratios."""
+    """Measure generated tokens/s: bare engine, cai phase 1, naive loop; print the ratios.
+    With --batch-size: phase 1 prompts/s at each batch size instead."""
     with fail_on_user_error():
         loaded = load_constitution(constitution)
         sources = list(read_prompts(prompts, limit=limit))
     params = SamplingParams(max_tokens=max_tokens)
     config = Phase1Config(rounds=rounds, answer=params, critique=params, revision=params)
-    eng = build_engine(engine_spec(engine, model, engine_option))
-    naive = build_engine(engine_spec(naive_engine, model, None)) if naive_engine else None
-    report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive)
+    with ExitStack() as resources:
+        if stub_latency_ms is not None:
+            stub = resources.enter_context(StubChatServer(latency=stub_latency_ms / 1000))
+            engine, model = "openai", model or "stub"
+            engine_option = [*(engine_option or []), f"base_url={stub.url}", "api_key=EMPTY"]
+        eng = build_engine(engine_spec(engine, model, engine_option))
+        resources.callback(eng.close)
+        if batch_size:
+            sized = run_batch_size_bench(eng, cycled(sources, limit), loaded, config, batch_size)
+            _print_batch_sizes(sized, out)
+            return
+        naive = build_engine(engine_spec(naive_engine, model, None)) if naive_engine else None
+        if naive is not None:
+            resources.callback(naive.close)
+        report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive)
+    _print_comparison(report, rounds, max_tokens, out)
+
+
+def _print_comparison(report: BenchReport, rounds: int, max_tokens: int, out: Path | None) -> None:
     table = Table(title=f"{report.model} on {report.backend}: {rounds} round(s), max_tokens {max_tokens}")
     for col in ("run", "prompts", "engine calls", "tokens", "seconds", "tok/s"):
         table.add_column(col, justify="right" if col != "run" else "left")
@@ -59,3 +90,17 @@ def bench(
     if out:
         data = report.model_dump() | {"cai_vs_bare": report.cai_vs_bare, "cai_vs_naive": report.cai_vs_naive}
         atomic_write_json(out, data)
+
+
+def _print_batch_sizes(report: BatchSizeReport, out: Path | None) -> None:
+    table = Table(title=f"{report.model} on {report.backend}: phase 1, {report.rounds} round(s), by batch size")
+    for col in ("batch size", "prompts", "engine calls", "generation s", "prompts/s"):
+        table.add_column(col, justify="right")
+    for run in report.runs:
+        table.add_row(str(run.batch_size), str(run.prompts), str(run.calls), f"{run.seconds:.2f}",
+                      f"{run.prompts_per_second:.1f}")
+    console.print(table)
+    console.print(f"slowest / fastest prompts/s = {report.slowest_vs_fastest:.2f}")
+    if out:
+        runs = [r.model_dump() | {"prompts_per_second": r.prompts_per_second} for r in report.runs]
+        atomic_write_json(out, report.model_dump() | {"runs": runs, "slowest_vs_fastest": report.slowest_vs_fastest})

@@ -86,7 +86,7 @@ def stop_scope(stop: StopCheck | None) -> Iterator[None]:
     """Make `stop` the stop check that `check_stop()` consults while the block runs.
 
     A context variable: it follows the thread and the asyncio tasks started inside the block
-    (a helper thread must be given a copy of the context, as OpenAIEngine's `_run_sync` does)."""
+    (a helper thread must be given a copy of the context, as `cai.engine.background_loop.BackgroundLoop.run` does)."""
     token = _STOP.set(stop)
     try:
         yield

@@ -1,26 +1,29 @@
 """Any OpenAI-compatible chat server (`vllm serve`, hosted APIs).
 
-All requests of a call run concurrently on one `AsyncOpenAI` client, at most
-`concurrency` in flight. tenacity is the only retry layer (the client's own
-retries are off): 408/409/429/5xx, timeouts and connection errors are retried
-with exponential backoff and jitter, waiting what `Retry-After` asks when the
-server sends it. Other 4xx are never retried. Every failure of a request ends
-as an error row (`Completion.error` / `ChoiceScores.error`), never an exception
-(except StopRequested: every attempt, backoff and request in flight ends when the
-job's stop check turns true, see cai.engine.base.stop_scope);
-a server that ignores `continue_final_message` (so no option score would mean
-what the judge asks) raises one EngineCapabilityError instead.
+One `AsyncOpenAI` client (one connection pool) and one event loop on a daemon thread
+(cai.engine.background_loop) serve every call for the engine's lifetime: both start at the
+first call and end with `close()`, after which calls raise EngineClosedError. All requests
+of a call run concurrently, at most `concurrency` in flight across the engine.
+
+tenacity is the only retry layer (the client's own retries are off): 408/409/429/5xx,
+timeouts and connection errors are retried with exponential backoff and jitter, waiting
+what `Retry-After` asks when the server sends it. Other 4xx are never retried. Every
+failure of a request ends as an error row (`Completion.error` / `ChoiceScores.error`),
+never an exception (except StopRequested: every attempt, backoff and request in flight
+ends when the job's stop check turns true, see cai.engine.base.stop_scope); a server that
+ignores `continue_final_message` (so no option score would mean what the judge asks)
+raises one EngineCapabilityError instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextvars
 import email.utils
 import math
 import os
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 
 import openai
@@ -31,6 +34,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from cai.engine.background_loop import BackgroundLoop, LoopStopped
 from cai.engine.base import (
     TOP_ALTERNATIVES,
     ChoiceScores,
@@ -45,6 +49,10 @@ from cai.records import Chat, Completion, ErrorCode, ErrorInfo, SamplingParams
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 TOP_LOGPROBS = 20
+
+
+class EngineClosedError(RuntimeError):
+    """A call on an OpenAIEngine after its `close()`: build a new engine instead."""
 
 
 class OpenAIEngine:
@@ -85,6 +93,12 @@ class OpenAIEngine:
         self.default_headers = default_headers
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests patch this
         self.model = served_model_ref(model, self.backend)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._loop: BackgroundLoop | None = None  # with the client and semaphore, from the first call
+        self._client: openai.AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._finalizer: weakref.finalize | None = None
 
     # -- public API --
 
@@ -104,7 +118,7 @@ class OpenAIEngine:
             return body
 
         bodies = [request(i, chat) for i, chat in enumerate(chats)]
-        return _run_sync(self._gather(bodies, _to_completion, _error_completion))
+        return self._run(bodies, _to_completion, _error_completion)
 
     def choice_logprobs(
         self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
@@ -119,9 +133,7 @@ class OpenAIEngine:
         bodies = [_choice_body(self.model.id, chat, prefix) for chat in chats]
         if prefix and bodies and not self.continuation_verified:
             self._verify_continuation(bodies[0], prefix)
-        return _run_sync(
-            self._gather(bodies, lambda r: _to_scores(r, options), lambda e: ChoiceScores(error=e))
-        )
+        return self._run(bodies, lambda r: _to_scores(r, options), lambda e: ChoiceScores(error=e))
 
     def _verify_continuation(self, body: dict, prefix: str) -> None:
         """Send the request once as is and once with the prefix as a closed assistant
@@ -130,7 +142,7 @@ class OpenAIEngine:
         renders both alike. Unknown (a failed request, no usage) is checked again
         on the next call."""
         closed = {**body, "extra_body": {"add_generation_prompt": False, "continue_final_message": False}}
-        continued, fresh = _run_sync(self._gather([body, closed], _prompt_tokens, lambda e: None))
+        continued, fresh = self._run([body, closed], _prompt_tokens, lambda e: None)
         if not continued or not fresh:
             return
         if fresh <= continued:
@@ -144,30 +156,64 @@ class OpenAIEngine:
         self.continuation_verified = True
 
     def close(self) -> None:
-        pass
+        """Cancel any request in flight, close the client's connections and stop the loop. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._loop.stop(self._client.close)
 
     # -- machinery --
 
+    def _start(self) -> BackgroundLoop:
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError(f"this openai engine ({self.model.id} at {self.base_url}) was closed")
+            if self._loop is None:
+                self._client = openai.AsyncOpenAI(
+                    base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0,
+                    organization=self.organization, default_headers=self.default_headers,
+                )
+                self._semaphore = asyncio.Semaphore(self.concurrency)
+                self._loop = BackgroundLoop(name=f"cai-openai-{self.model.id}")
+                # An engine dropped without close() still ends its thread and connections.
+                self._finalizer = weakref.finalize(self, self._loop.stop, self._client.close, False)
+            return self._loop
+
+    def _run(self, bodies: list[dict], convert, on_error) -> list:
+        """`_gather` on the engine's loop, from this thread, in this thread's context (the stop check)."""
+        loop = self._start()
+        try:
+            return loop.run(self._gather(bodies, convert, on_error))
+        except LoopStopped as exc:
+            raise EngineClosedError(f"this openai engine ({self.model.id}) was closed during the call") from exc
+
     async def _gather(self, bodies, convert, on_error) -> list:
-        semaphore = asyncio.Semaphore(self.concurrency)
-        async with openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0,
-            organization=self.organization, default_headers=self.default_headers,
-        ) as client:
+        client, semaphore = self._client, self._semaphore
 
-            async def one(body):
-                try:
-                    response = await self._call(client, semaphore, body)
-                except StopRequested:
-                    raise  # the job was stopped: the whole call ends, the batch runner writes cancelled rows
-                except Exception as exc:
-                    return on_error(_error_info(exc))
-                try:
-                    return convert(response)
-                except Exception as exc:  # a malformed response fails alone
-                    return on_error(ErrorInfo(code=ErrorCode.INTERNAL, message=describe(exc)))
+        async def one(body):
+            try:
+                response = await self._call(client, semaphore, body)
+            except StopRequested:
+                raise  # the job was stopped: the whole call ends, the batch runner writes cancelled rows
+            except Exception as exc:
+                return on_error(_error_info(exc))
+            try:
+                return convert(response)
+            except Exception as exc:  # a malformed response fails alone
+                return on_error(ErrorInfo(code=ErrorCode.INTERNAL, message=describe(exc)))
 
-            return list(await asyncio.gather(*(one(b) for b in bodies)))
+        tasks = [asyncio.ensure_future(one(b)) for b in bodies]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # the loop outlives the call: a stop (or a cancelled caller) ends every request of it
+            pending = [t for t in tasks if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
 
     async def _call(self, client, semaphore, body):
         retrying = AsyncRetrying(
@@ -333,12 +379,3 @@ def _logaddexp(a: float, b: float) -> float:
     hi, lo = max(a, b), min(a, b)
     return hi + math.log1p(math.exp(lo - hi))
 
-
-def _run_sync(coro):
-    """asyncio.run, also from inside a running loop (Jupyter): then on a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # the context carries the stop check
-        return pool.submit(contextvars.copy_context().run, asyncio.run, coro).result()
