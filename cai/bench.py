@@ -1,11 +1,17 @@
-"""`cai bench`: generated tokens/s of the bare engine, of phase 1 through cai, and of a
-one-prompt-at-a-time loop, on the same prompts and model in one process.
+"""`cai bench`: generated tokens/s of phase 1 through cai against its engine's own limits, on the
+same prompts and model in one process.
 
-- cai: `run_phase1` over all prompts (each step is one batched engine call).
-- bare engine: the exact engine calls cai made (recorded), replayed straight into the
-  engine, so the ratio is cai's own overhead.
-- naive loop: what tutorial code does, answer -> critique -> revise for one prompt
-  at a time; measured on the first `naive_prompts` prompts (tokens/s is a rate).
+- cai: `run_phase1` over all prompts, in each schedule asked for (`continuous`: each prompt's next
+  step as soon as its last one ends; `steps`: one batched engine call per step).
+- bare engine: the step-batched run's engine calls, recorded and replayed straight into the engine,
+  so cai (steps) ÷ bare is cai's own overhead.
+- steady state: every request of that run at once, as independent requests (the engine at full
+  occupancy on the same prompts and token budgets): the physical limit phase 1 approaches.
+- naive loop: what tutorial code does, answer -> critique -> revise for one prompt at a time,
+  measured on the first `naive_prompts` prompts (tokens/s is a rate).
+
+Per step it reports how many requests ran and how many trajectories ended there with an error, so
+a bench whose answers all hit their token budget (and so never reach the critique) shows it.
 """
 
 from __future__ import annotations
@@ -16,15 +22,21 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from cai.constitution import LoadedConstitution
-from cai.critique import run_phase1
+from cai.critique import run_phase1, step_names
 from cai.engine.base import ChoiceScores, Engine
+from cai.engine.stream import open_stream
 from cai.recipe import Phase1Config
-from cai.records import Chat, Completion, SamplingParams, SourcePrompt
+from cai.records import Chat, Completion, SamplingParams, SFTRecord, SourcePrompt
+
+BRIEF_SYSTEM_PROMPT = "You are a helpful assistant. Keep every reply short: at most three sentences."
+"""The system turn of the CPU recipe: a small model's answers then end within their token budget."""
+COMPLETION_GOAL = 0.8
+"""A bench where fewer trajectories than this share complete measures mostly the first step."""
 
 
 class Throughput(BaseModel):
     prompts: int
-    calls: int
+    calls: int  # engine calls (steps, replay) or requests (continuous, steady state)
     generated_tokens: int
     seconds: float
 
@@ -33,54 +45,82 @@ class Throughput(BaseModel):
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
 
+class StepCount(BaseModel):
+    step: str
+    requests: int
+    ended_with_error: int  # trajectories whose last step this was, with an error (truncated, empty, ...)
+
+
 class BenchReport(BaseModel):
     model: str
     backend: str
-    rounds: int
-    max_tokens: int
+    config: Phase1Config
+    steps: list[StepCount]
+    completed: int  # trajectories with a final revision
+    cai: dict[str, Throughput]  # by schedule
     bare_engine: Throughput
-    cai: Throughput
+    steady_state: Throughput
     naive_loop: Throughput
     naive_backend: str  # the naive loop runs on the same engine unless `cai bench --naive-engine` says otherwise
 
     @property
-    def cai_vs_bare(self) -> float:
-        return self.cai.tokens_per_second / self.bare_engine.tokens_per_second
+    def completed_share(self) -> float:
+        return self.completed / self.bare_engine.prompts if self.bare_engine.prompts else 0.0
 
     @property
-    def cai_vs_naive(self) -> float:
-        return self.cai.tokens_per_second / self.naive_loop.tokens_per_second
+    def best(self) -> Throughput:
+        return self.cai.get(self.config.schedule) or next(iter(self.cai.values()))
+
+    def ratios(self) -> dict[str, float]:
+        out = {"cai_vs_bare": self.best.tokens_per_second / self.bare_engine.tokens_per_second,
+               "cai_vs_steady_state": self.best.tokens_per_second / self.steady_state.tokens_per_second,
+               "cai_vs_naive": self.best.tokens_per_second / self.naive_loop.tokens_per_second}
+        if {"steps", "continuous"} <= set(self.cai):
+            out["continuous_vs_steps"] = self.cai["continuous"].tokens_per_second / self.cai["steps"].tokens_per_second
+        return out
 
 
 class RecordingEngine:
-    """Passes calls through to an engine and keeps them, so they can be replayed."""
+    """Passes calls through to an engine and keeps them, so they can be replayed. It has no request
+    stream of its own: phase 1 on it runs one `generate` call per step."""
 
     def __init__(self, engine: Engine):
-        self.inner = engine
+        self.wrapped = engine
         self.backend = engine.backend
         self.model = engine.model
         self.calls: list[tuple[list[Chat], SamplingParams]] = []
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         self.calls.append((list(chats), params))
-        return self.inner.generate(chats, params)
+        return self.wrapped.generate(chats, params)
 
     def choice_logprobs(self, chats, options, prefix: str = "") -> list[ChoiceScores]:
-        return self.inner.choice_logprobs(chats, options, prefix)
+        return self.wrapped.choice_logprobs(chats, options, prefix)
 
     def close(self) -> None:
-        self.inner.close()
+        self.wrapped.close()
 
 
-def _timed_phase1(
-    engine: Engine, sources: Sequence[SourcePrompt], constitution: LoadedConstitution, config: Phase1Config
-) -> tuple[Throughput, RecordingEngine]:
-    recorder = RecordingEngine(engine)
+def step_counts(records: Sequence[SFTRecord], rounds: int) -> list[StepCount]:
+    """Requests per step and the trajectories that ended at each with an error, from the records."""
+    names = step_names(rounds)
+    requests, ended = [0] * len(names), [0] * len(names)
+    for record in records:
+        for index in range(len(record.trajectory)):
+            requests[index] += 1
+        if record.error is not None and record.trajectory:
+            ended[len(record.trajectory) - 1] += 1
+    return [StepCount(step=n, requests=r, ended_with_error=e) for n, r, e in zip(names, requests, ended)]
+
+
+def _timed(engine: Engine, sources, constitution, config: Phase1Config) -> tuple[Throughput, list[SFTRecord]]:
     started = time.perf_counter()
-    records = run_phase1(sources, constitution, recorder, config)
+    records = run_phase1(sources, constitution, engine, config)
     seconds = time.perf_counter() - started
+    calls = getattr(engine, "calls", None)
+    count = len(calls) if calls is not None else sum(len(r.trajectory) for r in records)
     tokens = sum(r.generated_tokens for r in records)
-    return Throughput(prompts=len(sources), calls=len(recorder.calls), generated_tokens=tokens, seconds=seconds), recorder
+    return Throughput(prompts=len(sources), calls=count, generated_tokens=tokens, seconds=seconds), records
 
 
 def _replay(engine: Engine, calls: list[tuple[list[Chat], SamplingParams]], prompts: int) -> Throughput:
@@ -91,14 +131,27 @@ def _replay(engine: Engine, calls: list[tuple[list[Chat], SamplingParams]], prom
     return Throughput(prompts=prompts, calls=len(calls), generated_tokens=tokens, seconds=time.perf_counter() - started)
 
 
-def _naive(
-    engine: Engine, sources: Sequence[SourcePrompt], constitution: LoadedConstitution, config: Phase1Config
-) -> Throughput:
+def _steady_state(engine: Engine, calls: list[tuple[list[Chat], SamplingParams]], prompts: int) -> Throughput:
+    """Every recorded request submitted at once, each with the seed its call gave it."""
+    requests = [(chat, params.model_copy(update={"seed": None if params.seed is None else params.seed + i}))
+                for chats, params in calls for i, chat in enumerate(chats)]
+    started = time.perf_counter()
+    tokens = 0
+    with open_stream(engine) as stream:
+        for key, (chat, params) in enumerate(requests):
+            stream.submit(key, chat, params)
+        while stream.pending:
+            tokens += sum(c.completion_tokens for _, c in stream.wait())
+    return Throughput(prompts=prompts, calls=len(requests), generated_tokens=tokens,
+                      seconds=time.perf_counter() - started)
+
+
+def _naive(engine: Engine, sources: Sequence[SourcePrompt], constitution, config: Phase1Config) -> Throughput:
     started = time.perf_counter()
     tokens = calls = 0
     for source in sources:
         recorder = RecordingEngine(engine)
-        [record] = run_phase1([source], constitution, recorder, config)
+        [record] = run_phase1([source], constitution, recorder, config.model_copy(update={"schedule": "steps"}))
         tokens += record.generated_tokens
         calls += len(recorder.calls)
     return Throughput(prompts=len(sources), calls=calls, generated_tokens=tokens, seconds=time.perf_counter() - started)
@@ -111,30 +164,34 @@ def run_bench(
     config: Phase1Config,
     naive_prompts: int,
     naive_engine: Engine | None = None,
+    schedules: Sequence[str] = ("steps", "continuous"),
 ) -> BenchReport:
-    """Warm up, then measure cai, the replayed bare engine, and the naive loop (on `naive_engine`
-    if given: e.g. transformers' generate per prompt, as tutorial code does)."""
+    """Warm up, then measure cai in each schedule, the replayed bare engine, the steady state and the
+    naive loop (on `naive_engine` if given: e.g. transformers' generate per prompt, as tutorial code does)."""
     engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
-    # The replay sends the same prompts again: without a reset, a prefix cache would make it look faster.
+    # Replays send the same prompts again: without a reset, a prefix cache would make them look faster.
     cold = getattr(engine, "reset_prefix_cache", lambda: None)
+    recorder = RecordingEngine(engine)
     cold()
-    cai, recorder = _timed_phase1(engine, sources, constitution, config)
+    cai = {"steps": _timed(recorder, sources, constitution, config.model_copy(update={"schedule": "steps"}))}
+    for schedule in [s for s in schedules if s != "steps"]:
+        cold()
+        cai[schedule] = _timed(engine, sources, constitution, config.model_copy(update={"schedule": schedule}))
+    records = cai["steps"][1]
     cold()
     bare = _replay(engine, recorder.calls, len(sources))
+    cold()
+    steady = _steady_state(engine, recorder.calls, len(sources))
     cold()
     naive_engine = naive_engine or engine
     if naive_engine is not engine:
         naive_engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
     naive = _naive(naive_engine, sources[:naive_prompts], constitution, config)
     return BenchReport(
-        model=engine.model.id,
-        backend=engine.backend,
-        rounds=config.rounds,
-        max_tokens=config.answer.max_tokens,
-        bare_engine=bare,
-        cai=cai,
-        naive_loop=naive,
-        naive_backend=naive_engine.backend,
+        model=engine.model.id, backend=engine.backend, config=config,
+        steps=step_counts(records, config.rounds), completed=sum(r.final is not None for r in records),
+        cai={s: t for s, (t, _) in cai.items() if s in schedules}, bare_engine=bare, steady_state=steady,
+        naive_loop=naive, naive_backend=naive_engine.backend,
     )
 
 
@@ -178,15 +235,16 @@ def run_batch_size_bench(
     config: Phase1Config,
     batch_sizes: Sequence[int],
 ) -> BatchSizeReport:
-    """Phase 1 on `sources` cut into batches of each size in turn (one `run_phase1` per batch, as a
-    job's batch runner does), after one warm-up call: prompts/s should not depend on the batch size."""
+    """Phase 1 on `sources` cut into batches of each size in turn (one `run_phase1` per batch, in the
+    config's schedule, as a job's batch runner does), after one warm-up call: prompts/s should not
+    depend on the batch size. `calls` counts engine calls step-batched, requests when continuous."""
     engine.generate([sources[0].messages], SamplingParams(max_tokens=8))
     runs = []
     for size in batch_sizes:
-        recorder = RecordingEngine(engine)
-        started = time.perf_counter()
+        calls, started = 0, time.perf_counter()
         for start in range(0, len(sources), size):
-            run_phase1(sources[start:start + size], constitution, recorder, config)
+            calls += _timed(engine if config.schedule == "continuous" else RecordingEngine(engine),
+                            sources[start:start + size], constitution, config)[0].calls
         seconds = time.perf_counter() - started
-        runs.append(BatchSizeRun(batch_size=size, prompts=len(sources), calls=len(recorder.calls), seconds=seconds))
+        runs.append(BatchSizeRun(batch_size=size, prompts=len(sources), calls=calls, seconds=seconds))
     return BatchSizeReport(model=engine.model.id, backend=engine.backend, rounds=config.rounds, runs=runs)

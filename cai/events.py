@@ -28,7 +28,9 @@ class Planned(Event):
 
 
 class StepStarted(Event):
-    """An engine call of a stage step (answer, critique, revision, sample, judge...) over `requests` chats."""
+    """`requests` chats of a stage step (answer, critique, revision, sample, judge...) went through the
+    engine: one event per step of a batch when step-batched, one per group of finished requests when
+    phase 1 runs continuously."""
 
     event: Literal["step"] = "step"
     name: str

@@ -84,7 +84,7 @@ def job_plan(job: SFTJob | PrefsJob, allow_unrevised: bool) -> ConstitutionPlan:
 def sft_manifest_inputs(job: SFTJob, plan: ConstitutionPlan, model: ModelRef) -> dict:
     """What a phase-1 job's output depends on (its fingerprint)."""
     return {**plan.fingerprint_inputs(), "prompts": source_digest(job.prompts), "model": model.model_dump(),
-            "phase1": job.phase1.model_dump(), "template_hash": PHASE1_TEMPLATE_HASH}
+            "phase1": job.phase1.model_dump(exclude={"schedule"}), "template_hash": PHASE1_TEMPLATE_HASH}
 
 
 def generate_sft(

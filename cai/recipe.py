@@ -35,6 +35,9 @@ class Phase1Config(BaseModel):
     answer: SamplingParams = SamplingParams(max_tokens=256)
     critique: SamplingParams = SamplingParams(max_tokens=192)
     revision: SamplingParams = SamplingParams(max_tokens=256)
+    schedule: Literal["steps", "continuous"] = Field(
+        "continuous", description="continuous: each prompt's next step is sent as soon as its previous one is "
+        "back; steps: every request of a step together, then the next step. The same records either way.")
 
 
 class JudgeConfig(BaseModel):

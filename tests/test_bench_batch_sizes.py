@@ -45,6 +45,12 @@ def test_cli_compares_batch_sizes_against_the_stub(tmp_path):
     assert "slowest / fastest prompts/s" in result.output
     data = json.loads(report.read_text())
     assert (data["backend"], data["model"], data["rounds"]) == ("openai", "stub", 1)
-    assert [(r["batch_size"], r["prompts"], r["calls"]) for r in data["runs"]] == [(8, 40, 15), (40, 40, 3)]
+    # Continuous (the default schedule) counts requests; step-batched, one engine call per step of a batch.
+    assert [(r["batch_size"], r["prompts"], r["calls"]) for r in data["runs"]] == [(8, 40, 120), (40, 40, 120)]
+    stepped = CliRunner().invoke(app, [
+        "bench", "--stub-latency-ms", "0", "--limit", "40", "--batch-size", "8", "--batch-size", "40",
+        "--schedule", "steps", "--out", str(report)])
+    assert stepped.exit_code == 0, stepped.output
+    assert [r["calls"] for r in json.loads(report.read_text())["runs"]] == [15, 3]
     assert all(r["seconds"] > 0 and r["prompts_per_second"] > 0 for r in data["runs"])
     assert 0 < data["slowest_vs_fastest"] <= 1

@@ -206,20 +206,6 @@ def test_cli_validate_generate_errors_are_one_line(tmp_path):
     assert "bad.jsonl:2" in result.output and "Traceback" not in result.output
 
 
-def test_bench_replays_the_same_calls_and_loops_one_prompt_at_a_time():
-    from cai.bench import run_bench
-
-    constitution = load_constitution(HARMLESS)
-    sources = [SourcePrompt(id=f"s{i}", messages=[Message(role="user", content=f"q{i}")], source="t") for i in range(6)]
-    engine = FakeEngine(scripted)
-    report = run_bench(engine, sources, constitution, Phase1Config(rounds=1), naive_prompts=2)
-    assert report.cai.calls == report.bare_engine.calls == 3
-    assert report.cai.generated_tokens == report.bare_engine.generated_tokens > 0
-    assert report.naive_loop.calls == 2 * 3 and report.naive_loop.prompts == 2
-    sizes = [len(b) for b in engine.batches]
-    assert sizes == [1] + [6] * 3 + [6] * 3 + [1] * 6
-
-
 def shard_rows(job_dir: Path) -> list[dict]:
     return [json.loads(line) for p in sorted((job_dir / "shards").glob("*.jsonl")) for line in p.open()]
 

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cai.bench import (
+    BRIEF_SYSTEM_PROMPT,
+    COMPLETION_GOAL,
     BatchSizeReport,
     BenchReport,
     cycled,
@@ -44,7 +46,12 @@ def bench(
     limit: Annotated[int, typer.Option(min=1, help="prompts in the batched runs")] = 32,
     naive_prompts: Annotated[int, typer.Option(min=1, help="prompts in the one-at-a-time loop")] = 4,
     rounds: Annotated[int, typer.Option(min=1)] = 1,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max new tokens per answer and revision")] = 256,
+    critique_max_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    system: Annotated[str, typer.Option(help="system turn before every request ('' for none); the default, "
+                                        "the CPU recipe's, lets a small model finish within its budget")] = BRIEF_SYSTEM_PROMPT,
+    schedule: Annotated[Optional[list[str]], typer.Option(
+        "--schedule", help="phase-1 schedule(s) to time: steps, continuous (repeatable; default both)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
     naive_engine: Annotated[Optional[str], typer.Option(help="backend of the one-at-a-time loop; default: the same engine")] = None,
     batch_size: Annotated[Optional[list[int]], typer.Option(
@@ -54,13 +61,17 @@ def bench(
         min=0, help="answer from a local OpenAI-compatible stub server that replies after this many ms "
         "(the openai backend; e.g. --engine-option concurrency=16): the backend's own cost, no model")] = None,
 ) -> None:
-    """Measure generated tokens/s: bare engine, cai phase 1, naive loop; print the ratios.
+    """Measure phase 1's generated tokens/s through cai against the bare engine, the engine's steady
+    state and a naive loop; print requests and finished trajectories per step, and the ratios.
     With --batch-size: phase 1 prompts/s at each batch size instead."""
+    schedules = schedule or ["steps", "continuous"]
     with fail_on_user_error():
         loaded = load_constitution(constitution)
         sources = list(read_prompts(prompts, limit=limit))
-    params = SamplingParams(max_tokens=max_tokens)
-    config = Phase1Config(rounds=rounds, answer=params, critique=params, revision=params)
+        config = Phase1Config(
+            rounds=rounds, system_prompt=system or None, schedule=schedules[-1],
+            answer=SamplingParams(max_tokens=max_tokens), critique=SamplingParams(max_tokens=critique_max_tokens),
+            revision=SamplingParams(max_tokens=max_tokens))
     with ExitStack() as resources:
         if stub_latency_ms is not None:
             stub = resources.enter_context(StubChatServer(latency=stub_latency_ms / 1000))
@@ -75,21 +86,40 @@ def bench(
         naive = build_engine(engine_spec(naive_engine, model, None)) if naive_engine else None
         if naive is not None:
             resources.callback(naive.close)
-        report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive)
-    _print_comparison(report, rounds, max_tokens, out)
+        report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive, schedules)
+    _print_comparison(report, out)
 
 
-def _print_comparison(report: BenchReport, rounds: int, max_tokens: int, out: Path | None) -> None:
-    table = Table(title=f"{report.model} on {report.backend}: {rounds} round(s), max_tokens {max_tokens}")
-    for col in ("run", "prompts", "engine calls", "tokens", "seconds", "tok/s"):
+def _print_comparison(report: BenchReport, out: Path | None) -> None:
+    config = report.config
+    console.print(f"settings: {config.rounds} round(s); max_tokens answer {config.answer.max_tokens}, critique "
+                  f"{config.critique.max_tokens}, revision {config.revision.max_tokens}; system turn: "
+                  f"{config.system_prompt!r}")
+    steps = Table(title="requests per step (step-batched run)")
+    for col in ("step", "requests", "ended with an error"):
+        steps.add_column(col, justify="right" if col != "step" else "left")
+    for count in report.steps:
+        steps.add_row(count.step, str(count.requests), str(count.ended_with_error))
+    console.print(steps)
+    share = report.completed_share
+    colour = "green" if share >= COMPLETION_GOAL else "bold red"
+    console.print(f"[{colour}]trajectories completed: {report.completed}/{report.bare_engine.prompts} ({share:.0%})"
+                  + ("" if share >= COMPLETION_GOAL else f": below {COMPLETION_GOAL:.0%}, so this bench measures "
+                     "mostly the first step; raise --max-tokens or shorten the answers (--system)") + "[/]")
+    table = Table(title=f"{report.model} on {report.backend}")
+    for col in ("run", "prompts", "calls/requests", "tokens", "seconds", "tok/s"):
         table.add_column(col, justify="right" if col != "run" else "left")
-    for name, t in (("bare engine", report.bare_engine), ("cai phase 1", report.cai), (f"naive loop ({report.naive_backend})", report.naive_loop)):
+    runs = [*((f"cai phase 1 ({name})", t) for name, t in report.cai.items()), ("bare engine (step calls)", report.bare_engine),
+            ("steady state (all requests at once)", report.steady_state), (f"naive loop ({report.naive_backend})", report.naive_loop)]
+    for name, t in runs:
         table.add_row(name, str(t.prompts), str(t.calls), str(t.generated_tokens), f"{t.seconds:.1f}", f"{t.tokens_per_second:.1f}")
     console.print(table)
-    console.print(f"cai / bare engine = {report.cai_vs_bare:.2f}   cai / naive loop = {report.cai_vs_naive:.1f}x")
+    ratios = report.ratios()
+    console.print(f"cai ({report.config.schedule}) / bare engine = {ratios['cai_vs_bare']:.2f}   "
+                  f"cai / steady state = {ratios['cai_vs_steady_state']:.2f}   cai / naive loop = {ratios['cai_vs_naive']:.1f}x"
+                  + (f"   continuous / steps = {ratios['continuous_vs_steps']:.2f}" if "continuous_vs_steps" in ratios else ""))
     if out:
-        data = report.model_dump() | {"cai_vs_bare": report.cai_vs_bare, "cai_vs_naive": report.cai_vs_naive}
-        atomic_write_json(out, data)
+        atomic_write_json(out, report.model_dump(mode="json") | ratios | {"completed_share": share})
 
 
 def _print_batch_sizes(report: BatchSizeReport, out: Path | None) -> None:

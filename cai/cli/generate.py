@@ -77,6 +77,8 @@ def sft(
     parquet: Annotated[bool, typer.Option(help="also export sft.parquet beside sft.jsonl")] = True,
     drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
     show: Annotated[int, typer.Option(help="example trajectories to print")] = 2,
+    schedule: Annotated[str, typer.Option(help="continuous: each prompt's next step starts as soon as its last "
+                                          "one ends; steps: all requests of a step, then the next (same records)")] = "continuous",
 ) -> None:
     """Phase 1 (SL-CAI): answer, then critique and revise against sampled principles."""
     params = dict(temperature=temperature, seed=seed)
@@ -90,6 +92,7 @@ def sft(
             rounds=rounds,
             system_prompt=system,
             seed=seed,
+            schedule=schedule,
             answer=SamplingParams(max_tokens=max_tokens, **params),
             critique=SamplingParams(max_tokens=critique_max_tokens, **params),
             revision=SamplingParams(max_tokens=max_tokens, **params),

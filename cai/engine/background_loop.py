@@ -43,20 +43,24 @@ class BackgroundLoop:
     def running(self) -> bool:
         return not self._stopping and self._thread.is_alive()
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the loop in a copy of the caller's context and block until it is done.
-
-        An exception of the caller while it waits (KeyboardInterrupt) cancels the coroutine."""
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `coro` on the loop in a copy of the caller's context; its future, without waiting."""
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("a BackgroundLoop cannot wait for itself: call run() from another thread")
+            raise RuntimeError("a BackgroundLoop cannot wait for itself: call it from another thread")
         with self._lock:  # a stop() cannot slip between the check and the submission
             if self._stopping:
                 coro.close()
                 raise LoopStopped("the background loop was stopped")
             context = contextvars.copy_context()
             # The task is created in (a copy of) this context: context variables cross the thread.
-            future = context.run(asyncio.run_coroutine_threadsafe, coro, self._loop)
+            return context.run(asyncio.run_coroutine_threadsafe, coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop in a copy of the caller's context and block until it is done.
+
+        An exception of the caller while it waits (KeyboardInterrupt) cancels the coroutine."""
+        future = self.submit(coro)
         try:
             return future.result()
         except concurrent.futures.CancelledError:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cai.engine.base import ChoiceScores, Engine, EngineContractError, NoLogprobs
+from cai.engine.stream import BatchedStream, RequestStream
 from cai.records import Chat, Completion, ModelRef, SamplingParams
 
 __all__ = ["CheckedEngine", "checked"]
@@ -63,6 +64,12 @@ class CheckedEngine:
         except NotImplementedError as exc:  # an engine written before NoLogprobs existed
             raise NoLogprobs(str(exc) or f"the {self.backend} backend cannot score options") from exc
         return _counted(self.backend, "choice_logprobs", ChoiceScores, scores, chats)
+
+    def open_stream(self) -> RequestStream:
+        """The backend's own request stream, else one that batches over this engine's `generate`
+        (cai.engine.stream.open_stream checks either)."""
+        native = getattr(self.inner, "open_stream", None)
+        return native() if callable(native) else BatchedStream(self)
 
     def close(self) -> None:
         if not self._closed:

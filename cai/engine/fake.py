@@ -4,9 +4,12 @@ It needs no model and is never a default."""
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable, Sequence
 
-from cai.engine.base import ChoiceScores, NoLogprobs
+from cai.engine.base import ChoiceScores, NoLogprobs, check_stop
+from cai.engine.common import derive_seed
+from cai.engine.stream import BatchedStream, RequestStream
 from cai.records import Chat, Completion, ModelRef, SamplingParams
 
 Responder = Callable[[Chat, SamplingParams], "str | Completion"]
@@ -49,18 +52,24 @@ class FakeEngine:
         chooser: Chooser | None = None,
         model_id: str = FAKE_MODEL_ID,
         keep_batches: bool = True,
+        finish_order_seed: int | None = None,
     ):
         self.responder = responder
         self.chooser = chooser
         self.model = fake_model_ref(model_id)
         self.keep_batches = keep_batches  # off for memory tests: kept batches grow with the job
+        # Set: the engine has a request stream (cai.engine.stream) that finishes a random share of
+        # the pending requests at each wait, in a random order drawn from this seed.
+        self.finish_order_seed = finish_order_seed
         self.batches: list[list[Chat]] = []
         self.choice_batches: list[list[Chat]] = []
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         if self.keep_batches:
             self.batches.append(list(chats))
-        return [self._complete(chat, params) for chat in chats]
+        # Request i of a call seeded s is seeded s + i, as in every backend.
+        return [self._complete(chat, params.model_copy(update={"seed": derive_seed(params.seed, i)}))
+                for i, chat in enumerate(chats)]
 
     def _complete(self, chat: Chat, params: SamplingParams) -> Completion:
         out = self.responder(chat, params)
@@ -81,6 +90,11 @@ class FakeEngine:
             completion_tokens=len(words),
         )
 
+    def open_stream(self) -> RequestStream:
+        if self.finish_order_seed is None:
+            return BatchedStream(self)
+        return _ShuffledStream(self, random.Random(self.finish_order_seed))
+
     def choice_logprobs(
         self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
     ) -> list[ChoiceScores]:
@@ -96,3 +110,26 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+
+class _ShuffledStream:
+    """Finishes a random non-empty share of what is pending at each wait, in a random order."""
+
+    def __init__(self, engine: FakeEngine, rng: random.Random):
+        self.engine, self.rng = engine, rng
+        self.pending: list[tuple[object, Chat, SamplingParams]] = []
+
+    def submit(self, key, chat: Chat, params: SamplingParams) -> None:
+        self.pending.append((key, chat, params))
+
+    def wait(self) -> list[tuple[object, Completion]]:
+        check_stop()
+        self.rng.shuffle(self.pending)
+        cut = self.rng.randint(1, len(self.pending)) if self.pending else 0
+        finished, self.pending = self.pending[:cut], self.pending[cut:]
+        if self.engine.keep_batches and finished:
+            self.engine.batches.append([chat for _, chat, _ in finished])
+        return [(key, self.engine._complete(chat, params)) for key, chat, params in finished]
+
+    def close(self) -> None:
+        self.pending = []

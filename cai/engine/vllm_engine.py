@@ -34,6 +34,7 @@ from cai.engine.common import (
 )
 from cai.engine.models import local_model_ref, resolve_model
 from cai.engine.tokens import OptionPlan, encode, plan_or_error, render_prompt
+from cai.engine.vllm_stream import VLLMStream
 from cai.records import Chat, Completion, ErrorCode, ErrorInfo, SamplingParams
 
 DEFAULT_CPU_KV_CACHE_GIB = 2
@@ -139,35 +140,41 @@ class VLLMEngine:
     # -- generate --
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
-        from vllm import SamplingParams as VSamplingParams
-
         results: list[Completion | None] = [None] * len(chats)
         requests: dict[int, tuple[list[int], object]] = {}
         for i, chat in enumerate(chats):
-            try:
-                ids = encode(self.tokenizer, render_prompt(self.tokenizer, chat))
-            except Exception as exc:
-                results[i] = error_completion(ErrorCode.BAD_REQUEST, f"cannot render chat: {exc}")
-                continue
-            if len(ids) >= self.max_model_len:
-                err = context_error(len(ids), self.max_model_len)
-                results[i] = Completion(finish_reason="error", prompt_tokens=len(ids), error=err)
-                continue
-            greedy = params.temperature == 0
-            requests[i] = (
-                ids,
-                VSamplingParams(
-                    n=1,
-                    max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
-                    temperature=params.temperature,
-                    top_p=1.0 if greedy else params.top_p,
-                    seed=None if greedy else derive_seed(params.seed, i),
-                    stop=list(params.stop) if params.stop else None,
-                ),
-            )
+            prepared = self._prepare(chat, params, derive_seed(params.seed, i))
+            if isinstance(prepared, Completion):
+                results[i] = prepared
+            else:
+                requests[i] = prepared
         for i, out in self._run(requests).items():
             results[i] = out if isinstance(out, Completion) else _completion(out)
         return results  # type: ignore[return-value]
+
+    def open_stream(self) -> VLLMStream:
+        """Requests added to vLLM's own request queue as they are submitted; `wait` steps the engine."""
+        return VLLMStream(self.llm.llm_engine, self._prepare, _completion)
+
+    def _prepare(self, chat: Chat, params: SamplingParams, seed: int | None) -> tuple[list[int], object] | Completion:
+        """A request's token ids and vLLM sampling params, or its error row (unrenderable, too long)."""
+        from vllm import SamplingParams as VSamplingParams
+
+        try:
+            ids = encode(self.tokenizer, render_prompt(self.tokenizer, chat))
+        except Exception as exc:
+            return error_completion(ErrorCode.BAD_REQUEST, f"cannot render chat: {exc}")
+        if len(ids) >= self.max_model_len:
+            return Completion(finish_reason="error", prompt_tokens=len(ids), error=context_error(len(ids), self.max_model_len))
+        greedy = params.temperature == 0
+        return ids, VSamplingParams(
+            n=1,
+            max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
+            temperature=params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            seed=None if greedy else seed,
+            stop=list(params.stop) if params.stop else None,
+        )
 
     def _run(self, requests: dict[int, tuple[list[int], object]]) -> dict[int, object]:
         """All requests in one `LLM.generate` call. If vLLM rejects the call
