@@ -52,8 +52,9 @@ def test_cli_bench_says_how_many_trajectories_completed_and_warns_below_80_perce
     ok = runner.invoke(app, ["bench", "--engine", "fake", "--limit", "5", "--naive-prompts", "1",
                              "--out", str(tmp_path / "ok.json")])
     assert ok.exit_code == 0, ok.output
-    assert "trajectories completed: 5/5 (100%)" in ok.output and "below" not in ok.output
-    assert "Keep every reply short" in ok.output  # the settings are printed
+    text = " ".join(ok.output.split())  # rich wraps long lines
+    assert "trajectories completed: 5/5 (100%)" in text and "below" not in text
+    assert "temperature 0.7 (seed 0); system turn: 'You are a helpful assistant. Keep every reply short" in text
     report = json.loads((tmp_path / "ok.json").read_text())
     assert report["completed_share"] == 1.0 and report["steps"][1]["requests"] == 5
     assert {"cai_vs_bare", "cai_vs_steady_state", "cai_vs_naive", "continuous_vs_steps"} <= set(report)
@@ -61,5 +62,5 @@ def test_cli_bench_says_how_many_trajectories_completed_and_warns_below_80_perce
     cut = runner.invoke(app, ["bench", "--engine", "fake", "--limit", "5", "--naive-prompts", "1",
                               "--max-tokens", "2", "--schedule", "steps"])
     assert cut.exit_code == 0, cut.output
-    assert "trajectories completed: 0/5 (0%): below 80%" in cut.output
+    assert "trajectories completed: 0/5 (0%): below 80%" in " ".join(cut.output.split())
     assert "continuous / steps" not in cut.output

@@ -48,6 +48,9 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1)] = 1,
     max_tokens: Annotated[int, typer.Option(min=1, help="max new tokens per answer and revision")] = 256,
     critique_max_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (seeded per request); greedy "
+                                               "decoding makes a small model repeat itself until the budget runs out")] = 0.7,
+    seed: int = 0,
     system: Annotated[str, typer.Option(help="system turn before every request ('' for none); the default, "
                                         "the CPU recipe's, lets a small model finish within its budget")] = BRIEF_SYSTEM_PROMPT,
     schedule: Annotated[Optional[list[str]], typer.Option(
@@ -70,8 +73,9 @@ def bench(
         sources = list(read_prompts(prompts, limit=limit))
         config = Phase1Config(
             rounds=rounds, system_prompt=system or None, schedule=schedules[-1],
-            answer=SamplingParams(max_tokens=max_tokens), critique=SamplingParams(max_tokens=critique_max_tokens),
-            revision=SamplingParams(max_tokens=max_tokens))
+            answer=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
+            critique=SamplingParams(max_tokens=critique_max_tokens, temperature=temperature, seed=seed),
+            revision=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed))
     with ExitStack() as resources:
         if stub_latency_ms is not None:
             stub = resources.enter_context(StubChatServer(latency=stub_latency_ms / 1000))
@@ -93,8 +97,8 @@ def bench(
 def _print_comparison(report: BenchReport, out: Path | None) -> None:
     config = report.config
     console.print(f"settings: {config.rounds} round(s); max_tokens answer {config.answer.max_tokens}, critique "
-                  f"{config.critique.max_tokens}, revision {config.revision.max_tokens}; system turn: "
-                  f"{config.system_prompt!r}")
+                  f"{config.critique.max_tokens}, revision {config.revision.max_tokens}; temperature "
+                  f"{config.answer.temperature} (seed {config.answer.seed}); system turn: {config.system_prompt!r}")
     steps = Table(title="requests per step (step-batched run)")
     for col in ("step", "requests", "ended with an error"):
         steps.add_column(col, justify="right" if col != "step" else "left")
