@@ -108,6 +108,9 @@ class VLLMEngine:
             enforce_eager = True if enforce_eager is None else enforce_eager
             kv_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KV_CACHE_GIB)
             llm_kwargs.setdefault("kv_cache_memory_bytes", kv_gib << 30)
+            # vLLM-CPU fails a seeded (sampling) request whose prompt is prefilled in chunks: "CPU
+            # Generator does not use offset". Whole-prompt prefill avoids it.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
             # vLLM's "auto" picks bfloat16 on CPU: ~7x slower than float32 without
             # native bf16 kernels, and 0.1-0.2 nats off the transformers backend.
             dtype = dtype or "float32"
