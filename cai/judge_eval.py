@@ -42,8 +42,10 @@ from cai.jobdir import (
     source_digest,
 )
 from cai.judge import JudgeConfig, baseline_judge, judge_pairs
+from cai.pipeline import is_remote, job_executor, settings_recipe
 from cai.prompts import BASELINE_TEMPLATE_HASH, judge_config_template_hashes
-from cai.recipe import DEFAULT_BATCH_SIZE, EngineSpec
+from cai.ray_executor import EngineProcess
+from cai.recipe import DEFAULT_BATCH_SIZE, EXECUTOR_HELP, EngineSpec, ExecutorConfig
 from cai.records import ErrorCode, ErrorInfo, Judgement, ModelRef, stable_id
 
 JUDGE_EVAL = "judge-eval"
@@ -67,6 +69,7 @@ class EvalJob(BaseModel):
     baseline: bool = True
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     new_job: bool = False
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description=EXECUTOR_HELP)
 
 
 class JudgedItem(BaseModel):
@@ -113,15 +116,22 @@ def judge_eval_manifest_inputs(job: EvalJob, model: ModelRef) -> dict:
             "baseline_template_hash": BASELINE_TEMPLATE_HASH}
 
 
-def _judge_batch(judge: JudgeName, run: Callable[[list[EvalItem]], list[Judgement]]):
-    def process(batch: list[EvalItem]) -> list[JudgedItem]:
-        started = time.perf_counter()
-        judgements = run(batch)
-        share = (time.perf_counter() - started) / len(batch)
-        return [JudgedItem(id=judged_id(judge, it), judge=judge, item=it, judgement=j, seconds=share,
-                           error=j.error) for it, j in zip(batch, judgements)]
+class JudgeEvalProcess(EngineProcess):
+    """One judge's batch of labelled pairs: cai's judge (`config`) or the baseline (config None).
+    Picklable, so a remote executor can run it (cai.ray_executor.EngineProcess)."""
 
-    return process
+    def __init__(self, spec: EngineSpec, judge: JudgeName, config: JudgeConfig | None,
+                 engine_of: Callable[[], Engine] | None = None):
+        super().__init__(spec, engine_of)
+        self.judge, self.config = judge, config
+
+    def run(self, engine: Engine, batch: list[EvalItem]) -> list[JudgedItem]:
+        started = time.perf_counter()
+        items = [it.item for it in batch]
+        judgements = judge_pairs(engine, items, self.config) if self.config else baseline_judge(engine, items)
+        share = (time.perf_counter() - started) / len(batch)
+        return [JudgedItem(id=judged_id(self.judge, it), judge=self.judge, item=it, judgement=j, seconds=share,
+                           error=j.error) for it, j in zip(batch, judgements)]
 
 
 def cancelled_rows(judge: JudgeName, mode) -> Callable[[list[EvalItem], str], list[JudgedItem]]:
@@ -142,8 +152,8 @@ def run_judge_eval(
 ) -> JudgeEvalSummary:
     """Judge every labelled pair with cai's judge (and the baseline), resumably; write the report.
     `engine`, else one built by `build` (default: build_engine) only if there is work; `executor` runs
-    the batches (default: cai.executor.LocalExecutor). `recipe`: what
-    a new job's manifest.json records as its settings (default: cai.jobdir.manifest_recipe).
+    the batches (default: the job's `executor` settings, local unless they say ray). `recipe`: what
+    a new job's manifest.json records as its settings (default: cai.pipeline.settings_recipe).
 
     If the job is stopped, the pass in flight and every later pass write `cancelled` rows
     for what they did not start, so each (judge, pair) still ends as one row.
@@ -151,24 +161,25 @@ def run_judge_eval(
     started = time.perf_counter()
     evalset = _named_as_shown(read_eval_items(job.data, limit=job.limit, seed=job.seed))
     model = engine.model if engine is not None else engine_model_ref(job.engine)
-    manifest = job_manifest(JUDGE_EVAL, JUDGE_EVAL_CODE_VERSION, judge_eval_manifest_inputs(job, model), job, recipe)
+    manifest = job_manifest(JUDGE_EVAL, JUDGE_EVAL_CODE_VERSION, judge_eval_manifest_inputs(job, model), job,
+                            settings_recipe(job, recipe))
     engine_of = LazyEngine(job.engine, build or build_engine, engine)
-    passes: list[tuple[JudgeName, Callable[[list[EvalItem]], list[Judgement]], str]] = [
-        ("cai", lambda batch: judge_pairs(engine_of(), [it.item for it in batch], job.judge), job.judge.mode)]
+    passes: list[tuple[JudgeName, JudgeConfig | None, str]] = [("cai", job.judge, job.judge.mode)]
     if job.baseline:
-        passes.append(("baseline", lambda batch: baseline_judge(engine_of(), [it.item for it in batch]), "baseline"))
+        passes.append(("baseline", None, "baseline"))
     runs: list[BatchRun] = []
     cancelled: list[JobCancelled] = []
-    with open_job_store(job, manifest, JUDGE_EVAL_RECORDS) as store:
-        for n, (name, judge, mode) in enumerate(passes):
+    with job_executor(job, executor) as runner, open_job_store(job, manifest, JUDGE_EVAL_RECORDS) as store:
+        for n, (name, config, mode) in enumerate(passes):
             # Both judges' rows share the stage (their ids differ): drop rows to redo once, before the first pass.
             todo = {ErrorCode.CANCELLED.value, *redo} if n == 0 else ()
             try:
                 runs.append(run_batches(
                     store, JUDGE_EVAL, lambda: evalset.items, lambda it, name=name: judged_id(name, it),
-                    _judge_batch(name, judge), job.batch_size, progress, engine_of,
+                    JudgeEvalProcess(job.engine, name, config, engine_of), job.batch_size, progress,
+                    None if is_remote(runner) else engine_of,
                     stop=(lambda: True) if cancelled else stop, cancelled=cancelled_rows(name, mode), redo=todo,
-                    executor=executor))
+                    executor=runner))
             except JobCancelled as exc:
                 cancelled.append(exc)
         if cancelled:

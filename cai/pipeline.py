@@ -4,7 +4,8 @@ cai.kinds lists them with the judge evaluation (cai.judge_eval); cai.jobdir has 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 
 from pydantic import BaseModel
 
@@ -36,7 +37,8 @@ from cai.jobdir import (  # noqa: F401  (manifest_recipe, source_digest: part of
 from cai.preferences import PreferenceStats, judge_samples, phase2_id, sample_answers
 from cai.preferences import cancelled_records as cancelled_prefs
 from cai.prompts import PHASE1_TEMPLATE_HASH, judge_config_template_hashes
-from cai.recipe import EngineSpec, PrefsJob, SFTJob
+from cai.ray_executor import EngineProcess, executor_for
+from cai.recipe import EngineSpec, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import (
     ErrorCode,
     ModelRef,
@@ -70,6 +72,36 @@ Phase1Summary = JobSummary[SFTDetails]
 Phase2Summary = JobSummary[PrefsDetails]
 
 
+@contextmanager
+def job_executor(job: BaseModel, executor: Executor | None) -> Iterator[Executor | None]:
+    """`executor` as given (the caller's), else the one the job's `executor` settings ask for, closed at
+    the end (None: local)."""
+    if executor is not None:
+        yield executor
+        return
+    built = executor_for(job.executor)
+    try:
+        yield built
+    finally:
+        if built is not None:
+            built.close()
+
+
+def is_remote(executor: Executor | None) -> bool:
+    """Whether `executor` runs batches in processes holding their own engines (the driver builds none)."""
+    return bool(getattr(executor, "remote", False))
+
+
+def settings_recipe(job: BaseModel, recipe: dict | None) -> dict:
+    """What manifest.json records as the job's settings: `recipe`, else the job's, without where its
+    batches ran (a job directory is the same whichever executor wrote it; a rerun chooses again)."""
+    if recipe is not None:
+        return recipe
+    settings = manifest_recipe(job)
+    settings.pop("executor", None)
+    return settings
+
+
 def job_plan(job: SFTJob | PrefsJob, allow_unrevised: bool) -> ConstitutionPlan:
     """The job's constitutions by prompt group, checked against the groups its prompts really have."""
     plan = load_plan(job.constitution, job.constitution_by_group, allow_unrevised)
@@ -87,6 +119,18 @@ def sft_manifest_inputs(job: SFTJob, plan: ConstitutionPlan, model: ModelRef) ->
             "phase1": job.phase1.model_dump(exclude={"schedule"}), "template_hash": PHASE1_TEMPLATE_HASH}
 
 
+class Phase1Process(EngineProcess):
+    """A phase-1 batch: critique-then-revise trajectories (picklable: see cai.ray_executor.EngineProcess)."""
+
+    def __init__(self, spec: EngineSpec, plan: ConstitutionPlan, config: Phase1Config,
+                 engine_of: Callable[[], Engine] | None = None, on_step=None):
+        super().__init__(spec, engine_of, on_step)
+        self.plan, self.config = plan, config
+
+    def run(self, engine: Engine, batch: list[SourcePrompt]) -> list[SFTRecord]:
+        return run_phase1(batch, self.plan, engine, self.config, on_step=self.on_step)
+
+
 def generate_sft(
     job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
     redo: Collection[str] = (), recipe: dict | None = None, build: Callable[[EngineSpec], Engine] | None = None,
@@ -94,25 +138,24 @@ def generate_sft(
 ) -> Phase1Summary:
     """Phase 1 end to end: resume-aware batches of critique-then-revise, then export.
     `engine`, else one built by `build` (default: build_engine) only if there is work; `executor`
-    runs the batches (default: cai.executor.LocalExecutor).
-    `recipe`: what a new job's manifest.json records as its settings (default: manifest_recipe(job))."""
+    runs the batches (default: the job's `executor` settings, local unless they say ray).
+    `recipe`: what a new job's manifest.json records as its settings (default: settings_recipe(job))."""
     started = time.perf_counter()
     plan = job_plan(job, allow_unrevised=True)
     model = engine.model if engine is not None else engine_model_ref(job.engine)
-    manifest = job_manifest(SFT, PHASE1_CODE_VERSION, sft_manifest_inputs(job, plan, model), job, recipe)
+    manifest = job_manifest(SFT, PHASE1_CODE_VERSION, sft_manifest_inputs(job, plan, model), job,
+                            settings_recipe(job, recipe))
     engine_of = LazyEngine(job.engine, build or build_engine, engine)
-    on_step = step_hook(progress, SFT)
+    process = Phase1Process(job.engine, plan, job.phase1, engine_of, step_hook(progress, SFT))
 
-    def process(batch: list[SourcePrompt]) -> list[SFTRecord]:
-        return run_phase1(batch, plan, engine_of(), job.phase1, on_step=on_step)
-
-    with open_job_store(job, manifest, SFT_RECORDS) as store:
+    with job_executor(job, executor) as runner, open_job_store(job, manifest, SFT_RECORDS) as store:
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
         run = run_batches(
-            store, SFT, prompts, phase1_id, process, job.batch_size, progress, engine_of, stop=stop,
+            store, SFT, prompts, phase1_id, process, job.batch_size, progress,
+            None if is_remote(runner) else engine_of, stop=stop,
             dedupe_key=near_duplicate_key if job.drop_near_duplicates else None,
             cancelled=lambda batch, reason: cancelled_sft(batch, plan, model, job.phase1, reason),
-            redo={ErrorCode.CANCELLED.value, *redo}, executor=executor,
+            redo={ErrorCode.CANCELLED.value, *redo}, executor=runner,
         )
         stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
@@ -194,24 +237,22 @@ def generate_prefs(
     judge_ref = judge_engine.model if judge_engine else (
         policy_ref if job.judge is None else engine_model_ref(job.judge))
     manifest = job_manifest(PREFS, PHASE2_CODE_VERSION, prefs_manifest_inputs(job, plan, policy_ref, judge_ref),
-                            job, recipe)
+                            job, settings_recipe(job, recipe))
     engines = PrefsEngines(job, policy_engine, judge_engine, build)
     redo_codes = {ErrorCode.CANCELLED.value, *redo}
     cancelled = lambda batch, reason: cancelled_prefs(  # noqa: E731
         [_as_source(x) for x in batch], plan, policy_ref, judge_ref, job.phase2, reason)
-    with open_job_store(job, manifest, PREFS_RECORDS) as store:
+    with job_executor(job, executor) as runner, open_job_store(job, manifest, PREFS_RECORDS) as store:
         try:
-            sampled = _sample_pass(job, store, engines, progress, stop, redo_codes, cancelled, executor)
+            sampled = _sample_pass(job, store, engines, progress, stop, redo_codes, cancelled, runner)
             engines.release("policy")
-            on_step = step_hook(progress, PREFS)
-
-            def judge(batch: list[SampledAnswers]) -> list[PreferenceRecord]:
-                return judge_samples(batch, plan, engines.get("judge"), job.phase2, on_step=on_step)
-
+            judge = JudgeProcess(job.judge or job.policy, plan, job.phase2, lambda: engines.get("judge"),
+                                 step_hook(progress, PREFS))
             rows = lambda: store.records(SAMPLES)  # noqa: E731
             judged = run_batches(store, PREFS, rows, lambda r: r.id, judge, job.batch_size, progress,
-                                 setup=lambda: engines.get("judge"), row_key=_prefs_row_key, stop=stop,
-                                 cancelled=cancelled, redo=redo_codes, engine_down=_judge_down, executor=executor)
+                                 setup=None if is_remote(runner) else judge.engine, row_key=_prefs_row_key,
+                                 stop=stop, cancelled=cancelled, redo=redo_codes, engine_down=_judge_down,
+                                 executor=runner)
         finally:
             engines.close()
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
@@ -223,6 +264,30 @@ def generate_prefs(
     )
 
 
+class SampleProcess(EngineProcess):
+    """A phase-2 pass-1 batch: K sampled answers per prompt (picklable: see cai.ray_executor.EngineProcess)."""
+
+    def __init__(self, spec: EngineSpec, config: Phase2Config, engine_of: Callable[[], Engine] | None = None,
+                 on_step=None):
+        super().__init__(spec, engine_of, on_step)
+        self.config = config
+
+    def run(self, engine: Engine, batch: list[SourcePrompt]) -> list[SampledAnswers]:
+        return sample_answers(batch, engine, self.config, on_step=self.on_step)
+
+
+class JudgeProcess(EngineProcess):
+    """A phase-2 pass-2 batch: pairs judged in both orders (picklable: see cai.ray_executor.EngineProcess)."""
+
+    def __init__(self, spec: EngineSpec, plan: ConstitutionPlan, config: Phase2Config,
+                 engine_of: Callable[[], Engine] | None = None, on_step=None):
+        super().__init__(spec, engine_of, on_step)
+        self.plan, self.config = plan, config
+
+    def run(self, engine: Engine, batch: list[SampledAnswers]) -> list[PreferenceRecord]:
+        return judge_samples(batch, self.plan, engine, self.config, on_step=self.on_step)
+
+
 def _sample_pass(job: PrefsJob, store: JobStore, engines: PrefsEngines, progress: ProgressHook | None,
                  stop: StopCheck | None, redo: set[str], cancelled: CancelledRows,
                  executor: Executor | None = None) -> BatchRun:
@@ -230,14 +295,11 @@ def _sample_pass(job: PrefsJob, store: JobStore, engines: PrefsEngines, progress
     not judged yet (each input still ends as one row) and raises JobCancelled."""
     prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
     dedupe = near_duplicate_key if job.drop_near_duplicates else None
-    on_step = step_hook(progress, SAMPLES)
-
-    def sample(batch: list[SourcePrompt]) -> list[SampledAnswers]:
-        return sample_answers(batch, engines.get("policy"), job.phase2, on_step=on_step)
-
+    sample = SampleProcess(job.policy, job.phase2, lambda: engines.get("policy"), step_hook(progress, SAMPLES))
     try:
         return run_batches(store, SAMPLES, prompts, phase2_id, sample, job.batch_size, progress,
-                           lambda: engines.get("policy"), stop=stop, dedupe_key=dedupe, redo=redo, executor=executor)
+                           None if is_remote(executor) else sample.engine, stop=stop, dedupe_key=dedupe, redo=redo,
+                           executor=executor)
     except JobCancelled as exc:
         try:
             run_batches(store, PREFS, prompts, phase2_id, lambda batch: [], job.batch_size, row_key=_prefs_row_key,

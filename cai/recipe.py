@@ -21,6 +21,27 @@ class EngineSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+EXECUTOR_HELP = "where the batches run (local, or Ray actors); not part of the job's fingerprint"
+
+
+class ExecutorConfig(BaseModel):
+    """Where a job's batches run. Not part of a job's fingerprint: the records are the same either way."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["local", "ray"] = Field(
+        "local", description="local: in this process; ray: a pool of Ray actors, each holding one engine "
+        "(pip install 'cai[ray]')")
+    address: str | None = Field(
+        None, description="ray: the cluster to join (`auto`: the one `ray start` runs on this machine; "
+        "ray://HOST:10001 or HOST:6379); none: start a Ray instance in this process")
+    replicas: int = Field(1, ge=1, description="ray: engine replicas (actors), each with its own engine")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="ray: GPUs each replica reserves (e.g. 1 for vLLM)")
+    cpus_per_replica: float = Field(1.0, ge=0.0, description="ray: CPUs each replica reserves")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="ray: batches submitted at once (default: one per replica); finished results "
+        "waiting for the driver are bounded by it too")
+
+
 SYSTEM_PROMPT_HELP = (
     "system turn put before every request of the stage (not into the exported prompts, so the trained "
     "model learns the behaviour without it); a prompt with its own system turn keeps that"
@@ -133,6 +154,7 @@ class SFTJob(BaseModel):
         False, description="also merge prompts that differ only in case, punctuation or spacing"
     )
     new_job: bool = False
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description=EXECUTOR_HELP)
 
 
 class PrefsJob(BaseModel):
@@ -155,6 +177,7 @@ class PrefsJob(BaseModel):
         False, description="also merge prompts that differ only in case, punctuation or spacing"
     )
     new_job: bool = False
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description=EXECUTOR_HELP)
 
     @model_validator(mode="after")
     def _exportable(self) -> PrefsJob:

@@ -26,7 +26,7 @@ from cai.constitution import CONSTITUTIONS_DIR
 from cai.engine import EngineConfigError, check_engine_spec
 from cai.engine.base import Engine
 from cai.pipeline import build_engine
-from cai.recipe import EngineSpec
+from cai.recipe import EngineSpec, ExecutorConfig
 from serve.auth import KEYS_ENV, BodyLimit, KeyStore
 from serve.jobs import JobDB, JobManager
 from serve.keys import default_keys_file
@@ -66,6 +66,8 @@ class Settings(BaseModel):
     keys_file: Path | None = Field(default_factory=default_keys_file,
                                    description="API keys file (NAME:KEY or NAME:sha256:HEX per line); default "
                                                "$CAI_API_KEYS_FILE or ~/.config/cai/serve-keys.txt")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where jobs run their batches: local, "
+                                     "or Ray replicas (name: ray, address: auto, replicas, gpus_per_replica)")
     keys_from_env: bool = Field(True, description=f"also accept keys from ${KEYS_ENV}")
     workers: int = Field(1, ge=1, le=16, description="jobs run at the same time (each worker loads its engines)")
     engines: dict[str, EngineSpec] = Field(

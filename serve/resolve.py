@@ -26,6 +26,7 @@ from cai.judge_eval import EvalJob
 from cai.kinds import KINDS
 from cai.recipe import (
     EngineSpec,
+    ExecutorConfig,
     JudgeConfig,
     Phase1Config,
     Phase2Config,
@@ -221,6 +222,8 @@ def client_recipe(recipe: dict[str, Any], settings, job_dir: Path) -> dict[str, 
     relative to the job directory or the server's roots, no engine option, no absolute server path."""
     out = {}
     for key, value in recipe.items():
+        if key == "executor":  # where the server ran the batches: not the client's, nor the job's identity
+            continue
         if key in ("constitution", "prompts", "data", "out") and isinstance(value, str):
             value = _shown_path(value, settings, job_dir)
         elif key == "constitution_by_group" and isinstance(value, dict):
@@ -342,7 +345,7 @@ def _judge_eval_job(req: JobRequest, settings, job_dir: Path, input_dir: Path) -
     judge = req.judge or JudgeConfig()
     _check_judge(judge, settings.limits, "judge")
     job = EvalJob(data=_eval_data(req, settings), out=str(job_dir), judge=judge, limit=req.limit,
-                  seed=req.seed, baseline=req.baseline)
+                  seed=req.seed, baseline=req.baseline, executor=_executor(settings))
     return job, {"engine": _profile(settings, req.engine)}
 
 
@@ -350,7 +353,12 @@ def _common(req: JobRequest, settings, job_dir: Path, input_dir: Path) -> dict[s
     """The settings sft and prefs jobs share."""
     return dict(constitution=_constitution(req, settings, input_dir), out=str(job_dir), limit=req.limit,
                 constitution_by_group=_constitution_for(req, settings), batch_size=req.batch_size,
-                parquet=True, new_job=False)
+                parquet=True, new_job=False, executor=_executor(settings))
+
+
+def _executor(settings) -> ExecutorConfig:
+    """Where the server's jobs run their batches: its `executor` setting (local when it has none)."""
+    return getattr(settings, "executor", None) or ExecutorConfig()
 
 
 def _check_prompt_groups(job: SFTJob | PrefsJob, settings) -> None:

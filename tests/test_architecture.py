@@ -17,10 +17,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("prompts", ("cai.prompts",)),
     ("engine", ("cai.engine",)),
     ("stages", ("cai.critique", "cai.judge", "cai.preferences", "cai.evaluate", "cai.policy_records",
-                "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench")),
-    ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.events",
+                "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench", "cai.bench_judge")),
+    ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
                       "cai.jobdir", "cai.train")),
-    ("jobs/pipeline", ("cai.pipeline", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
+    ("jobs/pipeline", ("cai.pipeline", "cai.bench_ray", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
     ("cli/serve", ("cai.cli", "cai.__main__", "serve")),
 ]
 

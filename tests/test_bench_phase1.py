@@ -64,3 +64,16 @@ def test_cli_bench_says_how_many_trajectories_completed_and_warns_below_80_perce
     assert cut.exit_code == 0, cut.output
     assert "trajectories completed: 0/5 (0%): below 80%" in " ".join(cut.output.split())
     assert "continuous / steps" not in cut.output
+
+
+def test_cli_bench_judge_reports_pairs_per_second_per_mode(tmp_path):
+    data = tmp_path / "hh.jsonl"
+    rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: a kind answer {i}",
+             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: a rude answer {i}"} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["bench", "--engine", "fake", "--engine-option", "chooser=uniform", "--judge", str(data),
+                                      "--limit", "3", "--judge-mode", "logprob", "--out", str(tmp_path / "j.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "j.json").read_text())
+    [run] = report["runs"]
+    assert run["mode"] == "logprob" and run["pairs"] == 3 and run["requests"] == 6  # both orders

@@ -191,12 +191,12 @@ def test_evaluate_judge_with_the_embedded_model(tmp_path):
 
     for path in (MC, HH):
         out = tmp_path / path.stem
-        args = ["eval", "judge", "--data", str(path), "--limit", "4", "--engine", "transformers", "--out", str(out)]
+        args = ["eval", "judge", "--data", str(path), "--limit", "2", "--engine", "transformers", "--out", str(out)]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         report = json.loads((out / "report.json").read_text())
-        assert report["n"] == 4 and report["cai"]["answered"] == 4  # scoring needs no parsing
-        assert report["baseline"]["answered"] + sum(report["baseline"]["errors"].values()) == 4
+        assert report["n"] == 2 and report["cai"]["answered"] == 2  # scoring needs no parsing
+        assert report["baseline"]["answered"] + sum(report["baseline"]["errors"].values()) == 2
         assert (out / "manifest.json").exists() and (out / "report.md").exists()
         again = CliRunner().invoke(app, args)  # the job directory resumes: nothing judged twice
-        assert again.exit_code == 0 and "judged now: 0, resumed: 8" in again.output, again.output
+        assert again.exit_code == 0 and "judged now: 0, resumed: 4" in again.output, again.output

@@ -19,6 +19,13 @@ from cai.bench import (
     run_batch_size_bench,
     run_bench,
 )
+from cai.bench_judge import (
+    print_judge_bench,
+    print_prefix_cache_bench,
+    read_pairs,
+    run_judge_bench,
+    run_prefix_cache_bench,
+)
 from cai.cli.common import (
     ConstitutionOpt,
     EngineOpt,
@@ -63,6 +70,14 @@ def bench(
     stub_latency_ms: Annotated[Optional[float], typer.Option(
         min=0, help="answer from a local OpenAI-compatible stub server that replies after this many ms "
         "(the openai backend; e.g. --engine-option concurrency=16): the backend's own cost, no model")] = None,
+    judge: Annotated[Optional[Path], typer.Option(
+        "--judge", help="instead: judge throughput on --limit pairs of this file (HH-RLHF chosen/rejected or two-option "
+        "JSONL), judged as phase 2 does (both orders): pairs/s per --judge-mode and their ratio")] = None,
+    judge_mode: Annotated[Optional[list[str]], typer.Option(
+        "--judge-mode", help="judge modes for --judge (repeatable; default logprob, structured)")] = None,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache", help="instead: phase 1 (and the logprob judge on --judge pairs) on vLLM with prefix caching "
+        "on, then off, one engine at a time: seconds, speed-up, prompt tokens and shared prefix per request")] = False,
 ) -> None:
     """Measure phase 1's generated tokens/s through cai against the bare engine, the engine's steady
     state and a naive loop; print requests and finished trajectories per step, and the ratios.
@@ -76,6 +91,10 @@ def bench(
             answer=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
             critique=SamplingParams(max_tokens=critique_max_tokens, temperature=temperature, seed=seed),
             revision=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed))
+    if judge is not None or prefix_cache:
+        _judge_and_cache(loaded, sources, config, judge, judge_mode, prefix_cache, engine_spec(engine, model, engine_option),
+                         limit, out)
+        return
     with ExitStack() as resources:
         if stub_latency_ms is not None:
             stub = resources.enter_context(StubChatServer(latency=stub_latency_ms / 1000))
@@ -92,6 +111,24 @@ def bench(
             resources.callback(naive.close)
         report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive, schedules)
     _print_comparison(report, out)
+
+
+def _judge_and_cache(loaded, sources, config, judge, judge_mode, prefix_cache, spec, limit, out) -> None:
+    with fail_on_user_error():
+        pairs = read_pairs(judge, limit=limit) if judge is not None else []
+    if judge is not None:
+        eng = build_engine(spec)
+        try:
+            report = run_judge_bench(eng, pairs, loaded, modes=judge_mode or ("logprob", "structured"))
+        finally:
+            eng.close()
+        print_judge_bench(report, out, console)
+    if prefix_cache:
+        def build(on: bool):
+            return build_engine(spec.model_copy(update={"options": {**spec.options, "enable_prefix_caching": on}}))
+
+        cached = run_prefix_cache_bench(build, sources, pairs, loaded, config)
+        print_prefix_cache_bench(cached, out.with_suffix(".prefix-cache.json") if out and judge is not None else out, console)
 
 
 def _print_comparison(report: BenchReport, out: Path | None) -> None:

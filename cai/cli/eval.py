@@ -17,7 +17,16 @@ from cai.cli.common import (
     stoppable_job,
 )
 from cai.cli.eval_policy import policy
-from cai.cli.generate import _run_with_progress, print_judge_eval_summary
+from cai.cli.generate import (
+    CpusOpt,
+    ExecutorOpt,
+    GpusOpt,
+    RayAddressOpt,
+    ReplicasOpt,
+    _run_with_progress,
+    executor_config,
+    print_judge_eval_summary,
+)
 from cai.judge import judge_modes_text
 from cai.judge_eval import EvalJob
 from cai.recipe import DEFAULT_BATCH_SIZE, JudgeConfig
@@ -41,6 +50,11 @@ def judge(
     baseline: Annotated[bool, typer.Option(help="also run the one-order JSON-verdict baseline judge")] = True,
     batch_size: Annotated[int, typer.Option(min=1, help="pairs per engine call and per shard")] = DEFAULT_BATCH_SIZE,
     new_job: Annotated[bool, typer.Option("--new-job", help="if --out holds a job with other settings, start a new directory beside it")] = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = 1,
+    gpus_per_replica: GpusOpt = 0.0,
+    cpus_per_replica: CpusOpt = 1.0,
 ) -> None:
     """Judge agreement with human labels: accuracy (95% CI), consistency, position and length bias, calibration.
 
@@ -49,7 +63,8 @@ def judge(
     with fail_on_user_error():
         job = EvalJob(data=absolute_if_path(str(data)), out=str(out), engine=engine_spec(engine, judge, engine_option),
                       judge=JudgeConfig(mode=mode, orders=orders, seed=seed), limit=limit, seed=seed,
-                      baseline=baseline, batch_size=batch_size, new_job=new_job)
+                      baseline=baseline, batch_size=batch_size, new_job=new_job,
+                      executor=executor_config(executor, ray_address, replicas, gpus_per_replica, cpus_per_replica))
         with stoppable_job() as stop:
             summary = _run_with_progress(job, stop)
     print_judge_eval_summary(summary)

@@ -38,6 +38,7 @@ from cai.kinds import kind_of_job, open_store
 from cai.pipeline import SFT, Phase1Summary, Phase2Summary
 from cai.recipe import (
     DEFAULT_BATCH_SIZE,
+    ExecutorConfig,
     JudgeConfig,
     Phase1Config,
     Phase2Config,
@@ -54,6 +55,28 @@ ConstitutionForOpt = Annotated[Optional[list[str]], typer.Option(
     "--constitution-for", help="GROUP=CONSTITUTION, repeatable: the constitution of one prompt group (a bundled "
     "set's name, a file's name without suffix, or a JSONL row's `source` field), e.g. benign=helpful; other groups "
     "use --constitution; phase 1 also takes GROUP=none (that group's answers kept unrevised)")]
+
+
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="local: batches run in this process; ray: on a pool of Ray actors, each holding one engine "
+    "(pip install 'cai[ray]'); the records are the same")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="ray: the cluster to join (auto: the one `ray start --head` runs here; HOST:6379; "
+    "ray://HOST:10001); default: start Ray in this process")]
+ReplicasOpt = Annotated[int, typer.Option("--replicas", min=1, help="ray: engine replicas (one engine each)")]
+GpusOpt = Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="ray: GPUs per replica (1 for vLLM)")]
+CpusOpt = Annotated[float, typer.Option("--cpus-per-replica", min=0.0, help="ray: CPUs per replica")]
+
+
+def executor_config(executor: str, ray_address: str | None, replicas: int, gpus: float, cpus: float) -> ExecutorConfig:
+    """--executor and the Ray flags as a job's `executor` settings; a Ray flag without --executor ray is an error."""
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter(f"--executor {executor!r}: expected local or ray")
+    if executor == "local" and (ray_address is not None or replicas != 1 or gpus or cpus != 1.0):
+        raise typer.BadParameter("--ray-address, --replicas, --gpus-per-replica and --cpus-per-replica need "
+                                 "--executor ray")
+    return ExecutorConfig(name=executor, address=ray_address, replicas=replicas, gpus_per_replica=gpus,
+                          cpus_per_replica=cpus)
 
 
 @app.command("sft")
@@ -79,6 +102,11 @@ def sft(
     show: Annotated[int, typer.Option(help="example trajectories to print")] = 2,
     schedule: Annotated[str, typer.Option(help="continuous: each prompt's next step starts as soon as its last "
                                           "one ends; steps: all requests of a step, then the next (same records)")] = "continuous",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = 1,
+    gpus_per_replica: GpusOpt = 0.0,
+    cpus_per_replica: CpusOpt = 1.0,
 ) -> None:
     """Phase 1 (SL-CAI): answer, then critique and revise against sampled principles."""
     params = dict(temperature=temperature, seed=seed)
@@ -102,6 +130,7 @@ def sft(
         parquet=parquet,
         drop_near_duplicates=drop_near_duplicates,
         new_job=new_job,
+        executor=executor_config(executor, ray_address, replicas, gpus_per_replica, cpus_per_replica),
     )
     with fail_on_user_error(), stoppable_job() as stop:
         summary = _run_with_progress(job, stop)
@@ -137,6 +166,11 @@ def prefs(
     new_job: bool = False,
     parquet: bool = True,
     drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = 1,
+    gpus_per_replica: GpusOpt = 0.0,
+    cpus_per_replica: CpusOpt = 1.0,
 ) -> None:
     """Phase 2 (RL-CAI): K sampled answers per prompt, judged pairwise; a TRL preference dataset."""
     with fail_on_user_error():
@@ -156,6 +190,7 @@ def prefs(
             limit=limit, batch_size=batch_size, min_confidence=min_confidence,
             require_consistent=not keep_inconsistent, parquet=parquet, new_job=new_job,
             drop_near_duplicates=drop_near_duplicates,
+            executor=executor_config(executor, ray_address, replicas, gpus_per_replica, cpus_per_replica),
         )
         with stoppable_job() as stop:
             summary = _run_with_progress(job, stop)

@@ -274,6 +274,14 @@ class VLLMEngine:
         sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)
         return [(seq, sp, ("prompt", option, seq[-n:])) for option, seq, n in plan.rows()]
 
+    def prefix_cache_stats(self) -> tuple[int, int] | None:
+        """(prompt tokens looked up in the prefix cache, of them hits) so far, from vLLM's own counters; None
+        unless the engine keeps stats (engine option disable_log_stats=false)."""
+        if not getattr(self.llm.llm_engine, "log_stats", False):
+            return None
+        counts = {m.name: m.value for m in self.llm.get_metrics() if hasattr(m, "value")}
+        return int(counts.get("vllm:prefix_cache_queries", 0)), int(counts.get("vllm:prefix_cache_hits", 0))
+
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes (benchmarks: each measured run starts cold)."""
         self.llm.reset_prefix_cache()
