@@ -23,11 +23,13 @@ When several reviewers labelled a record, the latest review is the one applied.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import HTTPException
 
@@ -36,6 +38,7 @@ from cai.files import (
     atomic_write_json,
     atomic_write_lines,
     atomic_write_text,
+    parse_json_line,
     read_jsonl,
 )
 from cai.formats import (
@@ -47,6 +50,7 @@ from cai.formats import (
 )
 from cai.kinds import kind
 from cai.records import HUMAN_LABELS
+from cai.shards import readable_lines
 from cai.store import CorruptShard, JobError, JobStore
 
 MEDIA = {".jsonl": "application/jsonl", ".json": "application/json", ".md": "text/markdown; charset=utf-8",
@@ -70,16 +74,20 @@ def read_stage(root: Path, stage: str) -> Iterator[dict[str, Any]]:
     yield from store.read(stage)
 
 
+def _unreadable(exc: CorruptShard) -> HTTPException:
+    """409 naming the shard and line, not a bare 500."""
+    return HTTPException(409, f"job records unreadable: shards/{exc.path.name} line {exc.line} ({exc.reason}); "
+                              "`cai jobs repair` on the job directory moves unreadable lines aside")
+
+
 def iter_records(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The job's records as stored: shard rows (sft, prefs) or judge-eval predictions (with an id)."""
     root = Path(job["dir"])
     if reviewable(job):
         try:
             yield from read_stage(root, kind(job["kind"]).result_stage)
-        except CorruptShard as exc:  # 409 naming the line, not a bare 500
-            raise HTTPException(409, f"job records unreadable: shards/{exc.path.name} line {exc.line} "
-                                     f"({exc.reason}); `cai jobs repair` on the job directory moves "
-                                     "unreadable lines aside") from None
+        except CorruptShard as exc:
+            raise _unreadable(exc) from None
         return
     predictions = root / "predictions.jsonl"
     if predictions.is_file():
@@ -124,23 +132,122 @@ def page(job: dict[str, Any], reviews: list[dict[str, Any]], status: str | None,
         by_record.setdefault(r["record_id"], []).append(r)
     filters = ExportFilters.of(json.loads(job["recipe"]))
     job_kind = kind(job["kind"])
-    judged_pairs = job_kind.judged_pairs
+    found = _indexed_page(job, status, principle, offset, limit) if reviewable(job) else None
+    total, items = found if found is not None else _scanned_page(job, status, principle, offset, limit)
+    for record in items:
+        review = in_force.get(record["id"])
+        record["review"] = review["label"] if review else None
+        record["reviews"] = by_record.get(record["id"], [])
+        if job_kind.judged_pairs:
+            record["exported"] = preference_exclusion(job_kind.record_model.model_validate(record), filters,
+                                                      record["review"] or "") is None
+    return total, items
+
+
+def _matches(failed: bool, principles: set[str] | frozenset[str], status: str | None, principle: str | None) -> bool:
+    return not ((status == "ok" and failed) or (status == "error" and not failed)
+                or (principle and principle not in principles))
+
+
+def _scanned_page(job: dict[str, Any], status: str | None, principle: str | None, offset: int,
+                  limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """Every record parsed in turn (judge-eval predictions; shards that keep changing under the index)."""
     total, items = 0, []
     for record in iter_records(job):
-        failed = record_error(job, record) is not None
-        if (status == "ok" and failed) or (status == "error" and not failed):
-            continue
-        if principle and principle not in record_principles(job, record):
-            continue
-        total += 1
-        if offset < total <= offset + limit:
-            review = in_force.get(record["id"])
-            record["review"] = review["label"] if review else None
-            record["reviews"] = by_record.get(record["id"], [])
-            if judged_pairs:
-                record["exported"] = preference_exclusion(job_kind.record_model.model_validate(record), filters,
-                                                          record["review"] or "") is None
-            items.append(record)
+        if _matches(record_error(job, record) is not None, record_principles(job, record), status, principle):
+            total += 1
+            if offset < total <= offset + limit:
+                items.append(record)
+    return total, items
+
+
+# ---------------------------------------------------------------- shard index
+# A records page parses only its own rows: each shard's lines (byte range, error or not, principles)
+# are indexed once and kept while the file is unchanged (same inode, size and mtime), so a page of a
+# running job costs its rows, not the job's. Shards are written once and replaced, never edited in place.
+
+
+class _Line(NamedTuple):
+    start: int
+    end: int
+    failed: bool
+    principles: frozenset[str]
+
+
+INDEX_LINES = 100_000  # shard lines indexed in memory, all jobs together (about 300 bytes each: ~30 MB)
+_indexes: OrderedDict[tuple, tuple[_Line, ...]] = OrderedDict()
+_indexed_lines = 0
+_indexes_guard = threading.Lock()
+
+
+def _stat_key(path: Path, st: os.stat_result) -> tuple:
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _shard_index(job: dict[str, Any], path: Path) -> tuple[tuple, tuple[_Line, ...]] | None:
+    """(the file's stat key, its lines), cached while the file is unchanged; None for a shard just removed."""
+    global _indexed_lines
+    try:
+        key = _stat_key(path, path.stat())
+    except FileNotFoundError:
+        return None
+    with _indexes_guard:
+        if key in _indexes:
+            _indexes.move_to_end(key)
+            return key, _indexes[key]
+    lines, start = [], 0
+    for line in readable_lines(path, missing_ok=True):
+        lines.append(_Line(start, start + len(line.raw), record_error(job, line.row) is not None,
+                           frozenset(map(sys.intern, record_principles(job, line.row)))))
+        start += len(line.raw)
+    index = tuple(lines)
+    try:
+        unchanged = _stat_key(path, path.stat()) == key  # not replaced while it was read
+    except FileNotFoundError:
+        unchanged = False
+    if unchanged:
+        with _indexes_guard:
+            if key not in _indexes:
+                _indexes[key], _indexed_lines = index, _indexed_lines + len(index)
+            while _indexed_lines > INDEX_LINES and len(_indexes) > 1:
+                _indexed_lines -= len(_indexes.popitem(last=False)[1])
+    return key, index
+
+
+def _indexed_page(job: dict[str, Any], status: str | None, principle: str | None, offset: int,
+                  limit: int) -> tuple[int, list[dict[str, Any]]] | None:
+    """The page from the shard indexes (only its rows parsed); None if a shard changed meanwhile."""
+    try:
+        store = JobStore.at(Path(job["dir"]))
+    except JobError:
+        return 0, []  # a queued job: no manifest, no records yet
+    total, wanted = 0, []
+    try:
+        for path in store.shard_paths(kind(job["kind"]).result_stage):
+            found = _shard_index(job, path)
+            if found is None:
+                continue
+            chosen = []
+            for line in found[1]:
+                if _matches(line.failed, line.principles, status, principle):
+                    total += 1
+                    if offset < total <= offset + limit:
+                        chosen.append(line)
+            if chosen:
+                wanted.append((path, found[0], chosen))
+    except CorruptShard as exc:
+        raise _unreadable(exc) from None
+    items = []
+    for path, key, chosen in wanted:
+        try:
+            with open(path, "rb") as f:
+                if _stat_key(path, os.fstat(f.fileno())) != key:
+                    return None
+                for line in chosen:
+                    f.seek(line.start)
+                    items.append(parse_json_line(f.read(line.end - line.start)))
+        except FileNotFoundError:
+            return None
     return total, items
 
 

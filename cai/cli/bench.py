@@ -32,12 +32,13 @@ from cai.cli.common import (
     ModelOpt,
     engine_spec,
     fail_on_user_error,
+    parse_pairs,
 )
 from cai.constitution import load_constitution
 from cai.engine.stub_server import StubChatServer
 from cai.files import atomic_write_json
 from cai.jobdir import build_engine
-from cai.recipe import Phase1Config
+from cai.recipe import DEFAULT_BATCH_SIZE, Phase1Config
 from cai.records import SamplingParams
 from cai.sources import read_prompts
 
@@ -75,6 +76,12 @@ def bench(
         "JSONL), judged as phase 2 does (both orders): pairs/s per --judge-mode and their ratio")] = None,
     judge_mode: Annotated[Optional[list[str]], typer.Option(
         "--judge-mode", help="judge modes for --judge (repeatable; default logprob, structured)")] = None,
+    service: Annotated[bool, typer.Option("--service", help="instead: the same phase-1 job through `cai serve` (its own "
+        "process) and the CLI code path, then through the service while --pollers clients poll its status and records, "
+        "against the stub server (--stub-latency-ms, default 10; --limit prompts, the source repeated; serve extra)")] = False,
+    pollers: Annotated[int, typer.Option(min=0, help="--service: clients polling the job (0: no polled run)")] = 24,
+    poll_interval_ms: Annotated[float, typer.Option(min=0, help="--service: each poller's pause between rounds")] = 0.0,
+    repeats: Annotated[int, typer.Option(min=1, help="--service: runs of each path; the median is shown")] = 1,
     prefix_cache: Annotated[bool, typer.Option(
         "--prefix-cache", help="instead: phase 1 (and the logprob judge on --judge pairs) on vLLM with prefix caching "
         "on, then off, one engine at a time: seconds, speed-up, prompt tokens and shared prefix per request")] = False,
@@ -82,6 +89,9 @@ def bench(
     """Measure phase 1's generated tokens/s through cai against the bare engine, the engine's steady
     state and a naive loop; print requests and finished trajectories per step, and the ratios.
     With --batch-size: phase 1 prompts/s at each batch size instead."""
+    if service:
+        _service(prompts, limit, rounds, batch_size, stub_latency_ms, engine_option, pollers, poll_interval_ms, repeats, out)
+        return
     schedules = schedule or ["steps", "continuous"]
     with fail_on_user_error():
         loaded = load_constitution(constitution)
@@ -111,6 +121,21 @@ def bench(
             resources.callback(naive.close)
         report = run_bench(eng, sources, loaded, config, min(naive_prompts, len(sources)), naive, schedules)
     _print_comparison(report, out)
+
+
+def _service(prompts, limit, rounds, batch_size, stub_latency_ms, engine_option, pollers, poll_interval_ms, repeats, out) -> None:
+    try:
+        from serve.bench import print_service_bench, run_service_bench
+    except ImportError as exc:
+        console.print(f"[red]error:[/] --service needs the serve extra ({exc.name} missing): pip install 'cai[serve]'")
+        raise typer.Exit(2) from None
+    options = parse_pairs(engine_option, "--engine-option", "concurrency=16")
+    with fail_on_user_error():
+        report = run_service_bench(
+            prompts=limit, pollers=pollers, stub_latency_ms=10.0 if stub_latency_ms is None else stub_latency_ms,
+            concurrency=int(options.get("concurrency", 16)), rounds=rounds, source=prompts, repeats=repeats,
+            batch_size=batch_size[0] if batch_size else DEFAULT_BATCH_SIZE, poll_interval_ms=poll_interval_ms)
+    print_service_bench(report, out)
 
 
 def _judge_and_cache(loaded, sources, config, judge, judge_mode, prefix_cache, spec, limit, out) -> None:

@@ -39,7 +39,6 @@ def serve(
         import uvicorn
 
         from serve.app import Settings, create_app
-        from serve.keys import default_keys_file
     except ImportError as exc:
         err_console.print(f"[red]error:[/] cai serve needs the serve extra ({exc.name} missing): pip install 'cai[serve]'")
         raise typer.Exit(2) from None
@@ -53,7 +52,7 @@ def serve(
         handler.setFormatter(logging.Formatter("%(levelname)s:     serve: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    overrides = dict(keys_file=keys_file or default_keys_file(), data_root=data_root, jobs_root=jobs_root,
+    overrides = dict(keys_file=keys_file, data_root=data_root, jobs_root=jobs_root,
                      constitutions_dir=constitutions, workers=workers, docs=docs)
     try:
         if config is not None:

@@ -7,6 +7,7 @@ HTTP/1.1 with keep-alive, as `vllm serve` and hosted APIs speak; one thread per 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +47,10 @@ class StubChatServer:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the default 5 drops simultaneous connects: 1 s SYN retries
     daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):  # a client that hung up
+            super().handle_error(request, client_address)
 
 
 def _handler(server: StubChatServer, reply: str) -> type[BaseHTTPRequestHandler]:
