@@ -3,8 +3,9 @@ same prompts and model in one process.
 
 - cai: `run_phase1` over all prompts, in each schedule asked for (`continuous`: each prompt's next
   step as soon as its last one ends; `steps`: one batched engine call per step).
-- bare engine: the step-batched run's engine calls, recorded and replayed straight into the engine,
-  so cai (steps) ÷ bare is cai's own overhead.
+- bare engine: the step-batched run's requests, recorded and replayed straight into the engine step
+  by step (each step's requests at once, the next when all are back), so cai (steps) ÷ bare is
+  cai's own overhead.
 - steady state: every request of that run at once, as independent requests (the engine at full
   occupancy on the same prompts and token budgets): the physical limit phase 1 approaches.
 - naive loop: what tutorial code does, answer -> critique -> revise for one prompt at a time,
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 from cai.constitution import LoadedConstitution
 from cai.critique import run_phase1, step_names
 from cai.engine.base import ChoiceScores, Engine
+from cai.engine.common import derive_seed
 from cai.engine.stream import open_stream
 from cai.recipe import Phase1Config
 from cai.records import Chat, Completion, SamplingParams, SFTRecord, SourcePrompt
@@ -80,25 +82,50 @@ class BenchReport(BaseModel):
         return out
 
 
+Request = tuple[Chat, SamplingParams]  # one request with its own seed
+
+
 class RecordingEngine:
-    """Passes calls through to an engine and keeps them, so they can be replayed. It has no request
-    stream of its own: phase 1 on it runs one `generate` call per step."""
+    """Passes requests through to an engine's request stream and keeps them, in waves: the requests
+    submitted between two moments when nothing was pending (step-batched phase 1: one wave per step),
+    so they can be replayed with the same barriers or all at once."""
 
     def __init__(self, engine: Engine):
         self.wrapped = engine
         self.backend = engine.backend
         self.model = engine.model
-        self.calls: list[tuple[list[Chat], SamplingParams]] = []
+        self.waves: list[list[Request]] = []
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
-        self.calls.append((list(chats), params))
+        self.waves.append([(chat, params.model_copy(update={"seed": derive_seed(params.seed, i)}))
+                           for i, chat in enumerate(chats)])
         return self.wrapped.generate(chats, params)
+
+    def open_stream(self) -> _RecordingStream:
+        return _RecordingStream(open_stream(self.wrapped), self.waves)
 
     def choice_logprobs(self, chats, options, prefix: str = "") -> list[ChoiceScores]:
         return self.wrapped.choice_logprobs(chats, options, prefix)
 
     def close(self) -> None:
         self.wrapped.close()
+
+
+class _RecordingStream:
+    def __init__(self, inner, waves: list[list[Request]]):
+        self.inner, self.waves = inner, waves
+
+    def submit(self, key, chat: Chat, params: SamplingParams) -> None:
+        if not self.inner.pending:
+            self.waves.append([])
+        self.waves[-1].append((chat, params))
+        self.inner.submit(key, chat, params)
+
+    def wait(self):
+        return self.inner.wait()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def step_counts(records: Sequence[SFTRecord], rounds: int) -> list[StepCount]:
@@ -117,33 +144,25 @@ def _timed(engine: Engine, sources, constitution, config: Phase1Config) -> tuple
     started = time.perf_counter()
     records = run_phase1(sources, constitution, engine, config)
     seconds = time.perf_counter() - started
-    calls = getattr(engine, "calls", None)
-    count = len(calls) if calls is not None else sum(len(r.trajectory) for r in records)
+    waves = getattr(engine, "waves", None)
+    count = len(waves) if waves is not None else sum(len(r.trajectory) for r in records)
     tokens = sum(r.generated_tokens for r in records)
     return Throughput(prompts=len(sources), calls=count, generated_tokens=tokens, seconds=seconds), records
 
 
-def _replay(engine: Engine, calls: list[tuple[list[Chat], SamplingParams]], prompts: int) -> Throughput:
-    started = time.perf_counter()
-    tokens = 0
-    for chats, params in calls:
-        tokens += sum(c.completion_tokens for c in engine.generate(chats, params))
-    return Throughput(prompts=prompts, calls=len(calls), generated_tokens=tokens, seconds=time.perf_counter() - started)
-
-
-def _steady_state(engine: Engine, calls: list[tuple[list[Chat], SamplingParams]], prompts: int) -> Throughput:
-    """Every recorded request submitted at once, each with the seed its call gave it."""
-    requests = [(chat, params.model_copy(update={"seed": None if params.seed is None else params.seed + i}))
-                for chats, params in calls for i, chat in enumerate(chats)]
-    started = time.perf_counter()
-    tokens = 0
+def _run_waves(engine: Engine, waves: list[list[Request]], prompts: int, count_requests: bool = False) -> Throughput:
+    """Each wave's requests submitted at once, the next wave only when all are back: with the step-batched
+    run's waves, the engine's own speed with step barriers and no cai; with one wave of every request, its
+    steady state."""
+    started, tokens = time.perf_counter(), 0
     with open_stream(engine) as stream:
-        for key, (chat, params) in enumerate(requests):
-            stream.submit(key, chat, params)
-        while stream.pending:
-            tokens += sum(c.completion_tokens for _, c in stream.wait())
-    return Throughput(prompts=prompts, calls=len(requests), generated_tokens=tokens,
-                      seconds=time.perf_counter() - started)
+        for wave in waves:
+            for key, (chat, params) in enumerate(wave):
+                stream.submit(key, chat, params)
+            while stream.pending:
+                tokens += sum(c.completion_tokens for _, c in stream.wait())
+    return Throughput(prompts=prompts, calls=sum(map(len, waves)) if count_requests else len(waves),
+                      generated_tokens=tokens, seconds=time.perf_counter() - started)
 
 
 def _naive(engine: Engine, sources: Sequence[SourcePrompt], constitution, config: Phase1Config) -> Throughput:
@@ -153,7 +172,7 @@ def _naive(engine: Engine, sources: Sequence[SourcePrompt], constitution, config
         recorder = RecordingEngine(engine)
         [record] = run_phase1([source], constitution, recorder, config.model_copy(update={"schedule": "steps"}))
         tokens += record.generated_tokens
-        calls += len(recorder.calls)
+        calls += len(recorder.waves)
     return Throughput(prompts=len(sources), calls=calls, generated_tokens=tokens, seconds=time.perf_counter() - started)
 
 
@@ -179,9 +198,9 @@ def run_bench(
         cai[schedule] = _timed(engine, sources, constitution, config.model_copy(update={"schedule": schedule}))
     records = cai["steps"][1]
     cold()
-    bare = _replay(engine, recorder.calls, len(sources))
+    bare = _run_waves(engine, recorder.waves, len(sources))
     cold()
-    steady = _steady_state(engine, recorder.calls, len(sources))
+    steady = _run_waves(engine, [[request for wave in recorder.waves for request in wave]], len(sources), True)
     cold()
     naive_engine = naive_engine or engine
     if naive_engine is not engine:
