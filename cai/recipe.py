@@ -57,8 +57,8 @@ class Phase1Config(BaseModel):
     critique: SamplingParams = SamplingParams(max_tokens=192)
     revision: SamplingParams = SamplingParams(max_tokens=256)
     schedule: Literal["steps", "continuous"] = Field(
-        "continuous", description="continuous: each prompt's next step is sent as soon as its previous one is "
-        "back; steps: every request of a step together, then the next step. The same records either way.")
+        "steps", description="steps: every request of a step together, then the next step; continuous: each "
+        "prompt's next step is sent as soon as its previous one is back. The same records either way.")
 
 
 class JudgeConfig(BaseModel):

@@ -40,16 +40,16 @@ def test_cli_compares_batch_sizes_against_the_stub(tmp_path):
     report = tmp_path / "bench.json"
     result = CliRunner().invoke(app, [
         "bench", "--stub-latency-ms", "1", "--engine-option", "concurrency=4", "--limit", "40", "--rounds", "1",
-        "--batch-size", "8", "--batch-size", "40", "--out", str(report)])
+        "--batch-size", "8", "--batch-size", "40", "--schedule", "continuous", "--out", str(report)])
     assert result.exit_code == 0, result.output
     assert "slowest / fastest prompts/s" in result.output
     data = json.loads(report.read_text())
     assert (data["backend"], data["model"], data["rounds"]) == ("openai", "stub", 1)
-    # Continuous (the default schedule) counts requests; step-batched, one engine call per step of a batch.
+    # Continuous counts requests; step-batched (the default), one engine call per step of a batch.
     assert [(r["batch_size"], r["prompts"], r["calls"]) for r in data["runs"]] == [(8, 40, 120), (40, 40, 120)]
     stepped = CliRunner().invoke(app, [
         "bench", "--stub-latency-ms", "0", "--limit", "40", "--batch-size", "8", "--batch-size", "40",
-        "--schedule", "steps", "--out", str(report)])
+        "--out", str(report)])
     assert stepped.exit_code == 0, stepped.output
     assert [r["calls"] for r in json.loads(report.read_text())["runs"]] == [15, 3]
     assert all(r["seconds"] > 0 and r["prompts_per_second"] > 0 for r in data["runs"])

@@ -43,7 +43,7 @@ def test_bench_counts_calls_requests_and_steps_of_each_run():
     assert report.completed == 5 and round(report.completed_share, 2) == 0.83
     assert report.naive_loop.calls == 3 + 1 and report.naive_loop.prompts == 2  # q1's answer ends it
     ratios = report.ratios()
-    assert ratios["cai_vs_steady_state"] == report.cai["continuous"].tokens_per_second / report.steady_state.tokens_per_second
+    assert ratios["cai_vs_steady_state"] == report.cai["steps"].tokens_per_second / report.steady_state.tokens_per_second
     assert set(ratios) == {"cai_vs_bare", "cai_vs_steady_state", "cai_vs_naive", "continuous_vs_steps"}
 
 

@@ -92,7 +92,7 @@ def bench(
     if service:
         _service(prompts, limit, rounds, batch_size, stub_latency_ms, engine_option, pollers, poll_interval_ms, repeats, out)
         return
-    schedules = schedule or ["steps", "continuous"]
+    schedules = schedule or ["continuous", "steps"]  # the last is the default's: the one the ratios use
     with fail_on_user_error():
         loaded = load_constitution(constitution)
         sources = list(read_prompts(prompts, limit=limit))
