@@ -352,6 +352,15 @@ def _pairing(phase2: dict) -> str:
             "is the row (one row per prompt)")
 
 
+def fallback_text(mode: str, used: dict[str, int]) -> str:
+    """The pairs judged in another mode than the job's `mode` (`used`: judged pairs per mode); "" when none."""
+    return "".join(
+        f" {n} judged pairs used mode `{m}` instead: the judge's backend could not score the options "
+        "(it returned no log-probabilities, or its server does not continue the judge's answer prefix), "
+        "so each of their orders is a hard vote, not a probability."
+        for m, n in sorted(used.items()) if m != mode and n)
+
+
 def judging_text(phase2: dict, stats: PreferenceStats) -> str:
     """How the pairs were made and labelled, from the job's phase-2 settings (and the modes actually used)."""
     judge = phase2.get("judge") or {}
@@ -363,9 +372,7 @@ def judging_text(phase2: dict, stats: PreferenceStats) -> str:
         orders = ("in one order (answer A shown first). `score` is that order's P(chosen preferred): position "
                   "bias is not averaged out, and `consistent` is null")
     how = JUDGE_MODE_SPECS.get(mode, JUDGE_MODE_SPECS["logprob"]).describe(judge)
-    fallback = {m: n for m, n in stats.judge_modes.items() if m != mode}
-    switched = "".join(f" {n} judged pairs used mode `{m}` instead: the judge's backend returned no log-probabilities."
-                       for m, n in fallback.items())
+    switched = fallback_text(mode, stats.judge_modes)
     return f"""For each prompt the policy sampled
 {phase2.get('samples')} answers; {_pairing(phase2)}. The judge compared each pair under a sampled
 principle's comparison question, {orders}. Per order, {how}.{switched}

@@ -11,9 +11,10 @@ Modes (JudgeConfig.mode):
 - ``structured``: for backends without log-probs. The judge answers with a JSON
   object validated by a pydantic model; only malformed replies are asked again
   (batched), up to ``structured_retries`` times; then the order is an UNPARSEABLE
-  error carrying the raw text. logprob / cot fall back to it when the backend
-  reports NO_LOGPROBS (``fallback_structured``). Each retry first checks the job's
-  stop signal (``cai.engine.base.check_stop``), so a cancel is not held up by retries.
+  error carrying the raw text. logprob / cot fall back to it when the backend reports NO_LOGPROBS
+  (``fallback_structured``; also a server that does not continue the answer prefix), logged once per
+  reason; those records keep ``mode="structured"``. Each retry first checks the job's stop signal
+  (``cai.engine.base.check_stop``), so a cancel is not held up by retries.
 
 Option mass: in logprob and cot modes each order records ``option_mass`` = P(A) + P(B)
 before normalising. Below ``min_option_mass`` (default 0.5; 0 disables) the judge was
@@ -35,6 +36,7 @@ a `<mode>_max_tokens` field if it writes text, its name in CLAMPED_MODES if its 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ from cai.records import (
     JudgeOrder,
     SamplingParams,
 )
+
+log = logging.getLogger(__name__)
+_switches_logged: set[str] = set()  # the reasons for structured fallbacks already logged
 
 
 class JudgeItem(BaseModel):
@@ -285,8 +290,13 @@ def judge_pairs(engine: Engine, items: Sequence[JudgeItem], config: JudgeConfig 
         orders = {key: _clamped(order, config.clamp) for key, order in orders.items()}
     modes = {i: config.mode for i in range(len(items))}
     if config.fallback_structured and config.mode != "structured":
-        lacking = sorted({i for (i, _), o in orders.items()
-                          if o.error is not None and o.error.code == ErrorCode.NO_LOGPROBS})
+        unscored = {i: o.error.message for (i, _), o in orders.items()
+                    if o.error is not None and o.error.code == ErrorCode.NO_LOGPROBS}
+        lacking = sorted(unscored)
+        if lacking and (reason := unscored[lacking[0]]) not in _switches_logged:  # once, not once per batch
+            _switches_logged.add(reason)
+            log.warning("judge: mode %s cannot score the options here; those pairs get structured verdicts "
+                        "(fallback_structured): %s", config.mode, reason)
         redo = _structured_orders(engine, [items[i] for i in lacking], config)
         for (k, o), order in redo.items():
             orders[lacking[k], o] = order

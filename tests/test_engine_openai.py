@@ -221,7 +221,7 @@ def test_server_that_ignores_continue_final_message_is_one_clear_error():
         engine, _ = make(server)
         with pytest.raises(EngineCapabilityError, match="ignores continue_final_message") as info:
             engine.choice_logprobs([chat("q")] * 4, ["A", "B"], prefix="The answer is: (")
-        assert len(server.calls) == 2  # the check only: no batch of rows scored after a new turn
+        assert len(server.calls) == 4  # the two checks only: no batch of rows scored after a new turn
         assert server.url in str(info.value) and "--mode structured" in str(info.value)
         unchecked, _ = make(server, verify_continuation=False)
         [scores] = unchecked.choice_logprobs([chat("q")], ["A", "B"], prefix="The answer is: (")

@@ -45,6 +45,31 @@ from cai.sources import read_prompts
 console = Console()
 
 
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="sampling temperature (seeded per request); greedy "
+    "decoding makes a small model repeat itself until the budget runs out")]
+SystemOpt = Annotated[str, typer.Option(help="system turn before every request ('' for none); the default, "
+    "the CPU recipe's, lets a small model finish within its budget")]
+ScheduleOpt = Annotated[Optional[list[str]], typer.Option(
+    "--schedule", help="phase-1 schedule(s) to time: steps, continuous (repeatable; default both)")]
+BatchSizesOpt = Annotated[Optional[list[int]], typer.Option(
+    "--batch-size", min=1, help="instead: phase 1 on --limit prompts (the source repeated if shorter) cut "
+    "into batches of this size, as a job cuts them; repeat to compare sizes (prompts/s and their ratio)")]
+StubLatencyOpt = Annotated[Optional[float], typer.Option(
+    min=0, help="answer from a local OpenAI-compatible stub server that replies after this many ms "
+    "(the openai backend; e.g. --engine-option concurrency=16): the backend's own cost, no model")]
+JudgeFileOpt = Annotated[Optional[Path], typer.Option(
+    "--judge", help="instead: judge throughput on --limit pairs of this file (HH-RLHF chosen/rejected or two-option "
+    "JSONL), judged as phase 2 does (both orders): pairs/s per --judge-mode and their ratio")]
+JudgeModesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--judge-mode", help="judge modes for --judge (repeatable; default logprob, structured)")]
+ServiceOpt = Annotated[bool, typer.Option("--service", help="instead: the same phase-1 job through `cai serve` (its own "
+    "process) and the CLI code path, then through the service while --pollers clients poll its status and records, "
+    "against the stub server (--stub-latency-ms, default 10; --limit prompts, the source repeated; serve extra)")]
+PrefixCacheOpt = Annotated[bool, typer.Option(
+    "--prefix-cache", help="instead: phase 1 (and the logprob judge on --judge pairs) on vLLM with prefix caching "
+    "on, then off, one engine at a time: seconds, speed-up, prompt tokens and shared prefix per request")]
+
+
 def bench(
     constitution: ConstitutionOpt = "harmless",
     prompts: Annotated[str, typer.Option(help="prompt source (as for `generate sft`)")] = "redteam",
@@ -56,39 +81,24 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1)] = 1,
     max_tokens: Annotated[int, typer.Option(min=1, help="max new tokens per answer and revision")] = 256,
     critique_max_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (seeded per request); greedy "
-                                               "decoding makes a small model repeat itself until the budget runs out")] = 0.7,
+    temperature: TemperatureOpt = 0.7,
     seed: int = 0,
-    system: Annotated[str, typer.Option(help="system turn before every request ('' for none); the default, "
-                                        "the CPU recipe's, lets a small model finish within its budget")] = BRIEF_SYSTEM_PROMPT,
-    schedule: Annotated[Optional[list[str]], typer.Option(
-        "--schedule", help="phase-1 schedule(s) to time: steps, continuous (repeatable; default both)")] = None,
+    system: SystemOpt = BRIEF_SYSTEM_PROMPT,
+    schedule: ScheduleOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
     naive_engine: Annotated[Optional[str], typer.Option(help="backend of the one-at-a-time loop; default: the same engine")] = None,
-    batch_size: Annotated[Optional[list[int]], typer.Option(
-        "--batch-size", min=1, help="instead: phase 1 on --limit prompts (the source repeated if shorter) cut "
-        "into batches of this size, as a job cuts them; repeat to compare sizes (prompts/s and their ratio)")] = None,
-    stub_latency_ms: Annotated[Optional[float], typer.Option(
-        min=0, help="answer from a local OpenAI-compatible stub server that replies after this many ms "
-        "(the openai backend; e.g. --engine-option concurrency=16): the backend's own cost, no model")] = None,
-    judge: Annotated[Optional[Path], typer.Option(
-        "--judge", help="instead: judge throughput on --limit pairs of this file (HH-RLHF chosen/rejected or two-option "
-        "JSONL), judged as phase 2 does (both orders): pairs/s per --judge-mode and their ratio")] = None,
-    judge_mode: Annotated[Optional[list[str]], typer.Option(
-        "--judge-mode", help="judge modes for --judge (repeatable; default logprob, structured)")] = None,
-    service: Annotated[bool, typer.Option("--service", help="instead: the same phase-1 job through `cai serve` (its own "
-        "process) and the CLI code path, then through the service while --pollers clients poll its status and records, "
-        "against the stub server (--stub-latency-ms, default 10; --limit prompts, the source repeated; serve extra)")] = False,
+    batch_size: BatchSizesOpt = None,
+    stub_latency_ms: StubLatencyOpt = None,
+    judge: JudgeFileOpt = None,
+    judge_mode: JudgeModesOpt = None,
+    service: ServiceOpt = False,
     pollers: Annotated[int, typer.Option(min=0, help="--service: clients polling the job (0: no polled run)")] = 24,
     poll_interval_ms: Annotated[float, typer.Option(min=0, help="--service: each poller's pause between rounds")] = 0.0,
     repeats: Annotated[int, typer.Option(min=1, help="--service: runs of each path; the median is shown")] = 1,
-    prefix_cache: Annotated[bool, typer.Option(
-        "--prefix-cache", help="instead: phase 1 (and the logprob judge on --judge pairs) on vLLM with prefix caching "
-        "on, then off, one engine at a time: seconds, speed-up, prompt tokens and shared prefix per request")] = False,
+    prefix_cache: PrefixCacheOpt = False,
 ) -> None:
-    """Measure phase 1's generated tokens/s through cai against the bare engine, the engine's steady
-    state and a naive loop; print requests and finished trajectories per step, and the ratios.
-    With --batch-size: phase 1 prompts/s at each batch size instead."""
+    """Phase 1's tokens/s through cai vs the bare engine, its steady state and a naive loop, with
+    requests and finished trajectories per step. Or: --batch-size, --judge, --prefix-cache, --service."""
     if service:
         _service(prompts, limit, rounds, batch_size, stub_latency_ms, engine_option, pollers, poll_interval_ms, repeats, out)
         return

@@ -12,14 +12,15 @@ failure of a request ends as an error row (`Completion.error` / `ChoiceScores.er
 never an exception (except StopRequested: every attempt, backoff and request in flight
 ends when the job's stop check turns true, see cai.engine.base.stop_scope); a server that
 ignores `continue_final_message` (so no option score would mean what the judge asks)
-raises one EngineCapabilityError instead.
+raises one NoLogprobs (ContinuationIgnored; the judge switches to structured verdicts)
+instead. docs/llamacpp.md: what llama.cpp's two servers do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import math
+import logging
 import os
 import threading
 import time
@@ -36,19 +37,25 @@ from tenacity import (
 
 from cai.engine.background_loop import BackgroundLoop, LoopStopped
 from cai.engine.base import (
-    TOP_ALTERNATIVES,
     ChoiceScores,
-    EngineCapabilityError,
+    NoLogprobs,
     StopRequested,
-    TokenLogprob,
     until_stopped,
 )
 from cai.engine.common import derive_seed, describe
 from cai.engine.models import served_model_ref
+from cai.engine.openai_scoring import (
+    choice_body,
+    erase_slots,
+    prompt_tokens,
+    to_scores,
+    verify_continuation,
+)
+from cai.engine.stream import LoopStream
 from cai.records import Chat, Completion, ErrorCode, ErrorInfo, SamplingParams
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
-TOP_LOGPROBS = 20
+log = logging.getLogger(__name__)
 
 
 class EngineClosedError(RuntimeError):
@@ -103,22 +110,20 @@ class OpenAIEngine:
     # -- public API --
 
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
-        def request(i: int, chat: Chat) -> dict:
-            body = dict(
-                model=self.model.id,
-                messages=_messages(chat),
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-            )
-            if params.seed is not None:
-                body["seed"] = derive_seed(params.seed, i)
-            if params.stop:
-                body["stop"] = list(params.stop)
-            return body
-
-        bodies = [request(i, chat) for i, chat in enumerate(chats)]
+        bodies = [chat_body(self.model.id, chat, params, derive_seed(params.seed, i)) for i, chat in enumerate(chats)]
         return self._run(bodies, _to_completion, _error_completion)
+
+    def open_stream(self) -> LoopStream:
+        """Requests sent as they are submitted, on this engine's client, pool and `concurrency` slots."""
+        async def one(chat: Chat, params: SamplingParams) -> Completion:
+            body = chat_body(self.model.id, chat, params, params.seed)
+            return (await self._gather([body], _to_completion, _error_completion))[0]
+
+        return LoopStream(self._start(), one)
+
+    continuation_problem: NoLogprobs | None = None
+    """Why this server cannot score after the judge's answer prefix, once found (ContinuationIgnored, or a
+    refusal of log-probs): every later scoring call with a prefix raises it again at once, sending nothing."""
 
     def choice_logprobs(
         self, chats: Sequence[Chat], options: Sequence[str], prefix: str = ""
@@ -127,33 +132,35 @@ class OpenAIEngine:
         expose no prompt logprobs). An option that is not among the returned top
         tokens gets the smallest returned log-prob, an upper bound on its own, and
         is listed in `bounded`. A non-empty `prefix` is sent as a final assistant
-        message to be continued (`continue_final_message`, a vLLM-server
-        extension); the first such call checks that the server honours it
-        (`verify_continuation`)."""
-        bodies = [_choice_body(self.model.id, chat, prefix) for chat in chats]
+        message to be continued (`continue_final_message`: vLLM's server, llama.cpp's
+        `llama-server`); the first such call checks that the server honours it
+        (`verify_continuation`, cai.engine.openai_scoring) and raises a NoLogprobs when not."""
+        bodies = [choice_body(self.model.id, chat, prefix) for chat in chats]
         if prefix and bodies and not self.continuation_verified:
-            self._verify_continuation(bodies[0], prefix)
-        return self._run(bodies, lambda r: _to_scores(r, options), lambda e: ChoiceScores(error=e))
+            self._check_continuation(bodies[0], prefix)
+        return self._run(bodies, lambda r: to_scores(r, options), lambda e: ChoiceScores(error=e))
 
-    def _verify_continuation(self, body: dict, prefix: str) -> None:
-        """Send the request once as is and once with the prefix as a closed assistant
-        turn. A server that continues the prefix counts fewer prompt tokens for the
-        first (no end-of-turn tokens); one that ignores `continue_final_message`
-        renders both alike. Unknown (a failed request, no usage) is checked again
-        on the next call."""
-        closed = {**body, "extra_body": {"add_generation_prompt": False, "continue_final_message": False}}
-        continued, fresh = self._run([body, closed], _prompt_tokens, lambda e: None)
-        if not continued or not fresh:
-            return
-        if fresh <= continued:
-            raise EngineCapabilityError(
-                f"the server at {self.base_url} ignores continue_final_message: the answer prefix "
-                f"{prefix!r} costs {continued} prompt tokens continued and {fresh} as a closed turn, "
-                "so the judge's option log-probs would score a new reply, not its verdict. Serve the "
-                "judge with `vllm serve`, or judge with --mode structured (or pass "
-                "verify_continuation=false if this template really renders no end-of-turn tokens)"
-            )
-        self.continuation_verified = True
+    def _check_continuation(self, body: dict, prefix: str) -> None:
+        if self.continuation_problem is None:
+            honoured, self.continuation_problem = verify_continuation(
+                self._prompt_counts, body, prefix, self.base_url)
+            self.continuation_verified = bool(honoured)
+        if (problem := self.continuation_problem) is not None:
+            raise type(problem)(*problem.args)
+
+    def _prompt_counts(self, bodies: list[dict]) -> list[int | ErrorInfo | None]:
+        return self._run(bodies, prompt_tokens, lambda error: error)
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the server's prompt cache where it offers a way: llama.cpp's `llama-server` started with
+        `--slot-save-path` (and `--cache-ram 0`) has every slot erased. `cai bench` calls this before each
+        run so replays of the same prompts do not run warm; a server without a way is logged once."""
+        if not erase_slots(self.base_url, self.api_key, self.timeout) and not self._cache_kept_logged:
+            self._cache_kept_logged = True
+            log.warning("the server at %s offers no way to empty its prompt cache (llama-server: start it with "
+                        "--slot-save-path DIR --cache-ram 0): runs that repeat prompts may run warm", self.base_url)
+
+    _cache_kept_logged = False
 
     def close(self) -> None:
         """Cancel any request in flight, close the client's connections and stop the loop. Idempotent."""
@@ -304,6 +311,17 @@ def _body_text(exc: BaseException) -> str | None:
 # ---- response mapping --------------------------------------------------------------
 
 
+def chat_body(model: str, chat: Chat, params: SamplingParams, seed: int | None) -> dict:
+    """The chat-completions request body of one generation request with its own seed."""
+    body = dict(model=model, messages=_messages(chat), max_tokens=params.max_tokens,
+                temperature=params.temperature, top_p=params.top_p)
+    if seed is not None:
+        body["seed"] = seed
+    if params.stop:
+        body["stop"] = list(params.stop)
+    return body
+
+
 def _messages(chat: Chat) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in chat]
 
@@ -329,53 +347,3 @@ def _to_completion(response) -> Completion:
         code=ErrorCode.INTERNAL, message=f"unexpected finish_reason {choice.finish_reason!r}"
     )
     return Completion(text=text, finish_reason="error", error=error, **counts)
-
-
-def _choice_body(model: str, chat: Chat, prefix: str) -> dict:
-    body = dict(
-        model=model,
-        messages=_messages(chat),
-        max_tokens=1,
-        temperature=0.0,
-        logprobs=True,
-        top_logprobs=TOP_LOGPROBS,
-    )
-    if prefix:
-        body["messages"].append({"role": "assistant", "content": prefix})
-        body["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
-    return body
-
-
-def _prompt_tokens(response) -> int | None:
-    usage = getattr(response, "usage", None)
-    return getattr(usage, "prompt_tokens", None) or None
-
-
-def _to_scores(response, options: Sequence[str]) -> ChoiceScores:
-    content = None
-    if response.choices and response.choices[0].logprobs is not None:
-        content = response.choices[0].logprobs.content
-    if not content or not content[0].top_logprobs:
-        error = ErrorInfo(code=ErrorCode.NO_LOGPROBS, message="the server returned no logprobs")
-        return ChoiceScores(error=error)
-    top = content[0].top_logprobs
-    by_text: dict[str, float] = {}
-    for entry in top:  # distinct token ids can decode to the same text: add them up
-        prev = by_text.get(entry.token)
-        by_text[entry.token] = (
-            entry.logprob if prev is None else float(_logaddexp(prev, entry.logprob))
-        )
-    floor = min(e.logprob for e in top)  # anything not returned is at most this likely
-    bounded = [o for o in options if o not in by_text]
-    ranked = sorted(top, key=lambda e: e.logprob, reverse=True)
-    return ChoiceScores(
-        logprobs={o: by_text.get(o, floor) for o in options},
-        top=[TokenLogprob(token=e.token, logprob=e.logprob) for e in ranked[:TOP_ALTERNATIVES]],
-        bounded=bounded,
-    )
-
-
-def _logaddexp(a: float, b: float) -> float:
-    hi, lo = max(a, b), min(a, b)
-    return hi + math.log1p(math.exp(lo - hi))
-
