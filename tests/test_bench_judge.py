@@ -149,7 +149,8 @@ def test_prefix_cache_bench_runs_both_workloads_on_one_engine_at_a_time(harmless
     sources = [SourcePrompt(id=f"p{n}", messages=[Message(role="user", content=f"prompt {n}")], source="t")
                for n in range(4)]
     params = SamplingParams(max_tokens=16)
-    phase1 = Phase1Config(rounds=1, system_prompt="Be brief.", answer=params, critique=params, revision=params)
+    phase1 = Phase1Config(rounds=1, system_prompt="Be brief.", answer=params, critique=params, revision=params,
+                          schedule="continuous")
     report = run_prefix_cache_bench(lambda on: Switchable(on, log), sources, PAIRS, harmless, phase1,
                                     repeats=2, tokenize=words)
     assert [e for e in log if e != "reset"] == ["start True", "close True", "start False", "close False"]
