@@ -135,7 +135,7 @@ def test_ctrl_c_stops_the_cli_after_its_batch_with_cancelled_rows_then_rerun_com
     assert len((tmp_path / "job" / "sft.jsonl").read_text().splitlines()) == 6
 
 
-def test_a_judge_server_that_ignores_continue_final_message_is_one_line_and_exit_2(tmp_path):
+def test_a_judge_server_that_ignores_continue_final_message_switches_to_structured_verdicts(tmp_path):
     import subprocess
     import sys
 
@@ -156,5 +156,10 @@ def test_a_judge_server_that_ignores_continue_final_message_is_one_line_and_exit
                 "--engine-option", f"base_url={server.url}", "--engine-option", "api_key=k",
                 "--prompts", str(prompts), "--out", str(tmp_path / "job")]
         result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "continue_final_message" in result.stderr and "Traceback" not in result.stderr
+    # No option log-prob is trusted after a new turn: the judge asks for structured verdicts instead, says so
+    # once, and a reply that is no verdict ("answer 3") is an error row, never a default label.
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "continue_final_message" in line]
+    assert "structured verdicts" in warning
+    assert "errors {'unparseable': 1}" in " ".join(result.stdout.split())
