@@ -77,14 +77,17 @@ def echo_responder(messages: list[dict]) -> str:
 
 class LlamaCppFake:
     """`kind`: "llama-server" or "llama-cpp-python". `calls` holds every request body. `logits_all=False`:
-    llama-cpp-python's server started with `--logits_all false`, which answers log-prob requests with a 500."""
+    llama-cpp-python's server started with `--logits_all false`, which answers log-prob requests with a 500.
+    llama-server lists `slots` at GET /slots and erases one (POST /slots/N?action=erase, counted in
+    `erased`) only when started with --slot-save-path (`slot_actions`)."""
 
     def __init__(self, kind: str, scorer: Scorer | None = None, responder: Responder = echo_responder,
-                 logits_all: bool = True):
+                 logits_all: bool = True, slots: int = 4, slot_actions: bool = False):
         if kind not in ("llama-server", "llama-cpp-python"):
             raise ValueError(kind)
         self.kind, self.scorer, self.responder = kind, scorer or verdict_scorer(), responder
-        self.logits_all = logits_all
+        self.logits_all, self.slots, self.slot_actions = logits_all, slots, slot_actions
+        self.erased: list[int] = []
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         fake = self
@@ -93,11 +96,19 @@ class LlamaCppFake:
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True
 
+            def do_GET(self):
+                self._send(*fake.slot_list(self.path))
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if self.path.startswith("/slots/"):
+                    self._send(*fake.erase(self.path))
+                    return
                 with fake.lock:
                     fake.calls.append(body)
-                status, payload = fake.answer(body)
+                self._send(*fake.answer(body))
+
+            def _send(self, status: int, payload) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -128,6 +139,21 @@ class LlamaCppFake:
         return [c for c in self.calls if c.get("logprobs")]
 
     # -- answers --
+
+    def slot_list(self, path: str) -> tuple[int, object]:
+        if self.kind != "llama-server" or path != "/slots":
+            return 404, {"detail": "Not Found"}
+        return 200, [{"id": i, "n_ctx": 2048, "is_processing": False} for i in range(self.slots)]
+
+    def erase(self, path: str) -> tuple[int, dict]:
+        if self.kind != "llama-server":
+            return 404, {"detail": "Not Found"}
+        if not self.slot_actions:
+            message = "This server does not support slots action. Start it with `--slot-save-path`"
+            return 501, {"error": {"code": 501, "message": message, "type": "not_supported_error"}}
+        slot = int(path.split("/")[2].split("?")[0])
+        self.erased.append(slot)
+        return 200, {"id_slot": slot, "n_erased": 0}
 
     def answer(self, body: dict) -> tuple[int, dict]:
         try:

@@ -169,3 +169,18 @@ def test_fallback_text_counts_only_other_modes():
     assert fallback_text("logprob", {"logprob": 5}) == ""
     text = fallback_text("cot", {"cot": 1, "structured": 2})
     assert text.startswith(" 2 judged pairs used mode `structured` instead") and "hard vote" in text
+
+
+def test_reset_prefix_cache_erases_llama_servers_slots_or_says_it_cannot(caplog):
+    with LlamaCppFake("llama-server", slots=3, slot_actions=True) as server:
+        engine(server).reset_prefix_cache()
+        assert sorted(server.erased) == [0, 1, 2]
+    with caplog.at_level(logging.WARNING, logger="cai.engine.openai_engine"):
+        for kind in ("llama-server", "llama-cpp-python"):  # no --slot-save-path; no slots at all
+            with LlamaCppFake(kind) as server:
+                judge = engine(server)
+                judge.reset_prefix_cache()
+                judge.reset_prefix_cache()
+                assert server.erased == []
+    kept = [r.getMessage() for r in caplog.records if "prompt cache" in r.getMessage()]
+    assert len(kept) == 2 and "--slot-save-path" in kept[0]  # once per engine
