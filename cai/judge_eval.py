@@ -13,6 +13,7 @@ evaluation ran in one go or in several. cai.kinds lists this job kind with the o
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
@@ -213,6 +214,9 @@ def _report(job: EvalJob, model: ModelRef, evalset: EvalSet, rows: dict[str, Jud
 
     cai, cai_s = judged("cai")
     title = f"cai ({job.judge.mode}, {job.judge.orders} order{'s' if job.judge.orders > 1 else ''})"
+    other_modes = Counter(j.mode for j in cai if j.ok and j.mode != job.judge.mode)
+    title += "".join(f"; {n} of {len(cai)} pairs {mode}: the backend gave no option scores"
+                     for mode, n in sorted(other_modes.items()))
     report = JudgeReport(data=evalset.path, format=evalset.format, model=model, config=job.judge, n=len(items),
                          cai=judge_metrics(title, items, cai, cai_s), baseline=None, cai_items=item_results(items, cai))
     if job.baseline:

@@ -184,3 +184,17 @@ def test_reset_prefix_cache_erases_llama_servers_slots_or_says_it_cannot(caplog)
                 assert server.erased == []
     kept = [r.getMessage() for r in caplog.records if "prompt cache" in r.getMessage()]
     assert len(kept) == 2 and "--slot-save-path" in kept[0]  # once per engine
+
+
+def test_a_judge_eval_on_llama_cpp_python_names_the_switch_in_its_report_title(tmp_path):
+    from cai.judge_eval import EvalJob, run_judge_eval
+
+    pairs = [{"chosen": f"\n\nHuman: question {i}\n\nAssistant: good {i}",
+              "rejected": f"\n\nHuman: question {i}\n\nAssistant: bad {i}"} for i in range(3)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    job = EvalJob(data=str(data), out=str(tmp_path / "eval"), baseline=False)
+    with LlamaCppFake("llama-cpp-python", responder=lambda messages: VERDICT_A) as server:
+        report = run_judge_eval(job, engine(server)).report
+    assert report.cai.answered == 3
+    assert report.cai.name.endswith("; 3 of 3 pairs structured: the backend gave no option scores")
