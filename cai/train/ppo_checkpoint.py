@@ -1,4 +1,4 @@
-"""PPO checkpoints (trainable weights, value head, optimizer, settings) and the log rows a resume keeps."""
+"""PPO checkpoints (trainable weights, value head, optimizer, reward moments, settings) and the log rows a resume keeps."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from cai.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from cai.train.common import TrainError, log
+from cai.train.ppo_core import RewardNorm
 
 
 def save_checkpoint(run: dict[str, Any], out: Path, step: int, keep: int = 2) -> None:
@@ -22,7 +23,8 @@ def save_checkpoint(run: dict[str, Any], out: Path, step: int, keep: int = 2) ->
     torch.save(trainable, tmp / "policy_trainable.pt")
     torch.save(run["head"].state_dict(), tmp / "value_head.pt")
     torch.save(run["optimizer"].state_dict(), tmp / "optimizer.pt")
-    atomic_write_json(tmp / "state.json", {"step": step, "config": run["cfg"].model_dump()})
+    state = {"step": step, "config": run["cfg"].model_dump(), "reward_norm": run["norm"].model_dump()}
+    atomic_write_json(tmp / "state.json", state)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -31,7 +33,7 @@ def save_checkpoint(run: dict[str, Any], out: Path, step: int, keep: int = 2) ->
 
 
 def load_checkpoint(run: dict[str, Any], folder: Path) -> int:
-    """Restore trainable weights, value head and optimizer; return the step to continue from."""
+    """Restore trainable weights, value head, optimizer and reward moments; return the step to continue from."""
     trainable = torch.load(folder / "policy_trainable.pt", map_location="cpu")
     missing = set(trainable) - {n for n, _ in run["policy"].named_parameters()}
     if missing:
@@ -40,8 +42,12 @@ def load_checkpoint(run: dict[str, Any], folder: Path) -> int:
     run["head"].load_state_dict(torch.load(folder / "value_head.pt", map_location="cpu"))
     run["optimizer"].load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
     state = json.loads((folder / "state.json").read_text())
+    if "reward_norm" in state:
+        run["norm"] = RewardNorm(**state["reward_norm"])
+    else:
+        log.warning("%s holds no reward moments (an older cai): normalisation starts again from this batch", folder)
     free = ("steps", "epochs", "save_steps")
-    changed = [k for k, v in state["config"].items() if k not in free and getattr(run["cfg"], k) != v]
+    changed = [k for k, v in state["config"].items() if k not in free and getattr(run["cfg"], k, None) != v]
     if changed:
         log.warning("resuming %s with changed settings: %s", folder, ", ".join(changed))
     return state["step"]
