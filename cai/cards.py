@@ -14,6 +14,14 @@ from pydantic import BaseModel, Field
 
 from cai.constitution import display_path
 from cai.constitution_plan import describe
+from cai.contrastive import (
+    CONSTRUCTION_EXPORT,
+    PAIRS_TITLE,
+    ContrastCounter,
+    agreement_section,
+    judge_judgement,
+    labelling_text,
+)
 from cai.formats import (
     PREFERENCE_FORMAT_VERSION,
     SFT_FORMAT_VERSION,
@@ -109,6 +117,7 @@ class PreferenceStatsCounter:
         self.groups: Counter[str] = Counter()
         self.judge_modes: Counter[str] = Counter()
         self.sums: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # name -> [sum, count]
+        self.contrast = ContrastCounter()
 
     def _mean_of(self, name: str, value: float) -> None:
         self.sums[name][0] += value
@@ -116,13 +125,27 @@ class PreferenceStatsCounter:
 
     def add(self, r: PreferenceRecord) -> None:
         self.records += 1
+        self.contrast.add(r)
         if r.error is not None:
             self.errors[r.error.code.value] += 1
             return
         if r.judgement is None:
             return
-        j = r.judgement
         self.judged += 1
+        if (j := judge_judgement(r)) is not None and j.ok:  # the judge's, not a contrastive construction
+            self._judge_stats(j)
+        if (why := preference_exclusion(r, self.filters)) is not None:
+            self.excluded[why] += 1
+            return
+        self.exported += 1
+        self.principles[r.judgement.principle_id or "none"] += 1
+        self.groups[r.lineage.prompt_group or "(none)"] += 1
+        self._mean_of("mean_chosen_chars", len(r.chosen))
+        self._mean_of("mean_rejected_chars", len(r.rejected))
+        if len(r.chosen) != len(r.rejected):
+            self._mean_of("chosen_longer", float(len(r.chosen) > len(r.rejected)))
+
+    def _judge_stats(self, j) -> None:
         self.judge_modes[j.mode] += 1
         self._mean_of("mean_confidence", j.confidence)
         if j.consistent is not None:
@@ -132,16 +155,6 @@ class PreferenceStatsCounter:
                 self._mean_of("mean_option_mass", o.option_mass)
             if o.p_first is not None and o.p_first != 0.5:
                 self._mean_of("first_position_wins", float(o.p_first > 0.5))
-        if (why := preference_exclusion(r, self.filters)) is not None:
-            self.excluded[why] += 1
-            return
-        self.exported += 1
-        self.principles[j.principle_id or "none"] += 1
-        self.groups[r.lineage.prompt_group or "(none)"] += 1
-        self._mean_of("mean_chosen_chars", len(r.chosen))
-        self._mean_of("mean_rejected_chars", len(r.rejected))
-        if len(r.chosen) != len(r.rejected):
-            self._mean_of("chosen_longer", float(len(r.chosen) > len(r.rejected)))
 
     def stats(self) -> PreferenceStats:
         means = {name: total / n for name, (total, n) in self.sums.items() if n}
@@ -149,7 +162,8 @@ class PreferenceStatsCounter:
                                errors=dict(self.errors), excluded=dict(self.excluded),
                                principles=dict(sorted(self.principles.items())),
                                groups=dict(sorted(self.groups.items())),
-                               judge_modes=dict(sorted(self.judge_modes.items())), **means)
+                               judge_modes=dict(sorted(self.judge_modes.items())),
+                               contrast=self.contrast.result(), **means)
 
 
 def preference_stats(records: Iterable[PreferenceRecord], min_confidence: float = 0.0,
@@ -260,30 +274,36 @@ def prefs_data_card(store: JobStore, stats: PreferenceStats, min_confidence: flo
     const, policy, judge = inputs.get("constitution", {}), inputs.get("policy", {}), inputs.get("judge", {})
     phase2 = inputs.get("phase2") or m.recipe.get("phase2") or {}
     judge_cfg = phase2.get("judge") or {}
+    labeller = phase2.get("labeller", "judge")
     table = lambda counts: "\n".join(f"| {k} | {v} |" for k, v in sorted(counts.items())) or "| none | 0 |"  # noqa: E731
+    judge_line = "judge: none (labels by construction)" if labeller == "contrastive" else (
+        f"judge: `{judge.get('id')}` (revision `{judge.get('revision')}`, engine `{judge.get('engine')}`)"
+        f", mode `{judge_cfg.get('mode', 'logprob')}`, {_orders_phrase(judge_cfg)}")
     return f"""---
 tags: [constitutional-ai, rlaif, preferences, synthetic]
 configs:
 - config_name: default
   data_files: prefs.jsonl
 ---
-# Preference data: AI-judged pairs under `{const.get('name')}` v{const.get('version')}
+# Preference data: {PAIRS_TITLE.get(labeller, 'AI-judged pairs')} under `{const.get('name')}` v{const.get('version')}
 
-Made by `cai` {m.cai_version} (phase 2, RL-CAI). {judging_text(phase2, stats)}
+Made by `cai` {m.cai_version} (phase 2, RL-CAI; labeller `{labeller}`). {judging_text(phase2, stats)}
 
 - constitution: `{const.get('name')}` version {const.get('version')}, sha256 `{const.get('sha256')}`
 - policy: `{policy.get('id')}` (revision `{policy.get('revision')}`, engine `{policy.get('engine')}`)
-- judge: `{judge.get('id')}` (revision `{judge.get('revision')}`, engine `{judge.get('engine')}`), mode `{judge_cfg.get('mode', 'logprob')}`, {_orders_phrase(judge_cfg)}
+- {judge_line}
 - prompts: `{_shown(m.recipe.get('prompts'))}`; job fingerprint `{m.fingerprint}`
-- records: {stats.records}; judged: {stats.judged}; exported: {stats.exported}
-- export rules: confidence ≥ {min_confidence}; {_consistency_rule(judge_cfg, require_consistent)}
+- records: {stats.records}; {"judged" if labeller == "judge" else "labelled"}: {stats.judged}; exported: {stats.exported}
+- export rules: {CONSTRUCTION_EXPORT if labeller != "judge" else f"confidence ≥ {min_confidence}; {_consistency_rule(judge_cfg, require_consistent)}"}
 - row format: cai preference row v{PREFERENCE_FORMAT_VERSION} (TRL conversational preference format; `cai.formats`)
 
 ## Label statistics (judged records)
 
 | statistic | value |
 | --- | --- |
-{_label_rows(judge_cfg, stats)}
+{_label_rows(judge_cfg, stats, labeller)}
+
+{agreement_section(stats.contrast, labeller)}
 
 ## Errors by kind
 
@@ -316,15 +336,16 @@ def _has_option_mass(mode: str) -> bool:
     return spec is None or spec.option_mass
 
 
-def _label_rows(judge: dict, stats: PreferenceStats) -> str:
+def _label_rows(judge: dict, stats: PreferenceStats, labeller: str = "judge") -> str:
     """The label statistics that apply to the job's judge (no consistency with one order, no option
-    mass for JSON verdicts)."""
-    rows = [("mean confidence (abs(P − 0.5)·2)", _fmt(stats.mean_confidence))]
-    if judge.get("orders", 2) == 2:
+    mass for JSON verdicts; none without a judge). Labeller both: the judge's scores of the pairs."""
+    rows = [] if labeller == "contrastive" else [("mean confidence (abs(P − 0.5)·2)", _fmt(stats.mean_confidence))]
+    if rows and judge.get("orders", 2) == 2:
         rows.append(("consistency rate (both orders agree)", _fmt(stats.consistency_rate)))
-    rows.append(("share of first-position wins (per order)", _fmt(stats.first_position_wins)))
+    if rows:
+        rows.append(("share of first-position wins (per order)", _fmt(stats.first_position_wins)))
     modes = stats.judge_modes or [judge.get("mode", "logprob")]
-    if any(_has_option_mass(mode) for mode in modes):
+    if rows and any(_has_option_mass(mode) for mode in modes):
         rows.append(("mean P(A) + P(B) before normalising (per order; logprob and cot)", _fmt(stats.mean_option_mass)))
     rows += [("mean length chosen / rejected (chars, exported)",
               f"{_fmt(stats.mean_chosen_chars, '.0f')} / {_fmt(stats.mean_rejected_chars, '.0f')}"),
@@ -363,6 +384,9 @@ def fallback_text(mode: str, used: dict[str, int]) -> str:
 
 def judging_text(phase2: dict, stats: PreferenceStats) -> str:
     """How the pairs were made and labelled, from the job's phase-2 settings (and the modes actually used)."""
+    if phase2.get("labeller", "judge") != "judge":
+        return labelling_text(phase2) + fallback_text((phase2.get("judge") or {}).get("mode", "logprob"),
+                                                      stats.judge_modes)
     judge = phase2.get("judge") or {}
     mode = judge.get("mode", "logprob")
     if judge.get("orders", 2) == 2:

@@ -21,6 +21,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -60,12 +61,29 @@ class FewShotExample(BaseModel):
     revision: Text
 
 
+class Directions(BaseModel):
+    """A principle's two steering instructions for contrastive pairs (RLCD, Yang et al. 2023): the
+    policy answers once told `toward` (the chosen answer) and once told `away` (the rejected one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    toward: Text
+    away: Text
+
+    @model_validator(mode="after")
+    def _differ(self) -> Directions:
+        if self.toward == self.away:
+            raise PydanticCustomError("same_directions", "toward and away are the same text — the away "
+                                      "direction must ask for the opposite behaviour")
+        return self
+
+
 class Principle(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: Slug
     critique_request: Text
     revision_request: Text
     comparison_question: Text
+    directions: Directions | None = None
     tags: list[Text] = []
     examples: list[FewShotExample] = []
 
@@ -102,8 +120,9 @@ class Constitution(BaseModel):
         raise KeyError(f"no principle '{id}' in {self.name} v{self.version}; known ids: {', '.join(self.ids)}")
 
     def content_sha256(self) -> str:
-        """sha256 of the normalised content: independent of comments, layout and key order."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        """sha256 of the normalised content: independent of comments, layout and key order. An absent
+        optional field (`directions: None`) is left out, so adding that field kept every old hash."""
+        payload = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return sha256_text(payload)
 
 
@@ -202,6 +221,9 @@ _HINTS = {
     "revision_request": "write how the model should rewrite its answer",
     "comparison_question": "write a two-choice question such as 'Which of these responses is less harmful?'",
     "tags": "give a list of short labels, e.g. [harm, violence]",
+    "directions": "give a mapping with `toward` and `away`, the two steering instructions for contrastive pairs",
+    "toward": "write the instruction that steers an answer toward the principle",
+    "away": "write the instruction that steers an answer away from the principle (the opposite behaviour)",
     "examples": "give a list of mappings with prompt, answer, critique and revision",
     **{f: f"write the example's {f} text" for f in ("prompt", "answer", "critique", "revision")},
 }
@@ -210,7 +232,7 @@ _ITEM_HINTS = {
     "examples": "each example is a mapping with prompt, answer, critique, revision",
     "tags": "each tag is a short non-empty label",
 }
-_MODEL_AT = {None: Constitution, "principles": Principle, "examples": FewShotExample}
+_MODEL_AT = {None: Constitution, "principles": Principle, "examples": FewShotExample, "directions": Directions}
 
 
 def _field_path(loc: tuple) -> str:
@@ -244,6 +266,8 @@ def _message(err: dict, loc: tuple) -> str:
     field = names[-1] if names else None
     hint = _ITEM_HINTS.get(field, "") if loc and isinstance(loc[-1], int) else _HINTS.get(field, "")
     given = err.get("input")
+    if kind == "same_directions":
+        return err["msg"]
     if kind == "missing":
         return f"required field is missing — add it: {hint}"
     if kind == "extra_forbidden":

@@ -54,6 +54,9 @@ def _change(old: BaseModel, new: BaseModel, field: str) -> FieldChange:
 
 def _principle_changes(old: Principle, new: Principle) -> list[FieldChange]:
     changes = [_change(old, new, f) for f in _WORDING if getattr(old, f) != getattr(new, f)]
+    if old.directions != new.directions:
+        text = lambda p: json.dumps(p.directions and p.directions.model_dump(), ensure_ascii=False)  # noqa: E731
+        changes.append(FieldChange(field="directions", old=text(old), new=text(new)))
     if old.examples != new.examples:
         changes.append(_change(old, new, "examples"))
     return changes

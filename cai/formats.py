@@ -13,7 +13,8 @@ Formats (each with a version; a data card names the versions of its rows):
   explicit prompt, ``{"prompt": [...], "chosen": [assistant turn], "rejected": [assistant turn]}``,
   plus ``score`` = P(chosen preferred) in [0.5, 1], ``margin`` = 2·score − 1 in [0, 1] (TRL's
   reward-model ``margin`` column), ``consistent`` (the judge's orders agree; null with one order)
-  and ``metadata``.
+  and ``metadata``. A contrastive pair (``metadata.labeller`` contrastive or both; cai.contrastive)
+  has ``score`` = ``margin`` = 1.0: a label by construction (hard), not a judged probability.
 - Review, ``REVIEW_FORMAT_VERSION``: a human review applied to either row (``apply_review``).
   Every reviewed row carries ``metadata.review`` = {label, reviewer, note, reviewed_at} (empty
   strings when not reviewed). "discard" drops the row. On a preference row "agree" and "flip"
@@ -140,6 +141,12 @@ class PreferenceMetadata(BaseModel):
     first_shown: list[str] = Field(description='per order, which answer was shown first ("A" or "B")')
     confidence: float = Field(description="abs(p_a - 0.5) * 2")
     num_samples: int = Field(description="answers sampled for the prompt (K)")
+    labeller: str = Field("judge", description="who labelled the pair: judge; contrastive (by construction, "
+                          "RLCD: the answer steered toward the principle is chosen); both (by construction, "
+                          "also scored by the judge)")
+    contrast: dict[str, Any] | None = Field(
+        None, description="contrastive pairs: the principle, its toward/away instructions, the steering "
+        "template's hash, and (labeller both) the judge's P(toward preferred), its consistency and error")
 
 
 class PreferenceRow(BaseModel):
@@ -181,6 +188,8 @@ def preference_row(record: PreferenceRecord) -> dict[str, Any]:
         first_shown=[o.first for o in j.orders],
         confidence=j.confidence,
         num_samples=len(record.answers),
+        labeller=lineage.labeller,
+        contrast=record.contrast_metadata(),
     )
     return PreferenceRow(
         prompt=record.prompt,

@@ -17,6 +17,7 @@ from cai.batches import (  # noqa: F401  (EngineDown, JobCancelled: part of this
     run_batches,
 )
 from cai.constitution_plan import ConstitutionPlan, load_plan
+from cai.contrastive import label_pass, require_plan_directions, sample_pass
 from cai.critique import cancelled_records as cancelled_sft
 from cai.critique import phase1_id, run_phase1
 from cai.engine.base import Engine
@@ -34,9 +35,13 @@ from cai.jobdir import (  # noqa: F401  (manifest_recipe, source_digest: part of
     open_job_store,
     source_digest,
 )
-from cai.preferences import PreferenceStats, judge_samples, phase2_id, sample_answers
+from cai.preferences import NO_JUDGE, PreferenceStats, phase2_id
 from cai.preferences import cancelled_records as cancelled_prefs
-from cai.prompts import PHASE1_TEMPLATE_HASH, judge_config_template_hashes
+from cai.prompts import (
+    CONTRAST_TEMPLATE_HASH,
+    PHASE1_TEMPLATE_HASH,
+    judge_config_template_hashes,
+)
 from cai.ray_executor import EngineProcess, executor_for
 from cai.recipe import EngineSpec, Phase1Config, Phase2Config, PrefsJob, SFTJob
 from cai.records import (
@@ -170,11 +175,17 @@ def generate_sft(
 
 
 def prefs_manifest_inputs(job: PrefsJob, plan: ConstitutionPlan, policy: ModelRef, judge: ModelRef) -> dict:
-    """What a phase-2 job's output depends on (its fingerprint)."""
-    judging = job.phase2.judge
+    """What a phase-2 job's output depends on (its fingerprint). Labeller `judge` leaves the labeller out,
+    so a job made before labellers existed keeps its fingerprint; `contrastive` has no judge."""
+    judging, labeller = job.phase2.judge, job.phase2.labeller
+    judged = labeller != "contrastive"
+    templates = judge_config_template_hashes(judging.mode, judging.fallback_structured) if judged else {}
+    if labeller != "judge":
+        templates = {**templates, "contrast": CONTRAST_TEMPLATE_HASH}
     return {**plan.fingerprint_inputs(), "prompts": source_digest(job.prompts), "policy": policy.model_dump(),
-            "judge": judge.model_dump(), "phase2": job.phase2.model_dump(),
-            "template_hash": judge_config_template_hashes(judging.mode, judging.fallback_structured)}
+            "judge": (judge if judged else NO_JUDGE).model_dump(),
+            "phase2": job.phase2.model_dump(exclude={"labeller"} if labeller == "judge" else None),
+            "template_hash": templates}
 
 
 class PrefsEngines:
@@ -233,8 +244,10 @@ def generate_prefs(
     `recipe`: what a new job's manifest.json records as its settings (default: manifest_recipe(job))."""
     started = time.perf_counter()
     plan = job_plan(job, allow_unrevised=False)
+    if job.phase2.labeller != "judge":
+        require_plan_directions(plan)
     policy_ref = policy_engine.model if policy_engine else engine_model_ref(job.policy)
-    judge_ref = judge_engine.model if judge_engine else (
+    judge_ref = NO_JUDGE if job.phase2.labeller == "contrastive" else judge_engine.model if judge_engine else (
         policy_ref if job.judge is None else engine_model_ref(job.judge))
     manifest = job_manifest(PREFS, PHASE2_CODE_VERSION, prefs_manifest_inputs(job, plan, policy_ref, judge_ref),
                             job, settings_recipe(job, recipe))
@@ -244,7 +257,7 @@ def generate_prefs(
         [_as_source(x) for x in batch], plan, policy_ref, judge_ref, job.phase2, reason)
     with job_executor(job, executor) as runner, open_job_store(job, manifest, PREFS_RECORDS) as store:
         try:
-            sampled = _sample_pass(job, store, engines, progress, stop, redo_codes, cancelled, runner)
+            sampled = _sample_pass(job, plan, store, engines, progress, stop, redo_codes, cancelled, runner)
             engines.release("policy")
             judge = JudgeProcess(job.judge or job.policy, plan, job.phase2, lambda: engines.get("judge"),
                                  step_hook(progress, PREFS))
@@ -265,37 +278,42 @@ def generate_prefs(
 
 
 class SampleProcess(EngineProcess):
-    """A phase-2 pass-1 batch: K sampled answers per prompt (picklable: see cai.ray_executor.EngineProcess)."""
+    """A phase-2 pass-1 batch: K sampled answers per prompt, or a contrastive pair under the prompt's
+    sampled principle (`plan`: needed then) (picklable: see cai.ray_executor.EngineProcess)."""
 
     def __init__(self, spec: EngineSpec, config: Phase2Config, engine_of: Callable[[], Engine] | None = None,
-                 on_step=None):
+                 on_step=None, plan: ConstitutionPlan | None = None):
         super().__init__(spec, engine_of, on_step)
-        self.config = config
+        self.config, self.plan = config, plan
 
     def run(self, engine: Engine, batch: list[SourcePrompt]) -> list[SampledAnswers]:
-        return sample_answers(batch, engine, self.config, on_step=self.on_step)
+        return sample_pass(batch, self.plan, engine, self.config, on_step=self.on_step)
 
 
 class JudgeProcess(EngineProcess):
-    """A phase-2 pass-2 batch: pairs judged in both orders (picklable: see cai.ray_executor.EngineProcess)."""
+    """A phase-2 pass-2 batch: pairs judged in both orders, or contrastive pairs labelled by construction
+    (labeller contrastive: no engine is built) (picklable: see cai.ray_executor.EngineProcess)."""
 
     def __init__(self, spec: EngineSpec, plan: ConstitutionPlan, config: Phase2Config,
                  engine_of: Callable[[], Engine] | None = None, on_step=None):
         super().__init__(spec, engine_of, on_step)
         self.plan, self.config = plan, config
 
-    def run(self, engine: Engine, batch: list[SampledAnswers]) -> list[PreferenceRecord]:
-        return judge_samples(batch, self.plan, engine, self.config, on_step=self.on_step)
+    def engine(self) -> Engine | None:
+        return None if self.config.labeller == "contrastive" else super().engine()
+
+    def run(self, engine: Engine | None, batch: list[SampledAnswers]) -> list[PreferenceRecord]:
+        return label_pass(batch, self.plan, engine, self.config, on_step=self.on_step)
 
 
-def _sample_pass(job: PrefsJob, store: JobStore, engines: PrefsEngines, progress: ProgressHook | None,
-                 stop: StopCheck | None, redo: set[str], cancelled: CancelledRows,
+def _sample_pass(job: PrefsJob, plan: ConstitutionPlan, store: JobStore, engines: PrefsEngines,
+                 progress: ProgressHook | None, stop: StopCheck | None, redo: set[str], cancelled: CancelledRows,
                  executor: Executor | None = None) -> BatchRun:
     """Pass 1 into shards/samples-*. A stop here writes a `cancelled` prefs row for every prompt
     not judged yet (each input still ends as one row) and raises JobCancelled."""
     prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
     dedupe = near_duplicate_key if job.drop_near_duplicates else None
-    sample = SampleProcess(job.policy, job.phase2, lambda: engines.get("policy"), step_hook(progress, SAMPLES))
+    sample = SampleProcess(job.policy, job.phase2, lambda: engines.get("policy"), step_hook(progress, SAMPLES), plan)
     try:
         return run_batches(store, SAMPLES, prompts, phase2_id, sample, job.batch_size, progress,
                            None if is_remote(executor) else sample.engine, stop=stop, dedupe_key=dedupe, redo=redo,
@@ -312,9 +330,14 @@ def _sample_pass(job: PrefsJob, store: JobStore, engines: PrefsEngines, progress
 
 
 def _judge_down(records: Sequence[PreferenceRecord]) -> bool:
-    """The judge failed for the backend on every pair it saw (rows passed on from a failed sample don't count)."""
+    """The judge failed for the backend on every pair it saw (rows passed on from a failed sample don't count;
+    labeller both: a pair the judge failed on is still a row, its error kept in `comparisons`)."""
+    def down(r: PreferenceRecord) -> bool:
+        error = r.error or next((c.judgement.error for c in r.comparisons if c.judgement.error), None)
+        return error is not None and error.code == ErrorCode.BACKEND_UNAVAILABLE
+
     judged = [r for r in records if r.comparisons]
-    return bool(judged) and all(r.error is not None and r.error.code == ErrorCode.BACKEND_UNAVAILABLE for r in judged)
+    return bool(judged) and all(down(r) for r in judged)
 
 
 def _as_source(item: SourcePrompt | SampledAnswers) -> SourcePrompt:

@@ -39,7 +39,12 @@ from cai.constitution_plan import ConstitutionPlan, PlanError
 from cai.critique import step_error
 from cai.engine.base import Engine
 from cai.judge import JudgeItem, judge_pairs
-from cai.prompts import answer_chat, judge_template_hash, with_system
+from cai.prompts import (
+    CONTRAST_TEMPLATE_HASH,
+    answer_chat,
+    judge_template_hash,
+    with_system,
+)
 from cai.recipe import Phase2Config
 from cai.records import (
     AnswerSample,
@@ -62,7 +67,7 @@ def phase2_id(source: SourcePrompt) -> str:
     return stable_id("prefs", [m.model_dump() for m in source.messages])
 
 
-def _samples(completions) -> list[AnswerSample]:
+def answer_samples(completions) -> list[AnswerSample]:
     out: list[AnswerSample] = []
     seen: set[str] = set()
     for c in completions:
@@ -75,7 +80,7 @@ def _samples(completions) -> list[AnswerSample]:
     return out
 
 
-def _policy_params(config: Phase2Config) -> SamplingParams:
+def policy_params(config: Phase2Config) -> SamplingParams:
     params = config.policy
     return params if params.seed is not None else params.model_copy(update={"seed": config.seed})
 
@@ -89,25 +94,26 @@ def sample_answers(
     sources: Sequence[SourcePrompt], policy_engine: Engine, config: Phase2Config, on_step: StepHook | None = None,
 ) -> list[SampledAnswers]:
     """Pass 1: K answers per prompt in one engine call; a prompt with < 2 usable answers is an error row."""
+    judge_labeller(config)
     k = config.samples
     chats = [with_system(answer_chat(s.messages), config.system_prompt) for s in sources for _ in range(k)]
-    completions = policy_engine.generate(chats, _policy_params(config)) if chats else []
+    completions = policy_engine.generate(chats, policy_params(config)) if chats else []
     if len(completions) != len(chats):
         raise RuntimeError(f"engine returned {len(completions)} completions for {len(chats)} chats")
     if on_step:
         on_step("sample", len(chats))
-    return [_sampled(source, _samples(completions[n * k:(n + 1) * k]), policy_engine.model)
+    return [sampled_row(source, answer_samples(completions[n * k:(n + 1) * k]), policy_engine.model)
             for n, source in enumerate(sources)]
 
 
-def _sampled(source: SourcePrompt, answers: list[AnswerSample], model: ModelRef, error=None) -> SampledAnswers:
+def sampled_row(source: SourcePrompt, answers: list[AnswerSample], model: ModelRef, error=None) -> SampledAnswers:
     usable = sum(a.excluded is None for a in answers)
     if error is None and usable < 2:
         reasons = sorted({a.excluded for a in answers if a.excluded})
         error = ErrorInfo(code=next((a.error.code for a in answers if a.error), ErrorCode.EMPTY),
                           message=f"only {usable} of {len(answers)} samples usable "
                                   f"(excluded: {', '.join(reasons)}); need 2 to form a pair",
-                          raw=next((a.text for a in answers if a.error), None))
+                          raw=next((a.error.raw or a.text for a in answers if a.error), None))
     return SampledAnswers(id=phase2_id(source), parent_ids=[source.id], prompt=source.messages,
                           group=source.group, answers=answers, model=model, error=error)
 
@@ -120,6 +126,7 @@ def judge_samples(
     on_step: StepHook | None = None,
 ) -> list[PreferenceRecord]:
     """Pass 2: judge every usable pair of each prompt under its group's constitution; records in order."""
+    judge_labeller(config)
     plan = ConstitutionPlan.of(constitution)
     jobs: list[tuple[int, tuple[int, int]]] = []
     items: list[JudgeItem] = []
@@ -127,7 +134,7 @@ def judge_samples(
         if row.error is not None:
             continue
         for a, b in _pairs(row.answers):
-            principle = sample_principle(_phase2_constitution(plan, row.group), config.seed, row.id, [a, b])
+            principle = sample_principle(phase2_constitution(plan, row.group), config.seed, row.id, [a, b])
             jobs.append((n, (a, b)))
             items.append(JudgeItem.for_principle(row.prompt, row.answers[a].text, row.answers[b].text, principle))
     judgements = judge_pairs(judge_engine, items, config.judge) if items else []
@@ -138,7 +145,7 @@ def judge_samples(
         comparisons[n].append(Comparison(a=a, b=b, judgement=j))
     records: list[PreferenceRecord] = []
     for n, row in enumerate(sampled):
-        lineage = _lineage_parts(_phase2_constitution(plan, row.group), row.group, row.model,
+        lineage = lineage_parts(phase2_constitution(plan, row.group), row.group, row.model,
                                  judge_engine.model, config)
         records += _records(row, comparisons[n], config, lineage)
     return records
@@ -157,7 +164,7 @@ def run_phase2(
                          config, on_step)
 
 
-def _phase2_constitution(plan: ConstitutionPlan, group: str) -> LoadedConstitution:
+def phase2_constitution(plan: ConstitutionPlan, group: str) -> LoadedConstitution:
     constitution = plan.for_group(group)
     if constitution is None:
         raise PlanError(f"prompt group {group!r} has no constitution; phase 2 needs one for every group")
@@ -170,23 +177,40 @@ def cancelled_records(sources: Sequence[SourcePrompt], constitution: LoadedConst
     plan = ConstitutionPlan.of(constitution)
     error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
     return [_record(phase2_id(s), dict(parent_ids=[s.id], prompt=s.messages), [], None,
-                    _lineage_parts(_phase2_constitution(plan, s.group), s.group, policy, judge, config), error=error)
+                    lineage_parts(phase2_constitution(plan, s.group), s.group, policy, judge, config), error=error)
             for s in sources]
 
 
-def _lineage_parts(constitution: LoadedConstitution, group: str, policy: ModelRef, judge: ModelRef,
-                   config: Phase2Config) -> dict[str, Any]:
+NO_JUDGE = ModelRef(id="none", engine="none")
+"""The `judge_model` of pairs labelled by construction alone (labeller contrastive): no judge ran."""
+
+
+def lineage_parts(constitution: LoadedConstitution, group: str, policy: ModelRef, judge: ModelRef,
+                  config: Phase2Config) -> dict[str, Any]:
+    """Lineage of the job's records. Labeller contrastive: no judge, no judge settings, and the
+    template hash is the steering template's (cai.prompts.CONTRAST_TEMPLATE_HASH)."""
+    judged = config.labeller != "contrastive"
+    sampling = {"policy": policy_params(config), **({"judge": config.judge.generation()} if judged else {})}
     return dict(
         constitution=constitution.ref,
         prompt_group=group or None,
         model=policy,
-        judge_model=judge,
-        judge_config=config.judge.model_dump(mode="json"),
-        sampling={"policy": _policy_params(config), "judge": config.judge.generation()},
+        judge_model=judge if judged else NO_JUDGE,
+        judge_config=config.judge.model_dump(mode="json") if judged else {},
+        sampling=sampling,
         seed=config.seed,
-        template_hash=judge_template_hash(config.judge.mode),
+        template_hash=judge_template_hash(config.judge.mode) if judged else CONTRAST_TEMPLATE_HASH,
         cai_version=__version__,
+        labeller=config.labeller,
     )
+
+
+def judge_labeller(config: Phase2Config) -> None:
+    """ValueError unless `config` has the judge label K sampled answers (this module's passes);
+    contrastive pairs go through cai.contrastive (sample_pass, label_pass)."""
+    if config.labeller != "judge":
+        raise ValueError(f"labeller {config.labeller!r}: use cai.contrastive.sample_pass / label_pass "
+                         "(cai.preferences samples and judges K answers for labeller 'judge' only)")
 
 
 def _records(row: SampledAnswers, comparisons, config, lineage) -> list[PreferenceRecord]:
@@ -242,6 +266,23 @@ def _record(rid, base, comparisons, emitted: Comparison | None, lineage, error=N
     ))
 
 
+class ContrastStats(BaseModel):
+    """Contrastive pairs (labeller contrastive|both; see cai.contrastive): pairs labelled by construction
+    and, with `both`, how often the judge's P(toward answer preferred) agrees: > 0.5 agrees, < 0.5
+    disagrees, exactly 0.5 (e.g. a judge that always picks one position) counts one half."""
+
+    pairs: int = Field(0, description="pairs labelled by construction (error rows not counted)")
+    judge_scored: int = Field(0, description="of those, pairs the judge scored without an error")
+    judge_errors: dict[str, int] = Field(default_factory=dict)
+    agree: int = 0
+    disagree: int = 0
+    ties: int = 0
+    agreement: float | None = Field(None, description="(agree + ties / 2) / judge_scored")
+    agreement_low: float | None = Field(None, description="95% Wilson interval of `agreement`")
+    agreement_high: float | None = None
+    mean_p_toward: float | None = None
+
+
 class PreferenceStats(BaseModel):
     """Label statistics for a data card (computed over judged records; `exported` after filtering)."""
 
@@ -260,3 +301,4 @@ class PreferenceStats(BaseModel):
     mean_chosen_chars: float | None = None
     mean_rejected_chars: float | None = None
     chosen_longer: float | None = None
+    contrast: ContrastStats | None = Field(None, description="labeller contrastive|both")

@@ -41,6 +41,26 @@ def with_system(chat: Chat, system: str | None) -> Chat:
     return [Message(role="system", content=system), *chat]
 
 
+# ---- contrastive pairs (phase 2, labeller contrastive|both) -------------------------------
+#
+# RLCD (Yang et al. 2023) put "(harmless response)" / "(harmful response)" into the prompt of the
+# two generations. cai appends a principle's `directions.toward` / `.away` in brackets to the last
+# user turn: the turn the policy answers is where a small model notices an instruction, any chat
+# template has one (not all have a system role), and the recipe's own system turn stays as it is.
+
+STEER_TURN = "{content}\n\n({instruction})"
+CONTRAST_TEMPLATE_HASH = template_hash({"steer": STEER_TURN})
+
+
+def steered_chat(chat: Chat, instruction: str) -> Chat:
+    """`chat` with `instruction` appended to its last user turn (a new user turn if it has none)."""
+    last = next((i for i in range(len(chat) - 1, -1, -1) if chat[i].role == "user"), None)
+    if last is None:
+        return [*chat, Message(role="user", content=f"({instruction})")]
+    turn = Message(role="user", content=STEER_TURN.format(content=chat[last].content, instruction=instruction))
+    return [*chat[:last], turn, *chat[last + 1:]]
+
+
 def _example_turns(example: FewShotExample, principle: Principle) -> Chat:
     return [
         Message(role="user", content=example.prompt),

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cai.records import JUDGE_MODES, SamplingParams
+from cai.records import JUDGE_MODES, LABELLERS, SamplingParams
 
 DEFAULT_BATCH_SIZE = 256
 """Prompts per engine call and per shard, for every job kind (CLI, service, recipes, notebooks)."""
@@ -122,7 +122,19 @@ class Phase2Config(BaseModel):
     policy: SamplingParams = SamplingParams(temperature=0.8, max_tokens=192)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairing: Literal["best_worst", "all"] = "best_worst"
+    labeller: Literal[LABELLERS] = Field(
+        "judge", description="judge: the judge labels pairs of K sampled answers; contrastive: one pair per "
+        "prompt, the policy steered toward and away from a sampled principle (its `directions`), labelled by "
+        "construction (RLCD); both: contrastive pairs, also scored by the judge (the data card reports how "
+        "often it agrees with the construction)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_contrastive_pair(self) -> Phase2Config:
+        if self.labeller != "judge" and self.samples != 2:
+            raise ValueError(f"labeller {self.labeller!r} makes one pair per prompt (an answer steered toward "
+                             f"the principle and one steered away): samples must be 2, not {self.samples}")
+        return self
 
     @field_validator("policy")
     @classmethod

@@ -172,6 +172,24 @@ entry in `cai.judge.JUDGE_MODE_SPECS` (runner, templates, data-card text); the l
 validate mode names against this tuple."""
 # Literal[tuple] is Literal[each item]: the schema's enum and the validation message name every mode.
 JudgeMode = Literal[(*JUDGE_MODES, "baseline")]  # "baseline": the evaluation's reference judge
+CONSTRUCTION = "construction"
+"""The `mode` of a contrastive pair's Judgement: its label comes from how the pair was made, no judge ran."""
+LABELLERS: tuple[str, ...] = ("judge", "contrastive", "both")
+"""Who labels phase-2 pairs (`Phase2Config.labeller`): the AI judge on K sampled answers; the
+construction of a contrastive pair (RLCD: answer 0 steered toward the sampled principle is chosen,
+answer 1 steered away from it is rejected); or the construction, with the judge scoring it too."""
+Labeller = Literal[LABELLERS]
+
+
+class Contrast(BaseModel):
+    """How a contrastive pair was made: the sampled principle and its two steering instructions
+    (appended to the prompt's last user turn by the template `template_hash` names, for that
+    generation only). answers[0] was generated toward the principle, answers[1] away from it."""
+
+    principle_id: str
+    toward: str
+    away: str
+    template_hash: str
 
 
 class JudgeOrder(BaseModel):
@@ -207,10 +225,11 @@ class Judgement(BaseModel):
     False when they disagree (or one is a tie), None when judged in one order.
     `confidence` = |p_a - 0.5| * 2. A failure in any order makes the whole
     judgement an error row (p_a None): never a guessed winner or a silent tie.
+    Mode `construction` is a contrastive pair's label (p_a 1, no orders): no judge ran.
     """
 
     principle_id: str | None = None
-    mode: JudgeMode
+    mode: JudgeMode | Literal["construction"]
     p_a: float | None = None
     orders: list[JudgeOrder] = Field(default_factory=list)
     consistent: bool | None = None
@@ -252,6 +271,7 @@ class SampledAnswers(BaseModel):
     group: str = ""
     answers: list[AnswerSample] = Field(default_factory=list)
     model: ModelRef
+    contrast: Contrast | None = Field(None, description="contrastive labellers: how the pair was steered")
     error: ErrorInfo | None = None
 
     @property
@@ -276,6 +296,7 @@ class PreferenceLineage(Lineage):
 
     judge_model: ModelRef
     judge_config: dict = Field(default_factory=dict)
+    labeller: Labeller = "judge"
 
 
 HUMAN_LABELS = ("agree", "flip")  # review labels that decide a pair (cai serve); "discard" drops it
@@ -305,12 +326,25 @@ class PreferenceRecord(BaseModel):
     judgement: Judgement | None = None
     comparisons: list[Comparison] = Field(default_factory=list)
     lineage: PreferenceLineage
+    contrast: Contrast | None = None
     error: ErrorInfo | None = None
 
     @property
     def generated_tokens(self) -> int:
         """Policy tokens sampled for this prompt (the judge's scoring generates none in logprob mode)."""
         return sum(a.completion_tokens for a in self.answers)
+
+    def contrast_metadata(self) -> dict | None:
+        """A contrastive pair's `metadata.contrast` in an export: its steering (principle, both
+        instructions, template hash) and, labeller `both`, the judge's P(toward answer preferred)
+        averaged over its orders, whether the orders agree, and the judge's error if it failed."""
+        if self.contrast is None:
+            return None
+        judged = self.comparisons[0].judgement if self.comparisons else None
+        return {**self.contrast.model_dump(),
+                "judge_p_toward": judged.p_a if judged else None,
+                "judge_consistent": judged.consistent if judged else None,
+                "judge_error": judged.error.code.value if judged and judged.error else None}
 
     @property
     def ok(self) -> bool:

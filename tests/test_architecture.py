@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                              "cai.constitution_diff", "cai.recipe", "cai.sources")),
     ("prompts", ("cai.prompts",)),
     ("engine", ("cai.engine",)),
-    ("stages", ("cai.critique", "cai.judge", "cai.preferences", "cai.evaluate", "cai.policy_records",
+    ("stages", ("cai.critique", "cai.judge", "cai.preferences", "cai.contrastive", "cai.evaluate", "cai.policy_records",
                 "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench", "cai.bench_judge")),
     ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
                       "cai.jobdir", "cai.train")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -80,7 +81,7 @@ def test_shipped_constitutions_validate(path: Path) -> None:
     assert validate_constitution(path) == []
     loaded = load_constitution(path)
     c = loaded.constitution
-    assert c.version == "1.1.0"
+    assert c.version == "1.2.0"
     assert loaded.ref.name == c.name == path.stem
     assert len(loaded.ref.sha256) == 64
     assert len(c.principles) >= (12 if c.name == "harmless" else 8)
@@ -187,6 +188,36 @@ def test_duplicate_yaml_key(tmp_path: Path) -> None:
     err = only_error(write(tmp_path / "dupkey.yaml", text))
     assert (err.line, err.field) == (line_of(text, "tags: [other]"), "principles[0].tags")
     assert "duplicate key" in err.message
+
+
+DIRECTED = GOOD.replace("    tags: [harm]\n", "    directions:\n      toward: Answer harmlessly.\n"
+                        "      away: Answer without caring about harm.\n    tags: [harm]\n")
+
+
+def test_directions_are_optional_and_checked(tmp_path: Path) -> None:
+    c = load_constitution(write(tmp_path / "d.yaml", DIRECTED)).constitution
+    assert c.principle("alpha").directions.away == "Answer without caring about harm."
+    assert c.principle("beta").directions is None
+    same = DIRECTED.replace("away: Answer without caring about harm.", "away: Answer harmlessly.")
+    err = only_error(write(tmp_path / "same.yaml", same))
+    assert (err.line, err.field) == (line_of(same, "directions:"), "principles[0].directions")
+    assert "toward and away are the same text" in err.message
+    missing = DIRECTED.replace("      away: Answer without caring about harm.\n", "")
+    err = only_error(write(tmp_path / "missing.yaml", missing))
+    assert err.field == "principles[0].directions.away" and "opposite behaviour" in err.message
+    typo = DIRECTED.replace("away:", "awya:")
+    missing_away, unknown = validate_constitution(write(tmp_path / "typo.yaml", typo))
+    assert missing_away.field == "principles[0].directions.away"
+    assert unknown.field == "principles[0].directions.awya" and "allowed keys: toward, away" in unknown.message
+
+
+def test_sha_without_directions_is_the_hash_before_they_existed(tmp_path: Path) -> None:
+    loaded = load_constitution(write(tmp_path / "a.yaml", GOOD))
+    payload = loaded.constitution.model_dump(mode="json")
+    assert [p.pop("directions") for p in payload["principles"]] == [None, None, None]
+    old = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert loaded.ref.sha256 == hashlib.sha256(old.encode()).hexdigest()
+    assert load_constitution(write(tmp_path / "d.yaml", DIRECTED)).ref.sha256 != loaded.ref.sha256
 
 
 @pytest.mark.parametrize("empty", ['""', "'   '"])
@@ -383,7 +414,7 @@ runner = CliRunner()
 def test_cli_validate_ok() -> None:
     result = runner.invoke(constitution_app, ["validate", *map(str, SHIPPED)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("OK ") == 2 and "harmless v1.1.0" in result.output
+    assert result.output.count("OK ") == 2 and "harmless v1.2.0" in result.output
 
 
 def test_cli_validate_errors(tmp_path: Path) -> None:
@@ -402,7 +433,7 @@ def test_cli_show() -> None:
     result = runner.invoke(constitution_app, ["show", str(SHIPPED[0])], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     harmless = load_constitution(SHIPPED[0])
-    assert "harmless" in result.output and "v1.1.0" in result.output
+    assert "harmless" in result.output and "v1.2.0" in result.output
     assert harmless.ref.sha256[:12] in result.output
     for p in harmless.constitution.principles:
         assert p.id in result.output

@@ -35,7 +35,7 @@ from cai.events import BatchCommitted, Planned, ProgressEvent, StepStarted
 from cai.jobdir import JobSummary
 from cai.judge import judge_modes_text
 from cai.kinds import kind_of_job, open_store
-from cai.pipeline import SFT, Phase1Summary, Phase2Summary
+from cai.pipeline import SFT, Phase1Summary, Phase2Summary, PreferenceStats
 from cai.recipe import (
     DEFAULT_BATCH_SIZE,
     ExecutorConfig,
@@ -153,6 +153,7 @@ def prefs(
     samples: Annotated[int, typer.Option(min=2, help="K answers sampled per prompt")] = 2,
     system: Annotated[Optional[str], typer.Option(help="system turn before every policy request (not exported)")] = None,
     pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
+    labeller: Annotated[str, typer.Option(help="judge: the judge labels pairs of K samples; contrastive: one pair per prompt steered toward/away from a sampled principle's directions, labelled by construction (RLCD); both: contrastive, also scored by the judge (the data card reports its agreement)")] = "judge",
     mode: Annotated[str, typer.Option(help=f"judge scoring: {judge_modes_text()}")] = "logprob",
     orders: Annotated[int, typer.Option(min=1, max=2, help="judge both orders (2) or one")] = 2,
     min_option_mass: Annotated[float, typer.Option(min=0.0, max=1.0, help="an order whose P(A)+P(B) is below this is an `off_options` error row, not a label (0 disables)")] = 0.5,
@@ -183,7 +184,7 @@ def prefs(
             prompts=absolute_if_path(prompts), out=str(out),
             policy=policy_spec, judge=judge_spec,
             phase2=Phase2Config(
-                samples=samples, pairing=pairing, seed=seed, system_prompt=system,
+                samples=samples, pairing=pairing, labeller=labeller, seed=seed, system_prompt=system,
                 policy=SamplingParams(temperature=temperature, max_tokens=max_tokens),
                 judge=JudgeConfig(mode=mode, orders=orders, seed=seed, min_option_mass=min_option_mass),
             ),
@@ -204,18 +205,30 @@ def _by_group(items: list[str] | None) -> dict[str, str]:
 
 def print_phase2_summary(summary: Phase2Summary) -> None:
     st = summary.stats
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     console.print(
         f"[bold]done[/]: {summary.done_now} prompts now, {summary.done_before} resumed"
         f" ({summary.duplicates_merged} duplicates merged)\n"
         f"[bold]pairs[/]: {st.judged} judged, {st.exported} exported; errors {st.errors or 'none'};"
         f" excluded {st.excluded or 'none'}\n"
-        f"[bold]labels[/]: mean confidence {fmt(st.mean_confidence)}, consistency {fmt(st.consistency_rate)},"
-        f" first-position wins {fmt(st.first_position_wins)}\n"
+        f"[bold]labels[/]: {_labels_line(st)}\n"
         f"[bold]tokens[/]: {summary.generated_tokens_now} sampled, {summary.generation_seconds:.1f}s of generation"
         f" and judging (wall {summary.wall_seconds:.1f}s)\n"
         f"[bold]dataset[/]: {', '.join(summary.files)}\n[bold]data card[/]: {summary.out}/README.md"
     )
+
+
+def _labels_line(st: PreferenceStats) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    judge = (f"mean confidence {fmt(st.mean_confidence)}, consistency {fmt(st.consistency_rate)},"
+             f" first-position wins {fmt(st.first_position_wins)}")
+    c = st.contrast
+    if c is None:
+        return judge
+    if not c.judge_scored:
+        return f"{c.pairs} contrastive pairs, labelled by construction (no judge scores)"
+    return (f"{c.pairs} contrastive pairs, labelled by construction; the judge agrees with the construction on "
+            f"{c.agreement:.2f} (95% CI {c.agreement_low:.2f}-{c.agreement_high:.2f}, n={c.judge_scored}); judge's "
+            + judge)
 
 
 def _run_with_progress(job: BaseModel, stop: Callable[[], bool]) -> JobSummary:
