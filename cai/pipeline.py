@@ -84,7 +84,7 @@ def job_executor(job: BaseModel, executor: Executor | None) -> Iterator[Executor
     if executor is not None:
         yield executor
         return
-    built = executor_for(job.executor)
+    built = executor_for(job.executor, [v for v in vars(job).values() if isinstance(v, EngineSpec)])
     try:
         yield built
     finally:

@@ -316,13 +316,16 @@ def _result(ray, ref) -> tuple[list, float] | None:
         raise
 
 
-def executor_for(config: ExecutorConfig) -> Executor | None:
-    """The executor a job's `executor` settings ask for; None for local (the driver's default)."""
+def executor_for(config: ExecutorConfig, specs: Iterable[EngineSpec] = ()) -> Executor | None:
+    """The executor a job's `executor` settings ask for; None for local (the driver's default).
+    `specs`: every engine the job's replicas will build (phase 2: policy and judge), so each one's
+    API key variable reaches the replicas, whichever engine starts the pool."""
     if config.name == "local":
         return None
     _ray()
+    env = {k: v for spec in specs for k, v in replica_env(spec).items()}
     return RayExecutor(address=config.address, replicas=config.replicas, num_gpus=config.gpus_per_replica,
-                       num_cpus=config.cpus_per_replica, max_in_flight=config.max_in_flight)
+                       num_cpus=config.cpus_per_replica, max_in_flight=config.max_in_flight, env=env)
 
 
 __all__ = ["EngineProcess", "RayExecutor", "RayUnavailable", "Replica", "executor_for",

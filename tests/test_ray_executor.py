@@ -225,3 +225,17 @@ def test_the_embedded_model_on_two_replicas(tmp_path, executor):
     assert sorted(r["id"] for r in found) == sorted({r["id"] for r in found}) and len(found) == 4
     assert {r["error"]["code"] for r in found if r["error"]} <= {"truncated"}  # 16 tokens: short replies
     assert all(step["text"] for r in found for step in r["trajectory"]) and summary.generated_tokens_now > 0
+
+
+def test_replicas_get_the_api_key_variable_of_every_engine_of_the_job(monkeypatch):
+    from cai.pipeline import job_executor
+
+    monkeypatch.setenv("POLICY_KEY", "p-secret")
+    monkeypatch.setenv("JUDGE_KEY", "j-secret")
+    monkeypatch.setenv("UNRELATED_KEY", "x")
+    job = PrefsJob(constitution=HARMLESS, prompts="p.jsonl", out="o", executor=ExecutorConfig(name="ray"),
+                   policy=EngineSpec(backend="openai", options={"api_key_env": "POLICY_KEY"}),
+                   judge=EngineSpec(backend="openai", options={"api_key_env": "JUDGE_KEY"}))
+    with job_executor(job, None) as built:  # no replica starts until a batch runs
+        assert built.env["POLICY_KEY"] == "p-secret" and built.env["JUDGE_KEY"] == "j-secret"
+        assert "UNRELATED_KEY" not in built.env
