@@ -13,14 +13,14 @@ from helpers import ROOT
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("records", ("cai", "cai.__init__", "cai.errors", "cai.files", "cai.records", "cai.interrupt", "cai.refusal")),
     ("constitution/recipe", ("cai.constitution_source", "cai.constitution", "cai.constitution_plan",
-                             "cai.constitution_diff", "cai.recipe", "cai.sources")),
+                             "cai.constitution_diff", "cai.constitution_review", "cai.recipe", "cai.sources")),
     ("prompts", ("cai.prompts",)),
     ("engine", ("cai.engine",)),
     ("stages", ("cai.critique", "cai.judge", "cai.preferences", "cai.contrastive", "cai.evaluate", "cai.policy_records",
                 "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench", "cai.bench_judge")),
     ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
                       "cai.jobdir", "cai.train")),
-    ("jobs/pipeline", ("cai.pipeline", "cai.bench_ray", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
+    ("jobs/pipeline", ("cai.pipeline", "cai.constitution_impact", "cai.bench_ray", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
     ("cli/serve", ("cai.cli", "cai.__main__", "serve")),
 ]
 
