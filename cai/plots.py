@@ -59,20 +59,38 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _is_ppo(rows: list[dict]) -> bool:
-    return any("reward" in r and "kl" in r for r in rows)
+# Reinforcement-learning logs get one panel per quantity: (key, label, extra keys on the same axes).
+PPO_PANELS = (("reward", "reward", ()), ("kl", "KL to reference", ()), ("vf_loss", "value loss", ()),
+              ("entropy", "entropy", ()))
+GRPO_PANELS = (("reward", "reward", ("reward_std",)), ("kl", "KL to reference", ()),
+               ("completions/mean_length", "completion tokens", ()))
+
+
+def _rl_panels(rows: list[dict]) -> tuple | None:
+    """The panels of an RL log: cai's PPO rows (they have `vf_loss`) or TRL's GRPO history (`reward`
+    next to `completions/mean_length`); None for a loss-only log (SFT, RM, DPO)."""
+    if any("vf_loss" in r for r in rows):
+        return PPO_PANELS
+    if any("reward" in r and "completions/mean_length" in r for r in rows):
+        return GRPO_PANELS
+    if any("reward" in r and "kl" in r for r in rows):  # an RL log from elsewhere
+        return PPO_PANELS
+    return None
 
 
 def _panels(log_files: Mapping[str, str | Path]) -> list[tuple[str, str, list[tuple[str, list, list]]]]:
-    """(title, y label, [(legend, xs, ys)]) per panel: loss per stage; PPO reward, KL and entropy."""
+    """(title, y label, [(legend, xs, ys)]) per panel: loss per stage; PPO's reward, KL, value loss and
+    entropy; GRPO's reward (and its spread), KL and completion length."""
     panels = []
     for stage, path in log_files.items():
         rows = read_log(path)
-        if _is_ppo(rows):
-            for key, label in (("reward", "reward"), ("kl", "KL to reference"), ("entropy", "entropy")):
-                xs, ys = _series(rows, key)
-                if xs:
-                    panels.append((f"{stage}: {label}", label, [(key, xs, ys)]))
+        rl = _rl_panels(rows)
+        if rl is not None:
+            for key, label, extra in rl:
+                lines = [(k, *_series(rows, k)) for k in (key, *extra)]
+                lines = [line for line in lines if line[1]]
+                if lines:
+                    panels.append((f"{stage}: {label}", label, lines))
             continue
         lines = [(key, *_series(rows, key)) for key in ("loss", "eval_loss")]
         lines = [line for line in lines if line[1]]
@@ -82,8 +100,10 @@ def _panels(log_files: Mapping[str, str | Path]) -> list[tuple[str, str, list[tu
 
 def plot_training_curves(log_files: Mapping[str, str | Path], out_png: str | Path) -> Path:
     """One PNG, a subplot per panel: the loss of each stage (SFT, RM, DPO: TRL's `loss`, and
-    `eval_loss` when logged) and PPO's reward, KL and entropy per step. A stage whose log is
-    missing or empty gets an empty panel saying so."""
+    `eval_loss` when logged), PPO's reward, KL, value loss and entropy per step, and GRPO's reward
+    (with `reward_std`: a judge's win-rate reward averages 0.5 in every group, so its spread is the
+    signal), KL and completion length. A stage whose log is missing or empty gets an empty panel
+    saying so."""
     plt = _pyplot()
     panels = _panels(log_files) or [("no training logs", "", [])]
     cols = min(3, len(panels))

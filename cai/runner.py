@@ -12,8 +12,11 @@ first unfinished stage, and the data stages resume inside themselves from their 
     01-sft-data  phase 1 (sft job): critique -> revise with the base model
     02-sft       SFT of the base model on the revisions (train-sft)
     03-prefs     phase 2 (prefs job): K samples per prompt from the SFT model, AI-judged pairs
+                 (not for method grpo: it samples and judges online, inside 05-policy)
     04-rm        reward model (train-rm; method: ppo)
-    05-policy    PPO against the reward model (train-ppo), or DPO on the pairs (train-dpo)
+    05-policy    PPO against the reward model (train-ppo), DPO on the pairs (train-dpo), or GRPO on
+                 the phase-2 prompts with the judge (judge_model, phase 2's judge settings) as the
+                 reward (train-grpo)
     06-judge-check-N  the evaluation judge against human labels (judge-eval), per judge_check file
     07-eval      final vs SFT vs base, graded by the evaluation judge (eval-policy): win rates next
                  to that judge's human agreement, refusal rate, plots
@@ -53,6 +56,8 @@ from cai.stage_jobs import describe_errors, job_settings, write_job_file
 from cai.train.jobs import (
     DPOTrainJob,
     DPOTrainSettings,
+    GRPOTrainJob,
+    GRPOTrainSettings,
     PPOTrainJob,
     PPOTrainSettings,
     RewardTrainJob,
@@ -131,13 +136,19 @@ class RunRecipe(_Strict):
         "and then the report's first line says the policy is graded by the judge that trained it")
     split_seed: int = Field(0, description="seed of the disjoint phase-1 / phase-2 split of each prompt source")
     engine: str = "auto"
-    method: Literal["dpo", "ppo"] = "dpo"
+    method: Literal["dpo", "ppo", "grpo"] = Field(
+        "dpo", description="dpo: DPO on the phase-2 pairs; ppo: reward model + PPO; grpo: GRPO with the judge as "
+        "the reward, online on the phase-2 prompts (no 03-prefs stage)")
     phase1: Phase1Stage = Field(default_factory=Phase1Stage)
     sft: SFTTrainSettings = Field(default_factory=SFTTrainSettings)
     phase2: Phase2Stage = Field(default_factory=Phase2Stage)
     rm: RewardTrainSettings = Field(default_factory=RewardTrainSettings, description="method ppo: the reward model")
     dpo: DPOTrainSettings = Field(default_factory=DPOTrainSettings, description="method dpo: the policy")
     ppo: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="method ppo: the policy")
+    grpo: GRPOTrainSettings = Field(
+        default_factory=GRPOTrainSettings, description="method grpo: the policy; the judge is judge_model on the "
+        "recipe's engine with phase 2's judge settings unless judge_backend / judge_options / judge_config say "
+        "otherwise")
     eval: EvalSettings = Field(default_factory=EvalSettings)  # type: ignore[valid-type]
     judge_check: JudgeCheck = Field(default_factory=JudgeCheck)
 
@@ -252,7 +263,7 @@ def _data_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
     phase1 = recipe.phase1.job.model_dump(exclude={"engine_options"})
     phase2 = recipe.phase2.job.model_dump(exclude={"engine_options", "judge_engine_options"})
     judge = recipe.judge_model or recipe.base_model
-    return [
+    stages = [
         ("01-sft-data", _build(
             "01-sft-data", "phase1.job", SFTJob, **phase1, constitution=constitution,
             constitution_by_group=_by_group(recipe.phase1), prompts=str(run_dir / "prompts-phase1.jsonl"),
@@ -268,6 +279,8 @@ def _data_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
             policy=EngineSpec(backend=engine, model=str(run_dir / "02-sft"), options=recipe.phase2.job.engine_options),
             judge=EngineSpec(backend=engine, model=judge, options=recipe.phase2.job.judge_engine_options))),
     ]
+    # GRPO samples and judges online, inside its training stage: no offline pairs to make
+    return [stage for stage in stages if not (recipe.method == "grpo" and stage[0] == "03-prefs")]
 
 
 def _policy_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
@@ -276,10 +289,24 @@ def _policy_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]
     if recipe.method == "dpo":
         return [("05-policy", _build("05-policy", "dpo", DPOTrainJob, **recipe.dpo.model_dump(), model=sft,
                                      data=prefs, out=policy))]
+    if recipe.method == "grpo":
+        return [("05-policy", _grpo_job(recipe, run_dir, sft, policy))]
     rm = str(run_dir / "04-rm")
     return [("04-rm", _build("04-rm", "rm", RewardTrainJob, **recipe.rm.model_dump(), model=sft, data=prefs, out=rm)),
             ("05-policy", _build("05-policy", "ppo", PPOTrainJob, **recipe.ppo.model_dump(), model=sft, data=prefs,
                                  reward_model=rm, out=policy))]
+
+
+def _grpo_job(recipe: RunRecipe, run_dir: Path, sft: str, policy: str) -> BaseModel:
+    """GRPO from the SFT model on the phase-2 prompts; the judge as phase 2 would judge (its model, the
+    recipe's engine, phase 2's judge engine options and judge settings), unless `grpo:` sets them."""
+    settings = recipe.grpo.model_dump()
+    settings["judge_backend"] = recipe.grpo.judge_backend or recipe.engine
+    settings["judge_options"] = recipe.grpo.judge_options or recipe.phase2.job.judge_engine_options
+    settings["judge_config"] = recipe.grpo.judge_config or recipe.phase2.job.phase2.judge
+    return _build("05-policy", "grpo", GRPOTrainJob, **settings, model=sft, data=str(run_dir / "prompts-phase2.jsonl"),
+                  constitution=_absolute_if_path(recipe.constitution), constitution_by_group=_by_group(recipe.phase2),
+                  judge_model=recipe.judge_model or recipe.base_model, out=policy)
 
 
 def _eval_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:

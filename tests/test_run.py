@@ -16,7 +16,13 @@ from cai import runner
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.runner import RecipeError, RunRecipe, load_recipe, plan_stages, run_recipe
 from cai.stage_jobs import JobFileError, read_job_file, write_job_file
-from cai.train.jobs import DPOTrainJob, PPOTrainJob, RewardTrainJob, SFTTrainJob
+from cai.train.jobs import (
+    DPOTrainJob,
+    GRPOTrainJob,
+    PPOTrainJob,
+    RewardTrainJob,
+    SFTTrainJob,
+)
 
 
 def test_shipped_recipes_load_and_wire_every_stage(tmp_path):
@@ -35,6 +41,30 @@ def test_shipped_recipes_load_and_wire_every_stage(tmp_path):
     gpu = dict(plan_stages(load_recipe("gpu-7b"), tmp_path))
     assert gpu["01-sft-data"].constitution_by_group == {"helpful_prompts": "none"}
     assert gpu["03-prefs"].judge.model != gpu["07-eval"].judge
+
+
+def test_method_grpo_trains_online_on_the_phase2_prompts_with_the_judge(tmp_path):
+    cpu = load_recipe("cpu-smollm2")
+    assert cpu.method == "dpo"  # grpo is opt-in
+    jobs = dict(plan_stages(cpu.model_copy(update={"method": "grpo"}), tmp_path))
+    assert list(jobs)[:3] == ["01-sft-data", "02-sft", "05-policy"]  # no offline pairs, no reward model
+    grpo = jobs["05-policy"]
+    assert isinstance(grpo, GRPOTrainJob) and grpo.reward_model is None
+    assert grpo.data == str(tmp_path / "prompts-phase2.jsonl") and grpo.model == str(tmp_path / "02-sft")
+    assert grpo.judge_spec() == EngineSpec(backend="transformers", model="smollm2-135m")
+    assert grpo.judge_config == cpu.phase2.job.phase2.judge and grpo.constitution_by_group == {"benign": "helpful"}
+    assert grpo.config_args() == {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 5e-6,
+                                  "num_generations": 4, "max_completion_length": 64, "beta": 0.04}
+    assert jobs["07-eval"].train_logs["grpo"] == str(tmp_path / "05-policy" / "log.jsonl")
+    # unset in `grpo:`, the judge is phase 2's: judge_model on the recipe's engine with its options
+    plain = RunRecipe(name="t", engine="vllm", judge_model="judge", method="grpo",
+                      phase2={"prompts": ["benign"], "limit": 2, "job": {"judge_engine_options": {"max_model_len": 4096},
+                                                                         "phase2": {"judge": {"mode": "cot"}}}})
+    job = dict(plan_stages(plain, tmp_path))["05-policy"]
+    assert job.judge_spec() == EngineSpec(backend="vllm", model="judge", options={"max_model_len": 4096})
+    assert job.judge_config.mode == "cot"
+    gpu = dict(plan_stages(load_recipe("gpu-7b").model_copy(update={"method": "grpo"}), tmp_path))["05-policy"]
+    assert gpu.lora and gpu.judge_spec().options["gpu_memory_utilization"] == 0.35
 
 
 def test_shipped_recipes_keep_their_settings(tmp_path):

@@ -1,7 +1,7 @@
-"""`cai train sft|rm|dpo|ppo`: the trainers from the command line.
+"""`cai train sft|rm|dpo|ppo|grpo`: the trainers from the command line.
 
 Each command builds its typed job (cai.train.jobs, the model a `cai run` recipe stage embeds too,
-defaults included) and runs it. Common flags map onto the trainer's config (TRL's for sft/rm/dpo,
+defaults included) and runs it. Common flags map onto the trainer's config (TRL's for sft/rm/dpo/grpo,
 cai's PPOConfig for ppo); `--trl KEY=VALUE` (repeatable, VALUE parsed as JSON when it parses) sets
 any other field of that config and wins over the common flags; an unknown field is refused before
 any model loads.
@@ -16,9 +16,13 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from cai.cli.common import fail_on_user_error, parse_pairs
+from cai.cli.common import absolute_if_path, fail_on_user_error, parse_pairs
+from cai.judge import judge_modes_text
+from cai.recipe import JudgeConfig
 from cai.train.jobs import (
+    GROUP_REWARDS,
     DPOTrainJob,
+    GRPOTrainJob,
     PPOTrainJob,
     RewardTrainJob,
     SFTTrainJob,
@@ -28,7 +32,8 @@ from cai.train.jobs import (
 )
 
 app = typer.Typer(
-    help="Train on cai's datasets: SFT, reward model and DPO (thin over TRL), PPO (cai's own).",
+    help="Train on cai's datasets: SFT, reward model, DPO and GRPO with the judge as reward (thin over TRL), "
+         "PPO (cai's own).",
     no_args_is_help=True,
 )
 console = Console()
@@ -60,6 +65,7 @@ REPORTED = {
     "train-rm": ("global_step", "train_loss", "heldout_pairs", "heldout_accuracy_before", "heldout_accuracy"),
     "train-dpo": ("global_step", "train_loss", "label_smoothing", "train_runtime"),
     "train-ppo": ("steps_run", "seconds"),
+    "train-grpo": ("global_step", "train_loss", "train_runtime", "groups_judged", "groups_skipped"),
 }
 
 
@@ -72,7 +78,7 @@ def run_train_job(job: TrainJob) -> None:
     for key, value in shown.items():
         console.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     last = result.metrics.get("last") or {}
-    for key in ("reward", "kl", "entropy"):  # PPO's last rollout
+    for key in ("reward", "kl", "entropy"):  # PPO's last rollout, GRPO's last logged step
         if key in last:
             console.print(f"  last {key}: {last[key]:.4g}")
 
@@ -121,12 +127,14 @@ def rm(
     trl: TrlOpt = None,
     threads: ThreadsOpt = None,
     eval_fraction: Annotated[float, typer.Option(min=0, max=0.9, help="held-out share of pairs")] = default(RewardTrainJob, "eval_fraction"),
+    loss: Annotated[str, typer.Option(help=RewardTrainJob.model_fields["loss"].description.replace("[", "(").replace("]", ")"))] = default(RewardTrainJob, "loss"),
     margin_scale: Annotated[float, typer.Option(help="TRL margin = scale * judge margin; 0: plain Bradley-Terry")] = default(RewardTrainJob, "margin_scale"),
 ) -> None:
     """Reward model (TRL RewardTrainer) on preference pairs; reports held-out pairwise accuracy."""
     run_train_job(build(RewardTrainJob, trl, data=str(data), model=model, out=str(out), lora=lora, lora_r=lora_r,
                         lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
-                        resume=resume, threads=threads, eval_fraction=eval_fraction, margin_scale=margin_scale))
+                        resume=resume, threads=threads, eval_fraction=eval_fraction, loss=loss,
+                        margin_scale=margin_scale))
 
 
 @app.command("dpo")
@@ -145,7 +153,7 @@ def dpo(
     resume: ResumeOpt = RESUME,
     trl: TrlOpt = None,
     threads: ThreadsOpt = None,
-    soft_label: Annotated[str, typer.Option(help="none: plain DPO; smoothing: label_smoothing = mean(1 - score), robust loss")] = default(DPOTrainJob, "soft_label"),
+    soft_label: Annotated[str, typer.Option(help=DPOTrainJob.model_fields["soft_label"].description)] = default(DPOTrainJob, "soft_label"),
 ) -> None:
     """Direct preference optimisation (TRL DPOTrainer) on preference pairs."""
     run_train_job(build(DPOTrainJob, trl, data=str(data), model=model, out=str(out), ref_model=ref_model,
@@ -178,3 +186,44 @@ def ppo(
                         reward_fn=reward_fn, ref_model=ref_model, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
                         epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, resume=resume,
                         threads=threads))
+
+
+@app.command("grpo")
+def grpo(
+    data: Annotated[str, typer.Option(help="prompts: a bundled set, a prompt / SFT / preference JSONL, or a save_to_disk folder")],
+    model: ModelOpt = None,
+    out: OutOpt = Path(default(GRPOTrainJob, "out")),
+    constitution: Annotated[str, typer.Option(help="the judge's principles: a bundled name or a YAML file")] = default(GRPOTrainJob, "constitution"),
+    constitution_for: Annotated[Optional[list[str]], typer.Option("--constitution-for", help="GROUP=CONSTITUTION for one prompt group, repeatable")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="the judge's model; default: --model (the policy's start)")] = None,
+    judge_backend: Annotated[Optional[str], typer.Option(help="the judge's engine backend; default: auto")] = None,
+    judge_option: Annotated[Optional[list[str]], typer.Option("--judge-option", help="judge backend option KEY=VALUE, repeatable")] = None,
+    mode: Annotated[str, typer.Option(help=f"judge scoring: {judge_modes_text()}")] = "logprob",
+    orders: Annotated[int, typer.Option(min=1, max=2, help="judge both orders (2) or one")] = 2,
+    group_reward: Annotated[str, typer.Option(help=f"{' or '.join(GROUP_REWARDS)}: an answer's mean P(win) in its group, or its Bradley-Terry score")] = default(GRPOTrainJob, "group_reward"),
+    principle_seed: Annotated[int, typer.Option(help="seeds the principle drawn for each group")] = default(GRPOTrainJob, "principle_seed"),
+    reward_model: Annotated[Optional[str], typer.Option(help="reward model folder (from `cai train rm`) instead of the judge")] = None,
+    lora: LoraOpt = LORA,
+    lora_r: LoraROpt = LORA_R,
+    lora_alpha: LoraAlphaOpt = LORA_ALPHA,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="completions per device and step (a multiple of num_generations)")] = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = RESUME,
+    trl: TrlOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """GRPO (TRL GRPOTrainer), online RLAIF: the judge ranks each prompt's G sampled answers
+    (`--trl num_generations=G`) under a principle drawn per group; lineage in OUT/groups.jsonl."""
+    with fail_on_user_error():
+        by_group = parse_pairs(constitution_for, "--constitution-for", "benign=helpful", json_values=False)
+        options = parse_pairs(judge_option, "--judge-option", "max_model_len=4096")
+    run_train_job(build(
+        GRPOTrainJob, trl, data=absolute_if_path(data), model=model, out=str(out),
+        constitution=absolute_if_path(constitution),
+        constitution_by_group={g: absolute_if_path(c) for g, c in by_group.items()}, judge_model=judge_model,
+        judge_backend=judge_backend, judge_options=options, judge_config=JudgeConfig(mode=mode, orders=orders),
+        group_reward=group_reward, principle_seed=principle_seed, reward_model=reward_model, lora=lora,
+        lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
+        resume=resume, threads=threads))

@@ -1,11 +1,11 @@
-"""Typed train jobs: what `cai train sft|rm|dpo|ppo` builds from its flags and a `cai run` recipe
+"""Typed train jobs: what `cai train sft|rm|dpo|ppo|grpo` builds from its flags and a `cai run` recipe
 stage embeds, with one set of defaults.
 
 The common fields (epochs, lr, batch_size, max_steps) map onto the trainer's config (TRL's
-SFTConfig / RewardConfig / DPOConfig, cai's PPOConfig for ppo); `trl` sets any other field of that
-config and wins over the common fields. Its keys are checked against the config class when the job
-is built, so a misspelt field fails before any model loads. The config classes are imported only
-when `trl` is not empty: TRL's pull in transformers and torch.
+SFTConfig / RewardConfig / DPOConfig / GRPOConfig, cai's PPOConfig for ppo); `trl` sets any other
+field of that config and wins over the common fields. Its keys are checked against the config
+class when the job is built, so a misspelt field fails before any model loads. The config classes
+are imported only when `trl` is not empty: TRL's pull in transformers and torch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cai.recipe import EngineSpec, JudgeConfig
 
 if TYPE_CHECKING:
     from cai.train.common import TrainResult
@@ -101,6 +103,9 @@ class RewardTrainSettings(TrainSettings):
     kind: ClassVar[str] = "train-rm"
     config_class: ClassVar[str] = "trl:RewardConfig"
     eval_fraction: float = Field(0.1, ge=0, le=0.9, description="held-out share of pairs")
+    loss: Literal["soft", "margin"] = Field(
+        "soft", description="soft: -[s log σ(Δ) + (1-s) log σ(-Δ)] with s the judge's P(chosen); "
+        "margin: TRL's margin loss scaled by margin_scale")
     margin_scale: float = Field(1.0, description="TRL margin = scale * judge margin; 0: plain Bradley-Terry")
 
 
@@ -110,17 +115,37 @@ class DPOTrainSettings(TrainSettings):
     kind: ClassVar[str] = "train-dpo"
     config_class: ClassVar[str] = "trl:DPOConfig"
     ref_model: str | None = Field(None, description="reference model folder; default: a frozen copy of MODEL")
-    soft_label: Literal["none", "smoothing"] = Field(
-        "none", description="none: plain DPO; smoothing: label_smoothing = mean(1 - score), robust loss")
+    soft_label: Literal["none", "smoothing", "per_pair"] = Field(
+        "per_pair", description="per_pair: conservative DPO with ε_i = 1 - score_i; smoothing: dataset-wide "
+        "robust DPO; none: hard labels")
 
 
 class PPOTrainSettings(TrainSettings):
     """PPO (cai's own) with a KL penalty to the reference."""
 
     kind: ClassVar[str] = "train-ppo"
-    config_class: ClassVar[str] = "cai.train.ppo:PPOConfig"
+    config_class: ClassVar[str] = "cai.train.ppo_config:PPOConfig"
     config_names: ClassVar[dict[str, str]] = PPO_NAMES
     ref_model: str | None = Field(None, description="reference model folder; default: a frozen copy of MODEL")
+
+
+GROUP_REWARDS = ("win_rate", "bradley_terry")
+
+
+class GRPOTrainSettings(TrainSettings):
+    """GRPO (TRL GRPOTrainer), online: the constitutional judge ranks each prompt's G answers."""
+
+    kind: ClassVar[str] = "train-grpo"
+    config_class: ClassVar[str] = "trl:GRPOConfig"
+    group_reward: Literal[GROUP_REWARDS] = Field(  # type: ignore[valid-type]
+        "win_rate", description="win_rate: an answer's mean P(win) against the rest of its group; "
+        "bradley_terry: the Bradley-Terry score fitted to the group's soft outcomes")
+    judge_config: JudgeConfig | None = Field(
+        None, description="how the judge compares (mode, orders, ...); default: JudgeConfig's (a recipe: phase 2's)")
+    judge_backend: str | None = Field(
+        None, description="engine backend of the judge; default: auto (a recipe: its engine)")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="backend options of the judge engine")
+    principle_seed: int = Field(0, description="seeds the principle drawn for each group")
 
 
 class SFTTrainJob(SFTTrainSettings, TrainTarget):
@@ -151,11 +176,27 @@ class PPOTrainJob(PPOTrainSettings, TrainTarget):
         return spec
 
 
-TrainJob = SFTTrainJob | RewardTrainJob | DPOTrainJob | PPOTrainJob
+class GRPOTrainJob(GRPOTrainSettings, TrainTarget):
+    """GRPO rewarded by the judge (default) or by a reward model folder."""
+
+    data: str = Field(description="prompts: a bundled set, a prompt / SFT / preference JSONL, or a save_to_disk folder")
+    out: str = Field("runs/grpo", description="output folder")
+    constitution: str = Field("harmless", description="the judge's principles: a bundled name or a YAML file")
+    constitution_by_group: dict[str, str] = Field(
+        default_factory=dict, description="prompt group -> constitution for that group's prompts")
+    judge_model: str | None = Field(None, description="the judge's model; default: MODEL (the policy's start)")
+    reward_model: str | None = Field(None, description="reward model folder (from `cai train rm`) instead of the judge")
+
+    def judge_spec(self) -> EngineSpec:
+        return EngineSpec(backend=self.judge_backend or "auto", model=self.judge_model or self.model,
+                          options=self.judge_options)
+
+
+TrainJob = SFTTrainJob | RewardTrainJob | DPOTrainJob | PPOTrainJob | GRPOTrainJob
 
 
 TRAIN_JOBS: dict[str, type[TrainJob]] = {
-    job.kind: job for job in (SFTTrainJob, RewardTrainJob, DPOTrainJob, PPOTrainJob)}
+    job.kind: job for job in (SFTTrainJob, RewardTrainJob, DPOTrainJob, PPOTrainJob, GRPOTrainJob)}
 
 
 def train(job: TrainJob) -> TrainResult:
@@ -169,7 +210,8 @@ def train(job: TrainJob) -> TrainResult:
         from cai.train.reward import train_reward_model
 
         return train_reward_model(job.data, job.model, job.out, trl_args=job.config_args(),
-                                  eval_fraction=job.eval_fraction, margin_scale=job.margin_scale, **common)
+                                  eval_fraction=job.eval_fraction, loss=job.loss, margin_scale=job.margin_scale,
+                                  **common)
     if isinstance(job, DPOTrainJob):
         from cai.train.dpo import train_dpo
 
@@ -182,4 +224,12 @@ def train(job: TrainJob) -> TrainResult:
         reward_fn = getattr(importlib.import_module(module), name) if job.reward_fn else None
         return train_ppo(job.data, job.model, job.out, reward_model=job.reward_model, ref_model=job.ref_model,
                          reward_fn=reward_fn, config=job.config_args(), **common)
+    if isinstance(job, GRPOTrainJob):
+        from cai.train.grpo import train_grpo
+
+        return train_grpo(job.data, job.model, job.out, constitution=job.constitution,
+                          constitution_by_group=job.constitution_by_group, judge=job.judge_spec(),
+                          judge_config=job.judge_config, group_reward=job.group_reward,
+                          principle_seed=job.principle_seed, reward_model=job.reward_model,
+                          trl_args=job.config_args(), **common)
     raise TypeError(f"not a train job: {type(job).__name__}")
