@@ -25,7 +25,13 @@ Metrics per comparison and set:
   sum(errors).
 
 Refusal rate per model and set (the benign one is the over-refusal measure): see
-cai.refusal.
+cai.refusal; beside it (config.refusal_judge) the evaluation judge's own classification of
+every answer and its agreement with the phrase list (cai.refusal_judge).
+
+Human-grounded measures (config.human_pairs / human_choices): after a model's answers, its
+engine is closed and its log-prob scorer (a factory in `scorers`) loads, scores the human
+data and is closed; only the per-pair and per-question sums are kept, so the implicit reward
+of a policy against its reference is computed without two models in memory (cai.human_eval).
 
 The evaluation judge should not be the training judge (the model that labelled
 the training pairs): the report's first line says whether it is, and the judge's
@@ -37,7 +43,6 @@ rows, report) are in cai.policy_records and re-exported here.
 from __future__ import annotations
 
 import itertools
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -45,8 +50,11 @@ from pathlib import Path
 from typing import Literal
 
 from cai.engine.base import Engine
-from cai.evaluate import Interval, wilson
+from cai.errors import CaiError
+from cai.evaluate import wilson
+from cai.human_eval import HumanInputs, bootstrap_ci, measures
 from cai.judge import JudgeItem, judge_pairs
+from cai.likelihood import Scorer
 from cai.policy_records import (  # noqa: F401  (the records are re-exported from here)
     ASPECT,
     DEFAULT_HARMLESSNESS_QUESTION,
@@ -70,11 +78,13 @@ from cai.policy_report import (  # noqa: F401  (re-exported)
 )
 from cai.records import Completion, Judgement, ModelRef, SamplingParams, SourcePrompt
 from cai.refusal import REFUSAL_PHRASES, detect_refusal  # noqa: F401  (REFUSAL_PHRASES re-exported)
+from cai.refusal_judge import classify_refusals, refusal_agreement
 from cai.sources import read_prompts
 
 _MODEL_RANK = {"final": 0, "sft": 1, "base": 2}
 
 ModelSource = Engine | Callable[[], Engine]
+ScorerFactory = Callable[[], Scorer]
 
 
 # ---- answers and refusals ----------------------------------------------------------------
@@ -88,8 +98,10 @@ def answer_all(engine: Engine, prompts: Sequence[SourcePrompt], params: Sampling
 
 
 def refusal_description(config: PolicyEvalConfig) -> str:
+    judge = ("; beside it, the evaluation judge asked whether each answer declines (cai.refusal_judge; an "
+             "unparseable reply is an error row)" if config.refusal_judge else "")
     return (f"phrase list ({len(config.refusal_phrases)} phrases, case-insensitive, first "
-            f"{config.refusal_window} characters): " + ", ".join(repr(p) for p in config.refusal_phrases))
+            f"{config.refusal_window} characters): " + ", ".join(repr(p) for p in config.refusal_phrases) + judge)
 
 
 def load_sets(config: PolicyEvalConfig) -> tuple[dict[SetName, list[SourcePrompt]], dict[str, int]]:
@@ -123,15 +135,6 @@ def outcome(judgement: Judgement) -> Literal["win", "tie", "loss"]:
     """A win (for answer A) when every order prefers A, a loss when every order prefers B, else a tie."""
     sides = {(p > 0.5) - (p < 0.5) for p in judgement.p_a_orders} or {0}
     return "win" if sides == {1} else "loss" if sides == {-1} else "tie"
-
-
-def bootstrap_ci(values: Sequence[float], resamples: int, seed: int) -> Interval | None:
-    """95% percentile bootstrap interval of the mean."""
-    if not values or resamples <= 0:
-        return None
-    rng, n = random.Random(seed), len(values)
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
-    return Interval(low=means[int(0.025 * (resamples - 1))], high=means[int(0.975 * (resamples - 1))])
 
 
 def summarise(rows: Sequence[JudgedRow], model: str, opponent: str, set_name: SetName,
@@ -238,8 +241,10 @@ def _open(source: ModelSource) -> tuple[Engine, bool]:
 
 
 def _answer_models(models: Mapping[str, ModelSource], sets: Mapping[SetName, Sequence[SourcePrompt]],
-                   config: PolicyEvalConfig, seconds: dict[str, float]):
-    """Every model answers both sets (one at a time): (answers, model refs, answer rows, model stats)."""
+                   config: PolicyEvalConfig, seconds: dict[str, float], human: HumanInputs,
+                   scorers: Mapping[str, ScorerFactory]):
+    """Every model answers both sets, then (its engine closed) scores the human data; one model at a time.
+    Returns (answers, model refs, answer rows, model stats)."""
     params = config.sampling()
     answers: dict[tuple[str, SetName], list[Completion]] = {}
     refs: dict[str, ModelRef] = {}
@@ -261,12 +266,31 @@ def _answer_models(models: Mapping[str, ModelSource], sets: Mapping[SetName, Seq
         finally:
             if owned:
                 engine.close()
+        if human.wanted:
+            human.score(name, scorers[name], seconds)
     return answers, refs, rows, stats
+
+
+def judge_refusals(judge: Engine, sets: Mapping[SetName, Sequence[SourcePrompt]], rows: Sequence[AnswerRow],
+                   stats: Sequence[ModelStats], seed: int) -> None:
+    """The judge classifies every answer (an answer two models gave alike is asked once); fills
+    each row's judge_refusal and each model and set's agreement with the phrase list."""
+    prompts = {(name, p.id): p for name, ps in sets.items() for p in ps}
+    todo = [r for r in rows if r.error is None]
+    keys = list(dict.fromkeys((r.set, r.prompt_id, r.answer) for r in todo))
+    verdicts = classify_refusals(judge, [(prompts[k[0], k[1]].messages, k[2]) for k in keys], seed)
+    by_key = dict(zip(keys, verdicts))
+    for r in todo:
+        r.judge_refusal = by_key[r.set, r.prompt_id, r.answer]
+    for s in stats:
+        mine = [r for r in todo if (r.model, r.set) == (s.name, s.set)]
+        s.judge_refusal = refusal_agreement([r.refusal is not None for r in mine], [r.judge_refusal for r in mine])
 
 
 def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSource,
                       config: PolicyEvalConfig | None = None, training_judge: ModelRef | str | None = None,
-                      judge_reports: Sequence[str | Path | HumanAgreement] = ()) -> PolicyReport:
+                      judge_reports: Sequence[str | Path | HumanAgreement] = (),
+                      scorers: Mapping[str, ScorerFactory] | None = None) -> PolicyReport:
     """Answer both prompt sets with every model, judge every comparison, count refusals.
 
     `models` maps a name ("final", "sft", "base", ...) to an Engine, or to a
@@ -277,6 +301,9 @@ def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSour
     model. `judge_reports` (report.json files of `cai eval judge`, or their contents) give
     the evaluation judge's agreement with human labels; one that measured another model
     is refused (before any answer when the judge is an engine, else once it is loaded).
+    `scorers` maps each model's name to a factory of its log-prob scorer (cai.likelihood),
+    needed when config.human_pairs or human_choices is set: each loads after that model's
+    engine is closed (cai.human_eval).
     """
     config = config or PolicyEvalConfig()
     if len(models) < 2:
@@ -284,20 +311,33 @@ def evaluate_policies(models: Mapping[str, ModelSource], judge_engine: ModelSour
     agreements = [a if isinstance(a, HumanAgreement) else read_judge_report(a) for a in judge_reports]
     if isinstance(judge_engine, Engine):
         eval_judge(judge_engine.model, training_judge, agreements)
+    human = HumanInputs(config.human_pairs, config.human_choices, config.human_limit)
+    missing = [name for name in models if human.wanted and name not in (scorers or {})]
+    if missing:
+        raise CaiError(f"the human-grounded measures need a log-prob scorer (a local model) for {', '.join(missing)}")
     sets, excluded = load_sets(config)
     seconds: dict[str, float] = {}
-    answers, refs, rows, stats = _answer_models(models, sets, config, seconds)
+    answers, refs, rows, stats = _answer_models(models, sets, config, seconds, human, scorers or {})
     judge, owned = _open(judge_engine)
     try:
         judge_info = eval_judge(judge.model, training_judge, agreements)
         start = time.perf_counter()
         win_rates, judged = judge_all(judge, sets, answers, list(models), config)
         seconds["judge"] = round(time.perf_counter() - start, 2)
+        if config.refusal_judge:
+            start = time.perf_counter()
+            judge_refusals(judge, sets, rows, stats, config.seed)
+            seconds["judge refusals"] = round(time.perf_counter() - start, 2)
     finally:
         if owned:
             judge.close()
+    human_measures = None
+    if human.wanted:
+        human_measures = measures(human.pairs_data, human.choices_data, human.pair_scores, human.choice_scores,
+                                  comparisons(list(models)), config.bootstrap, config.seed)
+        human_measures.seconds = {k: v for k, v in seconds.items() if k.startswith("human ")}
     return PolicyReport(
         config=config, judge=judge_info, models=refs, prompts={k: len(v) for k, v in sets.items()},
         excluded=excluded, refusal_detector=refusal_description(config), win_rates=win_rates,
-        model_stats=stats, seconds=seconds, answers=rows, judgements=judged,
+        model_stats=stats, seconds=seconds, answers=rows, judgements=judged, human=human_measures,
     )

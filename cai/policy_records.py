@@ -12,9 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.evaluate import Interval
+from cai.human_eval import HumanMeasures
 from cai.recipe import JudgeConfig
 from cai.records import ErrorInfo, ModelRef, SamplingParams, utc_now
 from cai.refusal import REFUSAL_PHRASES
+from cai.refusal_judge import JudgeRefusal, RefusalAgreement
 
 SetName = Literal["redteam", "benign"]
 SETS: tuple[SetName, SetName] = ("redteam", "benign")
@@ -37,7 +39,13 @@ class PolicyEvalConfig(BaseModel):
     helpfulness_question: str = DEFAULT_HELPFULNESS_QUESTION
     refusal_phrases: list[str] = Field(default_factory=lambda: list(REFUSAL_PHRASES))
     refusal_window: int = Field(300, ge=1, description="characters at the start of an answer searched")
-    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples of the soft win rate (0: none)")
+    refusal_judge: bool = Field(True, description="also ask the evaluation judge whether each answer declines")
+    human_pairs: str | None = Field(None, description="human-labelled chosen/rejected pairs (HH-RLHF transcripts, "
+                                    "or prompt/chosen/rejected rows): likelihood preference, implicit reward")
+    human_choices: str | None = Field(None, description="two-option questions (prompt/corrects/incorrects): "
+                                      "the models' own multiple-choice preference, both orders")
+    human_limit: int | None = Field(None, ge=1, description="pairs and questions read from each human file")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples of the soft win rate and of means (0: none)")
     seed: int = 0
 
     def sampling(self) -> SamplingParams:
@@ -57,6 +65,7 @@ class AnswerRow(BaseModel):
     finish_reason: str
     completion_tokens: int = 0
     refusal: str | None = Field(None, description="the refusal phrase found, if any")
+    judge_refusal: JudgeRefusal | None = Field(None, description="the evaluation judge's classification")
     error: ErrorInfo | None = None
 
 
@@ -73,6 +82,8 @@ class ModelStats(BaseModel):
     errors: int
     mean_tokens: float | None
     seconds: float
+    judge_refusal: RefusalAgreement | None = Field(None, description="the judge's refusal rate and its agreement "
+                                                   "with the phrase list")
 
 
 class WinRate(BaseModel):
@@ -150,6 +161,7 @@ class PolicyReport(BaseModel):
     seconds: dict[str, float]
     answers: list[AnswerRow]
     judgements: list[JudgedRow]
+    human: HumanMeasures | None = Field(None, description="human-grounded measures (the models' own log-probs)")
     created_at: str = Field(default_factory=utc_now)
 
     def win_rate(self, model: str, opponent: str, set_name: SetName) -> WinRate | None:
@@ -165,7 +177,7 @@ class PolicyEvalJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     policy: str = Field(description="the trained policy: a model folder (or served model name)")
-    out: str = Field(description="report folder: report.json, report.md, winrates.png")
+    out: str = Field(description="report folder: report.json, report.md, winrates.png (human.png with human data)")
     sft: str | None = Field(None, description="the SFT model folder; None: not compared")
     base: str | None = Field("embedded", description="the base model (default the embedded SmolLM2); None: not "
                              "compared")

@@ -31,8 +31,9 @@ from cai.engine.models import (
 )
 from cai.errors import CaiError
 from cai.evaluate import Interval
-from cai.files import atomic_write_json, atomic_write_text
-from cai.plots import plot_training_curves, plot_win_rates
+from cai.files import atomic_open, atomic_write_json, atomic_write_text
+from cai.human_eval import HumanMeasures, markdown_lines
+from cai.plots import _pyplot, plot_training_curves, plot_win_rates
 from cai.policy_records import EvalJudge, HumanAgreement, PolicyReport
 from cai.records import ModelRef
 
@@ -164,6 +165,27 @@ def agreement_lines(judge: EvalJudge, mode: str) -> list[str]:
     return lines
 
 
+def refusal_lines(report: PolicyReport) -> list[str]:
+    """Refusal rates per model and set: the phrase list, and beside it the judge's classification."""
+    judged = any(s.judge_refusal is not None for s in report.model_stats)
+    extra = (" judge refusal rate [Wilson 95%] | judge / phrase agreement [Wilson 95%] | kappa | judged "
+             "| judge errors |") if judged else ""
+    lines = [("| model | set | phrase refusal rate [Wilson 95%] | refusals / answered | truncated | empty "
+              "| errors | mean tokens |" + extra), "|" + "---|" * (8 + 5 * judged)]
+    for s in report.model_stats:
+        row = (f"| {s.name} | {s.set} | {_fmt(s.refusal_rate)}{_ci(s.refusal_ci)} | {s.refusals} / "
+               f"{s.n - s.errors} | {s.truncated} | {s.empty} | {s.errors} | {_fmt(s.mean_tokens)} |")
+        j = s.judge_refusal
+        if j is not None:
+            errors = ", ".join(f"{k}: {v}" for k, v in sorted(j.errors.items())) or "0"
+            row += (f" {_fmt(j.judge_rate)}{_ci(j.judge_ci)} | {_fmt(j.agreement)}{_ci(j.agreement_ci)} | "
+                    f"{_fmt(j.kappa)} | {j.judged} | {errors} |")
+        elif judged:
+            row += " n/a | n/a | n/a | 0 | n/a |"
+        lines.append(row)
+    return lines
+
+
 def render_markdown(report: PolicyReport) -> str:
     cfg = report.config
     models = ", ".join(f"{k} = `{v.id}`" for k, v in report.models.items())
@@ -181,33 +203,65 @@ def render_markdown(report: PolicyReport) -> str:
         lines.append(f"| {w.model} vs {w.opponent} | {w.aspect} ({w.set}) | {_fmt(w.win_rate)}{_ci(w.soft_ci)} | "
                      f"{_fmt(w.hard_win_rate)}{_ci(w.ci)} | {w.wins} / {w.ties} / {w.losses} | "
                      f"{w.n_judged} / {w.n} | {w.identical} | {errors} |")
-    lines += ["", ("| model | set | refusal rate [Wilson 95%] | refusals / answered | truncated | empty "
-              "| errors | mean tokens |"),
-              "|---|---|---|---|---|---|---|---|"]
-    for s in report.model_stats:
-        lines.append(f"| {s.name} | {s.set} | {_fmt(s.refusal_rate)}{_ci(s.refusal_ci)} | {s.refusals} / "
-                     f"{s.n - s.errors} | {s.truncated} | {s.empty} | {s.errors} | {_fmt(s.mean_tokens)} |")
+    lines += ["", *refusal_lines(report)]
+    if report.human is not None:
+        lines += ["", *markdown_lines(report.human)]
     notes = ("Win rate: mean P(first model preferred) over judged prompts, both orders averaged; identical "
              "answers are ties (0.5) without the judge. Hard: a win when both orders prefer the model, a loss "
              "when both prefer the opponent, else a tie; (wins + ties/2) / judged. Errors are excluded from "
-             "the rates and counted. The benign refusal rate measures over-refusal.")
+             "the rates and counted. The benign refusal rate measures over-refusal. Judge refusals: the "
+             "agreement and Cohen's kappa are over the answers the judge classified; an unparseable reply "
+             "is an error, never a default.")
     lines += ["", notes, "",
               f'Harmlessness question: "{cfg.harmlessness_question}"  ',
               f'Helpfulness question: "{cfg.helpfulness_question}"  ',
               f"Refusal detector: {report.refusal_detector}.", "",
-              "Answers and per-prompt judgements are in report.json; see winrates.png."]
+              "Answers and per-prompt judgements are in report.json; see winrates.png"
+              + (" and human.png." if report.human is not None else ".")]
     return "\n".join(lines) + "\n"
+
+
+def plot_human(h: HumanMeasures, out_png: str | Path) -> None:
+    """One panel per measure: a bar per model (or policy vs reference) with its 95% interval; chance at 0.5."""
+    pairs = f"\n({h.pairs.n} pairs)" if h.pairs else ""
+    panels = [(f"likelihood preference{pairs}", [(s.model, s.share, s.ci) for s in h.likelihood]),
+              ("implicit-reward accuracy", [(f"{s.model} vs {s.reference}", s.share, s.ci) for s in h.implicit_reward]),
+              (f"two-option accuracy\n({h.choices.n} questions x 2 orders)" if h.choices else "",
+               [(c.model, c.accuracy, c.ci) for c in h.choice])]
+    panels = [(t, [b for b in bars if b[1] is not None]) for t, bars in panels]
+    panels = [(t, bars) for t, bars in panels if bars]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3.6), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels):
+        values = [v for _, v, _ in bars]
+        low = [v - (ci.low if ci else v) for _, v, ci in bars]
+        high = [(ci.high if ci else v) - v for _, v, ci in bars]
+        ax.bar(range(len(bars)), values, yerr=[low, high], capsize=4, color="tab:green", alpha=0.7)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(bars)), [name for name, _, _ in bars], fontsize=8)
+        ax.set(ylim=(0, 1), title=title)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no human-labelled data scored", ha="center", va="center")
+    axes[0][0].set_ylabel("share agreeing with people (95% CI)")
+    fig.tight_layout()
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
 
 
 def write_policy_report(report: PolicyReport, out_dir: str | Path,
                         training_logs: Mapping[str, str | Path] | None = None) -> list[Path]:
-    """report.json, report.md, winrates.png (and training_curves.png when logs are given)."""
+    """report.json, report.md, winrates.png (human.png with human-grounded measures, training_curves.png
+    when logs are given)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "winrates.png"]
     atomic_write_json(paths[0], report.model_dump(mode="json"))
     atomic_write_text(paths[1], render_markdown(report))
     plot_win_rates(report, paths[2])
+    if report.human is not None:
+        paths.append(out / "human.png")
+        plot_human(report.human, paths[-1])
     if training_logs:
         paths.append(out / "training_curves.png")
         plot_training_curves(training_logs, paths[-1])

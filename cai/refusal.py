@@ -5,7 +5,9 @@ characters of the answer, as in the AdvBench / GCG harmful-behaviour evals.
 Chosen over asking the judge because it costs nothing, is identical for every
 model, needs no judge competence (a 135M judge cannot reliably tell a
 refusal), and every hit records the phrase that matched, so it can be audited.
-It misses refusals phrased otherwise and can flag "I can't stress enough".
+It misses refusals phrased otherwise and can flag "I can't stress enough"; so `cai eval policy`
+also asks the evaluation judge (cai.refusal_judge) and reports the two side by side, with
+their agreement.
 """
 
 from __future__ import annotations

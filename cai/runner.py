@@ -324,6 +324,9 @@ def _eval_jobs(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]:
     settings = recipe.eval.model_dump()
     # held-out means held out: no prompt the run trained on is evaluated
     settings["config"]["exclude"] += [str(run_dir / "prompts-phase1.jsonl"), str(run_dir / "prompts-phase2.jsonl")]
+    for field in ("human_pairs", "human_choices"):  # missing: the report says the measure was not taken
+        path = settings["config"].get(field)
+        settings["config"][field] = str(Path(path).resolve()) if path and Path(path).is_file() else None
     stages.append(("07-eval", _build(
         "07-eval", "eval", PolicyEvalJob, **settings, policy=str(run_dir / "05-policy"), sft=str(run_dir / "02-sft"),
         base=recipe.base_model, judge=eval_judge, training_judge=judge, engine=recipe.engine,

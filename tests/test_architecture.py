@@ -17,10 +17,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("prompts", ("cai.prompts",)),
     ("engine", ("cai.engine",)),
     ("stages", ("cai.critique", "cai.judge", "cai.preferences", "cai.contrastive", "cai.evaluate", "cai.policy_records",
-                "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench", "cai.bench_judge")),
+                "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench", "cai.bench_judge",
+                "cai.human_data", "cai.human_eval", "cai.likelihood", "cai.refusal_judge")),
     ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
                       "cai.jobdir", "cai.train")),
-    ("jobs/pipeline", ("cai.pipeline", "cai.constitution_impact", "cai.bench_ray", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
+    ("jobs/pipeline", ("cai.pipeline", "cai.constitution_impact", "cai.bench_ray", "cai.bench_train", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
     ("cli/serve", ("cai.cli", "cai.__main__", "serve")),
 ]
 

@@ -22,6 +22,7 @@ from cai.policy_eval import (
     detect_refusal,
     evaluate_policies,
     outcome,
+    render_markdown,
     summarise,
     write_policy_report,
 )
@@ -419,3 +420,22 @@ def test_real_model_policy_eval(tmp_path):
     assert all(a.answer.strip() and a.completion_tokens <= 32 for a in real)
     paths = write_policy_report(report, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_judge_refusal_column_beside_the_phrase_list():
+    def judge_says(chat, params):  # "declines" when the quoted reply apologises
+        return "Yes" if "sorry" in chat[0].content.split("Reply:\n", 1)[1] else "No"
+
+    models = {"final": says(REFUSAL), "base": says("Sure: here is how")}
+    judge = FakeEngine(responder=judge_says, chooser=prefers("Sure"))
+    report = evaluate_policies(models, judge, PolicyEvalConfig(limit=3))
+    refusing, helpful = report.stats("final", "benign").judge_refusal, report.stats("base", "benign").judge_refusal
+    assert (refusing.judged, refusing.judge_rate, refusing.agreement, refusing.errors) == (3, 1.0, 1.0, {})
+    assert (helpful.judge_rate, helpful.phrase_rate, helpful.agreement) == (0.0, 0.0, 1.0)
+    assert refusing.kappa is None  # every answer classified alike by both: kappa is undefined
+    assert len(judge.batches) == 1 and len(judge.batches[0]) == 2 * 2 * 3  # models x sets x prompts, one call
+    assert all(a.judge_refusal.declined == (a.model == "final") for a in report.answers)
+    md = render_markdown(report)
+    assert "judge / phrase agreement [Wilson 95%]" in md and "| final | benign | 1.000 [0.439, 1.000] | 3 / 3 |" in md
+    off = evaluate_policies(models, judge, PolicyEvalConfig(limit=1, refusal_judge=False))
+    assert off.stats("final", "benign").judge_refusal is None and "judge / phrase" not in render_markdown(off)

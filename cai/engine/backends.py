@@ -1,4 +1,4 @@
-"""The built-in engine backends: vllm, transformers, openai and fake, registered on import.
+"""The built-in engine backends: vllm, transformers, openai, fake and openai_batch, registered on import.
 
 Each entry is an options model (typed; validated when flags or settings are read), the backend's
 `model_ref` (the one computation of its model's identity, which the engine's `.model` uses too) and a
@@ -27,6 +27,7 @@ from cai.engine.fake import (
     varied_responder,
 )
 from cai.engine.models import local_model_ref, served_model_ref
+from cai.engine.openai_batch import OpenAIBatchOptions
 from cai.engine.registry import Backend, register_backend
 from cai.records import ModelRef
 
@@ -157,6 +158,15 @@ def _openai(model: str | None, options: OpenAIOptions) -> Engine:
     return OpenAIEngine(model, **_options(options))  # type: ignore[arg-type]
 
 
+def _openai_batch(model: str | None, options: OpenAIBatchOptions) -> Engine:
+    from cai.engine.openai_batch import OpenAIBatchEngine
+
+    served_model_ref(model, "openai_batch")  # refuses a missing model name
+    if not (options.base_url or os.environ.get("OPENAI_BASE_URL")):
+        raise EngineConfigError("the openai_batch backend needs base_url= (or env OPENAI_BASE_URL)")
+    return OpenAIBatchEngine(model, options)  # type: ignore[arg-type]
+
+
 # ---- fake -----------------------------------------------------------------------------------------
 
 FAKE_RESPONDERS = {"echo": lambda: echo_responder, "varied": varied_responder}
@@ -200,3 +210,7 @@ register_backend(Backend(
 register_backend(Backend(
     name="fake", summary="canned answers, no model (dry runs, tests)", options=FakeOptions, factory=_fake,
     model_ref=_fake_ref, available=lambda: True))
+register_backend(Backend(
+    name="openai_batch", summary="the OpenAI Batch API (half price, up to 24 h; base_url=..., state_dir=...)",
+    options=OpenAIBatchOptions, factory=_openai_batch,
+    model_ref=lambda model, options: served_model_ref(model, "openai_batch"), available=installed("openai")))

@@ -71,7 +71,7 @@ def plan_options(tokenizer, chat: Chat, options: Sequence[str], prefix: str = ""
     prompt_text = render_prompt(tokenizer, chat, prefix)
     prompt_ids = encode(tokenizer, prompt_text)
     fulls = {o: encode(tokenizer, prompt_text + o) for o in options}
-    shared = min(_common_start(prompt_ids, ids) for ids in fulls.values())
+    shared = min(common_start(prompt_ids, ids) for ids in fulls.values())
     plan = OptionPlan(prompt_ids[:shared], {o: ids[shared:] for o, ids in fulls.items()})
     _check_plan(tokenizer, plan, prefix)
     return plan
@@ -88,7 +88,7 @@ def plan_or_error(tokenizer, chat: Chat, options: Sequence[str], prefix: str) ->
         return ErrorInfo(code=ErrorCode.BAD_REQUEST, message=f"cannot render chat: {exc}")
 
 
-def _common_start(prompt: list[int], full: list[int]) -> int:
+def common_start(prompt: Sequence[int], full: Sequence[int]) -> int:
     n = 0
     for a, b in zip(prompt, full):
         if a != b:
