@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from cai.cli.common import fail_on_user_error, stoppable_job
 from cai.cli.generate import print_summary
+from cai.files import atomic_write_jsonl
 from cai.kinds import open_store, retry_errors
+from cai.revision_pairs import revision_pairs
 
 app = typer.Typer(help="Inspect and repair job directories.", no_args_is_help=True)
 console = Console()
@@ -57,3 +60,17 @@ def retry(job_dir: Path) -> None:
         dropped, summary = retry_errors(job_dir, stop=stop)
     console.print(f"retrying {sum(dropped.values())} error rows: {dropped or 'none'}")
     print_summary(summary)
+
+
+@app.command("revision-pairs")
+def revision_pairs_command(
+    sft: Annotated[Path, typer.Argument(help="a phase-1 job folder (exported) or its sft.jsonl")],
+    out: Annotated[Path, typer.Option(help="preference JSONL to write (`cai train dpo|rm --data OUT`)")],
+) -> None:
+    """Preference pairs from phase-1 trajectories: each final revision chosen over its initial answer
+    (no engine, no judge); rows whose revision equals the answer or was cut off are skipped and counted."""
+    with fail_on_user_error():
+        rows, skipped = revision_pairs(sft)
+        atomic_write_jsonl(out, rows)
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none"
+    typer.echo(f"{len(rows)} pairs written to {out}; skipped {sum(skipped.values())} ({reasons})")
