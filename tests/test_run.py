@@ -92,6 +92,25 @@ def test_shipped_recipes_keep_their_settings(tmp_path):
     assert gpu["07-eval"].engine_options == {"max_model_len": 8192} and gpu["07-eval"].config.limit == 500
 
 
+def test_human_files_of_the_eval_stage_are_made_absolute_or_dropped_when_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    recipe = load_recipe("cpu-smollm2")
+    config = recipe.eval.config.model_copy(update={"human_pairs": "pairs.jsonl", "human_choices": "missing.jsonl"})
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"config": config})})
+    job = dict(plan_stages(recipe, tmp_path / "run"))["07-eval"]
+    assert job.config.human_pairs == str(tmp_path / "pairs.jsonl") and job.config.human_choices is None
+
+
+def test_the_effect_recipe_trains_on_contrastive_pairs_and_grades_on_human_pairs(tmp_path):
+    jobs = dict(plan_stages(load_recipe("cpu-smollm2-effect"), tmp_path))
+    assert jobs["03-prefs"].phase2.labeller == "contrastive" and isinstance(jobs["05-policy"], DPOTrainJob)
+    config = jobs["07-eval"].config
+    assert config.human_limit == 240 and (config.human_pairs is None or config.human_pairs.endswith("hh_harmless_dev.jsonl"))
+    # held out: evaluation excludes both phases' prompts
+    assert {str(tmp_path / "prompts-phase1.jsonl"), str(tmp_path / "prompts-phase2.jsonl")} <= set(config.exclude)
+
+
 @pytest.mark.parametrize(("stage", "where", "what"), [
     ({"phase1": {"job": {"phase1": {"roundz": 1}}}}, "phase1.job.phase1.roundz", "Extra inputs are not permitted"),
     ({"sft": {"trl": {"learnin_rate": 1e-5}}}, "sft.trl", "learnin_rate (did you mean learning_rate?)"),
