@@ -36,6 +36,16 @@ from cai.records import PreferenceRecord, SFTRecord
 from cai.store import JobStore
 
 
+def _parquet_safe(value):
+    """Parquet cannot store a struct with no fields: an empty mapping (e.g. `judge_config` of pairs
+    no judge labelled) is written as null there; the JSONL export keeps `{}`."""
+    if isinstance(value, dict):
+        return {k: _parquet_safe(v) for k, v in value.items()} or None
+    if isinstance(value, list):
+        return [_parquet_safe(v) for v in value]
+    return value
+
+
 def jsonl_to_parquet(jsonl: Path, rows_per_group: int = 1000) -> Path:
     """Stream a JSONL export into Parquet beside it, one row group per chunk of rows.
 
@@ -44,7 +54,7 @@ def jsonl_to_parquet(jsonl: Path, rows_per_group: int = 1000) -> Path:
     JSONL export does not grow at all. The schema comes from the first chunk.
     """
     parquet = jsonl.with_suffix(".parquet")
-    rows = read_jsonl(jsonl)
+    rows = map(_parquet_safe, read_jsonl(jsonl))
     chunks = iter(lambda: list(itertools.islice(rows, rows_per_group)), [])
     first = next(chunks)
     schema = pa.RecordBatch.from_pylist(first).schema

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 from helpers import CONSTITUTIONS, HARMLESS, write_prompts
 
@@ -161,7 +162,8 @@ def test_contrastive_needs_two_samples_and_the_judge_passes_refuse_it():
 def test_exported_rows_hold_only_the_answers_and_record_the_labeller(tmp_path):
     engine = FakeEngine(Recording(toward=[p.directions.toward for p in
                                           load_constitution(HARMLESS).constitution.principles]))
-    summary = generate_prefs(prefs_job(tmp_path, "contrastive"), policy_engine=engine)
+    job = prefs_job(tmp_path, "contrastive").model_copy(update={"parquet": True})
+    summary = generate_prefs(job, policy_engine=engine)
     assert engine.choice_batches == [] and [len(b) for b in engine.batches] == [4, 4]  # no judge ran
     rows = exported(summary)
     assert len(rows) == summary.stats.exported == 4 and summary.stats.contrast.pairs == 4
@@ -189,6 +191,9 @@ def test_exported_rows_hold_only_the_answers_and_record_the_labeller(tmp_path):
     assert "mean confidence" not in card and "Judge agreement" not in card
     ds = datasets.load_dataset("json", data_files=str(Path(summary.out) / "prefs.jsonl"), split="train")
     assert ds.num_rows == 4
+    # no judge: judge_config is {}, which Parquet cannot hold as a struct; it is null there
+    table = pq.read_table(Path(summary.out) / "prefs.parquet")
+    assert table.num_rows == 4 and table.column("metadata").to_pylist()[0]["judge_config"] is None
 
 
 def test_a_failed_generation_is_an_error_row_with_its_raw_text_and_the_job_resumes(tmp_path):
