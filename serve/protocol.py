@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from cai.evaluate import Interval
 from cai.kinds import KINDS, canonical
 from cai.recipe import DEFAULT_BATCH_SIZE, JudgeConfig, Phase1Config, Phase2Config
 from cai.records import Message, check_unicode
@@ -30,6 +31,8 @@ JobKind = Annotated[Literal[tuple(KINDS)], BeforeValidator(lambda v: canonical(v
 earlier versions of this API, is accepted and read as judge-eval."""
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReviewLabel = Literal["agree", "flip", "discard"]
+SampleStrategy = Literal["random", "stratified"]
+ConfidenceBin = Literal["low", "mid", "high", "n/a"]
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -168,13 +171,48 @@ class JobList(BaseModel):
     jobs: list[JobStatus]
 
 
+class Stratum(BaseModel):
+    principle: str = Field(description="the judged pair's principle (prefs) or the first revision's (sft)")
+    confidence: ConfidenceBin = Field(description="the judge confidence tertile (n/a: no judge, sft)")
+    population: int = Field(description="rows of this stratum the sample was drawn from")
+    drawn: int
+
+
+class SampleInfo(BaseModel):
+    strategy: SampleStrategy
+    seed: int
+    requested: int
+    drawn: int
+    population: int = Field(description="rows the sample was drawn from: not error rows, matching the filters")
+    confidence_cuts: list[float] = Field(
+        default_factory=list, description="judge confidence 2 |P(chosen) - 0.5| at the tertiles: below the "
+                                          "first is low, below the second mid, the rest high")
+    strata: list[Stratum] = Field(default_factory=list, description="principle x confidence tertile")
+
+
 class RecordPage(BaseModel):
-    total: int = Field(description="records matching the filters")
+    total: int = Field(description="records matching the filters (a sample: the rows it was drawn from)")
     offset: int
     limit: int
     items: list[dict[str, Any]] = Field(
         description="stored records (cai.records.SFTRecord / PreferenceRecord, or judge-eval predictions), "
                     "each with `review` (the label in force) and, for prefs, `exported`")
+    sample: SampleInfo | None = Field(None, description="how the records were drawn, when `sample` was asked")
+
+
+class Agreement(BaseModel):
+    principle: str | None = Field(description="the judged principle; null: all principles")
+    agree: int = 0
+    flip: int = 0
+    n: int = Field(0, description="agree + flip (discarded rows are not counted)")
+    rate: float | None = Field(None, description="agree / n")
+    ci: Interval | None = Field(None, description="95% Wilson interval of `rate`")
+
+
+class AgreementReport(BaseModel):
+    overall: Agreement
+    principles: list[Agreement] = Field(description="one per judged principle with a reviewed row, by name")
+    discarded: int = Field(0, description="rows whose review in force is discard")
 
 
 class ReviewRequest(Strict):

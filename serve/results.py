@@ -109,6 +109,19 @@ def record_principles(job: dict[str, Any], record: dict[str, Any]) -> set[str]:
     return found
 
 
+def record_stratum(job: dict[str, Any], record: dict[str, Any]) -> tuple[str, float | None]:
+    """(principle, judge confidence) a review sample is stratified by: the judged pair's principle and its
+    confidence |p_a - 0.5| * 2 = 2 |P(chosen) - 0.5| (prefs); the first revision's principle, None (sft)."""
+    judgement, score = record.get("judgement") or {}, record.get("score")
+    if judgement:
+        confidence = judgement.get("confidence")
+        if confidence is None and score is not None:
+            confidence = abs(score - 0.5) * 2
+        return judgement.get("principle_id") or "", confidence
+    principles = (record.get("lineage") or {}).get("principle_ids") or []
+    return (principles[0] if principles else ""), None
+
+
 def latest_reviews(reviews: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """record id -> the review in force (the latest one)."""
     return {r["record_id"]: r for r in reviews}
@@ -126,14 +139,20 @@ def review_counts(reviews: list[dict[str, Any]], judged: bool = True) -> dict[st
 def page(job: dict[str, Any], reviews: list[dict[str, Any]], status: str | None, principle: str | None,
          offset: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
     """(matching count, one page of records) with each record's review and export status."""
+    found = _indexed_page(job, status, principle, offset, limit) if reviewable(job) else None
+    total, items = found if found is not None else _scanned_page(job, status, principle, offset, limit)
+    return total, with_reviews(job, reviews, items)
+
+
+def with_reviews(job: dict[str, Any], reviews: list[dict[str, Any]],
+                 items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with their review in force, every review of them and (prefs) whether they are exported."""
     in_force = latest_reviews(reviews)
     by_record: dict[str, list[dict[str, Any]]] = {}
     for r in reviews:
         by_record.setdefault(r["record_id"], []).append(r)
     filters = ExportFilters.of(json.loads(job["recipe"]))
     job_kind = kind(job["kind"])
-    found = _indexed_page(job, status, principle, offset, limit) if reviewable(job) else None
-    total, items = found if found is not None else _scanned_page(job, status, principle, offset, limit)
     for record in items:
         review = in_force.get(record["id"])
         record["review"] = review["label"] if review else None
@@ -141,7 +160,7 @@ def page(job: dict[str, Any], reviews: list[dict[str, Any]], status: str | None,
         if job_kind.judged_pairs:
             record["exported"] = preference_exclusion(job_kind.record_model.model_validate(record), filters,
                                                       record["review"] or "") is None
-    return total, items
+    return items
 
 
 def _matches(failed: bool, principles: set[str] | frozenset[str], status: str | None, principle: str | None) -> bool:
@@ -162,8 +181,8 @@ def _scanned_page(job: dict[str, Any], status: str | None, principle: str | None
 
 
 # ---------------------------------------------------------------- shard index
-# A records page parses only its own rows: each shard's lines (byte range, error or not, principles)
-# are indexed once and kept while the file is unchanged (same inode, size and mtime), so a page of a
+# A records page parses only its own rows: each shard's lines (byte range, error or not, principles, id,
+# stratum) are indexed once and kept while the file is unchanged (same inode, size and mtime), so a page of a
 # running job costs its rows, not the job's. Shards are written once and replaced, never edited in place.
 
 
@@ -172,9 +191,13 @@ class _Line(NamedTuple):
     end: int
     failed: bool
     principles: frozenset[str]
+    id: str
+    principle: str  # record_stratum's
+    confidence: float | None
 
 
-INDEX_LINES = 100_000  # shard lines indexed in memory, all jobs together (about 300 bytes each: ~30 MB)
+Located = tuple[Path, tuple, _Line]  # a shard, its stat key when indexed, a line
+INDEX_LINES = 100_000  # shard lines indexed in memory, all jobs together (about 400 bytes each: ~40 MB)
 _indexes: OrderedDict[tuple, tuple[_Line, ...]] = OrderedDict()
 _indexed_lines = 0
 _indexes_guard = threading.Lock()
@@ -197,8 +220,10 @@ def _shard_index(job: dict[str, Any], path: Path) -> tuple[tuple, tuple[_Line, .
             return key, _indexes[key]
     lines, start = [], 0
     for line in readable_lines(path, missing_ok=True):
+        principle, confidence = record_stratum(job, line.row)
         lines.append(_Line(start, start + len(line.raw), record_error(job, line.row) is not None,
-                           frozenset(map(sys.intern, record_principles(job, line.row)))))
+                           frozenset(map(sys.intern, record_principles(job, line.row))), str(line.row.get("id")),
+                           sys.intern(principle), confidence))
         start += len(line.raw)
     index = tuple(lines)
     try:
@@ -214,41 +239,49 @@ def _shard_index(job: dict[str, Any], path: Path) -> tuple[tuple, tuple[_Line, .
     return key, index
 
 
-def _indexed_page(job: dict[str, Any], status: str | None, principle: str | None, offset: int,
-                  limit: int) -> tuple[int, list[dict[str, Any]]] | None:
-    """The page from the shard indexes (only its rows parsed); None if a shard changed meanwhile."""
+def shard_lines(job: dict[str, Any]) -> list[Located]:
+    """Every line of the job's result shards from the shard indexes (nothing parsed that is indexed already)."""
     try:
         store = JobStore.at(Path(job["dir"]))
     except JobError:
-        return 0, []  # a queued job: no manifest, no records yet
-    total, wanted = 0, []
+        return []  # a queued job: no manifest, no records yet
+    found = []
     try:
         for path in store.shard_paths(kind(job["kind"]).result_stage):
-            found = _shard_index(job, path)
-            if found is None:
-                continue
-            chosen = []
-            for line in found[1]:
-                if _matches(line.failed, line.principles, status, principle):
-                    total += 1
-                    if offset < total <= offset + limit:
-                        chosen.append(line)
-            if chosen:
-                wanted.append((path, found[0], chosen))
+            index = _shard_index(job, path)
+            if index is not None:
+                found.extend((path, index[0], line) for line in index[1])
     except CorruptShard as exc:
         raise _unreadable(exc) from None
-    items = []
-    for path, key, chosen in wanted:
+    return found
+
+
+def read_lines(wanted: list[Located]) -> list[dict[str, Any]] | None:
+    """The records of these lines, in this order; None if a shard changed since it was indexed."""
+    items: list[dict[str, Any] | None] = [None] * len(wanted)
+    by_path: dict[Path, list[int]] = {}
+    for n, (path, _, _) in enumerate(wanted):
+        by_path.setdefault(path, []).append(n)
+    for path, numbers in by_path.items():
         try:
             with open(path, "rb") as f:
-                if _stat_key(path, os.fstat(f.fileno())) != key:
+                if _stat_key(path, os.fstat(f.fileno())) != wanted[numbers[0]][1]:
                     return None
-                for line in chosen:
+                for n in sorted(numbers, key=lambda n: wanted[n][2].start):
+                    line = wanted[n][2]
                     f.seek(line.start)
-                    items.append(parse_json_line(f.read(line.end - line.start)))
+                    items[n] = parse_json_line(f.read(line.end - line.start))
         except FileNotFoundError:
             return None
-    return total, items
+    return items  # type: ignore[return-value]
+
+
+def _indexed_page(job: dict[str, Any], status: str | None, principle: str | None, offset: int,
+                  limit: int) -> tuple[int, list[dict[str, Any]]] | None:
+    """The page from the shard indexes (only its rows parsed); None if a shard changed meanwhile."""
+    matching = [x for x in shard_lines(job) if _matches(x[2].failed, x[2].principles, status, principle)]
+    items = read_lines(matching[offset:offset + limit])
+    return None if items is None else (len(matching), items)
 
 
 def find_record(job: dict[str, Any], record_id: str) -> dict[str, Any] | None:

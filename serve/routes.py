@@ -20,6 +20,7 @@ from serve.auth import PathRefused, check_name, require_owner
 from serve.jobs import ClientView, JobDB, TooManyActive
 from serve.protocol import (
     ACTIVE_STATES,
+    AgreementReport,
     ConstitutionDetail,
     ConstitutionInfo,
     ConstitutionList,
@@ -37,6 +38,7 @@ from serve.protocol import (
     ReviewCounts,
     ReviewList,
     ReviewRequest,
+    SampleStrategy,
 )
 from serve.resolve import (
     Refused,
@@ -46,9 +48,11 @@ from serve.resolve import (
     list_datasets,
 )
 from serve.results import MEDIA, export_file, find_record, page, review_counts
+from serve.review_stats import agreement, sample_page
 
 STATIC = Path(__file__).resolve().parent / "static"
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "diff.js": "text/javascript; charset=utf-8",
+          "keys.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
 public = APIRouter()
@@ -210,16 +214,48 @@ def resume(job_id: str, request: Request, owner: str = Depends(require_owner)) -
 def records(job_id: str, request: Request, owner: str = Depends(require_owner),
             status: Literal["ok", "error"] | None = Query(None, description="only records without / with an error"),
             principle: str | None = Query(None, max_length=100, description="only records that used this principle"),
-            offset: int = Query(0, ge=0), limit: int = Query(20, ge=1)) -> RecordPage:
-    """The job's records with their full trajectories / judgements (finished batches, also while running)."""
+            offset: int = Query(0, ge=0), limit: int = Query(20, ge=1),
+            sample: int | None = Query(None, ge=1, description="draw this many rows to review instead of a page "
+                                                               "(error rows are never drawn; at most the page limit)"),
+            strategy: SampleStrategy = Query("stratified", description="random, or stratified by principle and "
+                                                                        "judge-confidence tertile"),
+            seed: int = Query(0, ge=0, le=2**32 - 1, description="the same seed draws the same rows")) -> RecordPage:
+    """The job's records with their full trajectories / judgements (finished batches, also while running),
+    a page at a time or, with `sample`, a sample for review (serve.review_stats)."""
     job = _job(request, job_id, owner)
     cap = request.app.state.settings.limits.max_page
     if limit > cap:
         raise HTTPException(422, f"limit = {limit} is over this server's page limit of {cap}")
     reviews = _db(request).reviews(job_id) if kind(job["kind"]).reviewable else []
+    if sample is not None:
+        return _sample(request, job, reviews, principle, status, sample, strategy, seed)
     total, items = page(job, reviews, status, principle, offset, limit)
     items = ClientView(request.app.state.settings, Path(job["dir"]))(items)  # e.g. a backend's error text
     return RecordPage(total=total, offset=offset, limit=limit, items=items)
+
+
+def _sample(request: Request, job: dict[str, Any], reviews: list[dict[str, Any]], principle: str | None,
+            status: str | None, n: int, strategy: str, seed: int) -> RecordPage:
+    cap = request.app.state.settings.limits.max_page
+    if n > cap:
+        raise HTTPException(422, f"sample = {n} is over this server's page limit of {cap}")
+    if not kind(job["kind"]).reviewable:
+        raise HTTPException(422, f"a {job['kind']} job's records are not reviewed: sample applies to sft and prefs")
+    if status == "error":
+        raise HTTPException(422, "error rows are not reviewed: a sample draws from rows without an error")
+    total, items, info = sample_page(job, reviews, principle, n, strategy, seed)
+    items = ClientView(request.app.state.settings, Path(job["dir"]))(items)
+    return RecordPage(total=total, offset=0, limit=n, items=items, sample=info)
+
+
+@api.get("/jobs/{job_id}/agreement", response_model=AgreementReport, tags=["reviews"])
+def job_agreement(job_id: str, request: Request, owner: str = Depends(require_owner)) -> AgreementReport:
+    """Reviewer-judge agreement per judged principle: agree / (agree + flip) over the reviewed rows (the
+    review in force of each), with n and a 95% Wilson interval (prefs jobs)."""
+    job = _job(request, job_id, owner)
+    if not kind(job["kind"]).judged_pairs:
+        raise HTTPException(422, f"a {job['kind']} job has no judge to agree with: agreement applies to prefs jobs")
+    return agreement(job, _db(request).reviews(job_id))
 
 
 @api.get("/jobs/{job_id}/export", tags=["jobs"], response_class=FileResponse,

@@ -4,7 +4,9 @@
 
 const KEY = "cai.apiKey";
 const PAGE = 10;
-const state = { job: null, offset: 0, principles: {}, timer: null, recordsSeen: -1 };
+// cursor: the current row (keys.js); sample: the sample query shown instead of pages, or null
+const state = { job: null, offset: 0, principles: {}, timer: null, recordsSeen: -1, cursor: 0, sample: null,
+                busy: false };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -79,6 +81,7 @@ async function refresh() {
 
 async function openJob(id) {
   state.job = { id }; state.offset = 0; state.principles = {}; state.recordsSeen = -1;
+  state.cursor = 0; state.sample = null;
   location.hash = `job=${id}`;
   $("job-pane").hidden = false;
   $("export-preview").hidden = true; $("export-link").hidden = true;
@@ -91,6 +94,9 @@ async function loadJob(first) {
   try { job = await api(`/v1/jobs/${state.job.id}`); } catch (e) { say(e.message, true); return; }
   state.job = job;
   renderSummary(job);
+  $("sample-controls").hidden = job.kind === "judge-eval";
+  if (job.kind === "prefs") await loadAgreement();
+  else $("agreement-box").hidden = true;
   if (first && job.kind !== "judge-eval") {
     try {
       const c = await api(`/v1/jobs/${job.id}/constitution`);
@@ -130,17 +136,69 @@ function renderSummary(job) {
 
 async function loadRecords() {
   const job = state.job;
-  const q = new URLSearchParams({ offset: state.offset, limit: PAGE });
-  if ($("filter-status").value) q.set("status", $("filter-status").value);
+  const q = new URLSearchParams(state.sample ? state.sample : { offset: state.offset, limit: PAGE });
+  if ($("filter-status").value && !state.sample) q.set("status", $("filter-status").value);
   if ($("filter-principle").value) q.set("principle", $("filter-principle").value);
   let data;
-  try { data = await api(`/v1/jobs/${job.id}/records?${q}`); } catch (e) { say(e.message, true); return; }
+  try { data = await api(`/v1/jobs/${job.id}/records?${q}`); } catch (e) { say(e.message, true); return false; }
   state.recordsSeen = job.records;
-  $("page-info").textContent = data.total ? `${state.offset + 1}–${state.offset + data.items.length} of ${data.total}` : "no records";
-  $("prev-page").disabled = state.offset === 0;
-  $("next-page").disabled = state.offset + data.items.length >= data.total;
+  if (data.sample) $("page-info").textContent = sampleText(data.sample);
+  else {
+    $("page-info").textContent = data.total
+      ? `${state.offset + 1}–${state.offset + data.items.length} of ${data.total}` : "no records";
+  }
+  $("prev-page").disabled = state.offset === 0 || !!data.sample;
+  $("next-page").disabled = state.offset + data.items.length >= data.total || !!data.sample;
+  $("sample-clear").hidden = !data.sample;
+  $("sample-strata").hidden = !data.sample;
+  if (data.sample) renderStrata(data.sample);
   const render = { sft: sftRecord, prefs: prefsRecord, "judge-eval": evalRecord }[job.kind];
   $("records").replaceChildren(...data.items.map(render));
+  markCursor(false);
+  return true;
+}
+
+// ------------------------------------------------------------------ sample for review, agreement
+
+function sampleText(s) {
+  return `sample: ${s.drawn} of ${s.population} rows (${s.strategy}, seed ${s.seed})`;
+}
+
+function renderStrata(s) {
+  const cuts = s.confidence_cuts.length
+    ? ` · confidence tertiles at ${s.confidence_cuts.map((c) => fmt(c, 2)).join(" / ")}` : "";
+  $("sample-strata").replaceChildren(
+    el("summary", { text: `${s.strata.length} strata (principle × judge confidence)${cuts}` }),
+    el("table", { class: "judge-table" },
+      el("thead", {}, el("tr", {}, ...["principle", "confidence", "rows", "drawn"].map((h) => el("th", { text: h })))),
+      el("tbody", {}, ...s.strata.map((t) => el("tr", {}, el("td", { text: t.principle || "(none)" }),
+        el("td", { text: t.confidence }), el("td", { text: t.population }), el("td", { text: t.drawn }))))));
+}
+
+async function loadSample() {
+  const n = Number($("sample-n").value), seed = Number($("sample-seed").value);
+  if (!Number.isInteger(n) || n < 1) {
+    say("sample size: a whole number, 1 or more (the server caps it)", true); return;
+  }
+  if (!Number.isInteger(seed) || seed < 0) { say("seed: a whole number, 0 or more", true); return; }
+  const previous = state.sample;
+  state.sample = { sample: n, strategy: $("sample-strategy").value, seed };
+  state.cursor = 0;
+  if (!(await loadRecords())) state.sample = previous; // refused (e.g. over the cap): keep what was shown
+}
+
+async function loadAgreement() {
+  let data;
+  try { data = await api(`/v1/jobs/${state.job.id}/agreement`); } catch (e) { say(e.message, true); return; }
+  const ci = (a) => (a.ci ? `${pct(a.ci.low)} – ${pct(a.ci.high)}` : "n/a");
+  const row = (a, cls) => el("tr", { class: cls, "data-principle": a.principle ?? "" },
+    el("td", { text: a.principle === null ? "all principles" : a.principle || "(none)" }),
+    el("td", { text: a.agree }), el("td", { text: a.flip }), el("td", { class: "n", text: a.n }),
+    el("td", { class: "rate", text: pct(a.rate) }), el("td", { class: "ci", text: ci(a) }));
+  $("agreement").querySelector("tbody").replaceChildren(...data.principles.map((a) => row(a, null)),
+    row(data.overall, "total"));
+  $("agreement-note").textContent = `${data.discarded} discarded rows not counted; n = agree + flip.`;
+  $("agreement-box").hidden = false;
 }
 
 // ------------------------------------------------------------------ records
@@ -173,7 +231,14 @@ function reviewBar(rec, labels) {
     who ? el("span", { class: "muted", text: who }) : null);
 }
 
+function revisionDiff(initial, text) {
+  const { node, added, removed } = diffView(initial, text);
+  return el("details", { class: "diff-box", open: true },
+    el("summary", { text: `changes from the initial answer: +${added} / −${removed} words` }), node);
+}
+
 function sftRecord(rec) {
+  const initial = (rec.trajectory.find((s) => s.kind === "answer") || {}).text;
   const steps = rec.trajectory.map((s) => {
     const p = state.principles[s.principle_id];
     const request = p && s.kind !== "answer" ? (s.kind === "critique" ? p.critique_request : p.revision_request) : null;
@@ -181,7 +246,8 @@ function sftRecord(rec) {
       el("div", { class: "step-label" }, s.kind, principleLabel(s.principle_id),
         s.finish_reason !== "stop" ? el("span", { class: "badge bad", text: s.finish_reason }) : null),
       request ? el("details", {}, el("summary", { text: `${s.kind} request` }), el("div", { class: "text muted", text: request })) : null,
-      el("div", { class: "text", text: s.text }));
+      s.kind === "revision" && initial !== undefined ? revisionDiff(initial, s.text)
+        : el("div", { class: "text", text: s.text }));
   });
   const c = rec.lineage.constitution;
   return el("div", { class: `record${rec.error ? " has-error" : ""}`, "data-record-id": rec.id },
@@ -235,12 +301,14 @@ function evalRecord(rec) {
 
 // ------------------------------------------------------------------ actions
 
+// Label a record (buttons and keys.js); true once stored and the page re-rendered.
 async function review(recordId, label) {
   try {
     await api(`/v1/jobs/${state.job.id}/reviews`, { method: "POST", body: { record_id: recordId, label } });
     say(`${label}: ${recordId}`);
     await loadJob(false); await loadRecords();
-  } catch (e) { say(e.message, true); }
+    return true;
+  } catch (e) { say(e.message, true); return false; }
 }
 
 async function doExport() {
@@ -292,7 +360,17 @@ function init() {
   $("resume-btn").addEventListener("click", () => jobAction("resume"));
   $("prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadRecords(); });
   $("next-page").addEventListener("click", () => { state.offset += PAGE; loadRecords(); });
-  for (const id of ["filter-status", "filter-principle"]) $(id).addEventListener("change", () => { state.offset = 0; loadRecords(); });
+  for (const id of ["filter-status", "filter-principle"]) {
+    $(id).addEventListener("change", () => { state.offset = 0; state.cursor = 0; loadRecords(); });
+  }
+  $("sample-btn").addEventListener("click", loadSample);
+  $("sample-clear").addEventListener("click", () => {
+    state.sample = null; state.offset = 0; state.cursor = 0; loadRecords();
+  });
+  $("records").addEventListener("click", (ev) => {  // a clicked row becomes the current one
+    const rec = ev.target.closest(".record");
+    if (rec) { state.cursor = [...$("records").children].indexOf(rec); markCursor(false); }
+  });
   if (saved) {
     loadJobs();
     const m = location.hash.match(/job=([0-9a-f]{16})/);
