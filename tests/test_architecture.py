@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "cai.human_data", "cai.human_eval", "cai.likelihood", "cai.refusal_judge")),
     ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
                       "cai.jobdir", "cai.revision_pairs", "cai.train")),
-    ("jobs/pipeline", ("cai.pipeline", "cai.constitution_impact", "cai.bench_ray", "cai.bench_train", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
+    ("jobs/pipeline", ("cai.pipeline", "cai.hub", "cai.hub_cards", "cai.hub_lineage", "cai.constitution_impact", "cai.bench_ray", "cai.bench_train", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
     ("cli/serve", ("cai.cli", "cai.__main__", "serve")),
 ]
 

@@ -4,7 +4,8 @@ Each command builds its typed job (cai.train.jobs, the model a `cai run` recipe 
 defaults included) and runs it. Common flags map onto the trainer's config (TRL's for sft/rm/dpo/grpo,
 cai's PPOConfig for ppo); `--trl KEY=VALUE` (repeatable, VALUE parsed as JSON when it parses) sets
 any other field of that config and wins over the common flags; an unknown field is refused before
-any model loads.
+any model loads. After training, OUT/train_job.json records the job (what a model card reads);
+`--push-to-hub REPO` then pushes OUT with its model card (cai.hub), the token checked before training.
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from cai.cli.common import absolute_if_path, fail_on_user_error, parse_pairs
+from cai.cli.push import (
+    HubPrivateOpt,
+    PushToHubOpt,
+    TokenEnvOpt,
+    hub_push_settings,
+    push_result,
+)
+from cai.hub import TOKEN_ENV, HubSettings
+from cai.hub_lineage import write_train_record
 from cai.judge import judge_modes_text
 from cai.recipe import JudgeConfig
+from cai.train.distributed import is_main
 from cai.train.jobs import (
     GROUP_REWARDS,
     DPOTrainJob,
@@ -69,10 +80,13 @@ REPORTED = {
 }
 
 
-def run_train_job(job: TrainJob) -> None:
-    """Train, then print where the model went and its main metrics (`cai train` and `cai run JOB.json`)."""
+def run_train_job(job: TrainJob, hub: HubSettings | None = None) -> None:
+    """Train, record the job in OUT/train_job.json, print where the model went and its main metrics
+    (`cai train` and `cai run JOB.json`); with `hub`, push OUT to the Hub (the main process only)."""
     with fail_on_user_error():
         result = train(job)
+    if is_main():
+        write_train_record(job, result.out)
     shown = {k: result.metrics[k] for k in REPORTED[job.kind] if result.metrics.get(k) is not None}
     console.print(f"[bold]saved[/]: {result.out}  (metrics.json, log.jsonl)")
     for key, value in shown.items():
@@ -81,6 +95,8 @@ def run_train_job(job: TrainJob) -> None:
     for key in ("reward", "kl", "entropy"):  # PPO's last rollout, GRPO's last logged step
         if key in last:
             console.print(f"  last {key}: {last[key]:.4g}")
+    if hub is not None and is_main():
+        push_result(result.out, hub)
 
 
 def build(job: type[TrainJob], trl: list[str] | None, **flags: Any) -> TrainJob:
@@ -104,11 +120,14 @@ def sft(
     resume: ResumeOpt = RESUME,
     trl: TrlOpt = None,
     threads: ThreadsOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
 ) -> None:
     """Supervised fine-tuning (TRL SFTTrainer) on `messages` data; loss on the final assistant turn."""
     run_train_job(build(SFTTrainJob, trl, data=str(data), model=model, out=str(out), lora=lora, lora_r=lora_r,
                         lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
-                        resume=resume, threads=threads))
+                        resume=resume, threads=threads), hub_push_settings(push_to_hub, hub_private, token_env))
 
 
 @app.command("rm")
@@ -126,6 +145,9 @@ def rm(
     resume: ResumeOpt = RESUME,
     trl: TrlOpt = None,
     threads: ThreadsOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
     eval_fraction: Annotated[float, typer.Option(min=0, max=0.9, help="held-out share of pairs")] = default(RewardTrainJob, "eval_fraction"),
     loss: Annotated[str, typer.Option(help=RewardTrainJob.model_fields["loss"].description.replace("[", "(").replace("]", ")"))] = default(RewardTrainJob, "loss"),
     margin_scale: Annotated[float, typer.Option(help="TRL margin = scale * judge margin; 0: plain Bradley-Terry")] = default(RewardTrainJob, "margin_scale"),
@@ -134,7 +156,8 @@ def rm(
     run_train_job(build(RewardTrainJob, trl, data=str(data), model=model, out=str(out), lora=lora, lora_r=lora_r,
                         lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
                         resume=resume, threads=threads, eval_fraction=eval_fraction, loss=loss,
-                        margin_scale=margin_scale))
+                        margin_scale=margin_scale),
+                  hub_push_settings(push_to_hub, hub_private, token_env))
 
 
 @app.command("dpo")
@@ -153,13 +176,17 @@ def dpo(
     resume: ResumeOpt = RESUME,
     trl: TrlOpt = None,
     threads: ThreadsOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
     soft_label: Annotated[str, typer.Option(help=DPOTrainJob.model_fields["soft_label"].description)] = default(DPOTrainJob, "soft_label"),
 ) -> None:
     """Direct preference optimisation (TRL DPOTrainer) on preference pairs."""
     run_train_job(build(DPOTrainJob, trl, data=str(data), model=model, out=str(out), ref_model=ref_model,
                         lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr,
                         batch_size=batch_size, max_steps=max_steps, resume=resume, threads=threads,
-                        soft_label=soft_label))
+                        soft_label=soft_label),
+                  hub_push_settings(push_to_hub, hub_private, token_env))
 
 
 @app.command("ppo")
@@ -180,12 +207,16 @@ def ppo(
     resume: ResumeOpt = RESUME,
     trl: Annotated[Optional[list[str]], typer.Option("--set", "--trl", help="PPOConfig field KEY=VALUE, repeatable")] = None,
     threads: ThreadsOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
 ) -> None:
     """PPO (cai's own) against a reward model or function, with a KL penalty to the reference."""
     run_train_job(build(PPOTrainJob, trl, data=str(data), model=model, out=str(out), reward_model=reward_model,
                         reward_fn=reward_fn, ref_model=ref_model, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
                         epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, resume=resume,
-                        threads=threads))
+                        threads=threads),
+                  hub_push_settings(push_to_hub, hub_private, token_env))
 
 
 @app.command("grpo")
@@ -213,6 +244,9 @@ def grpo(
     resume: ResumeOpt = RESUME,
     trl: TrlOpt = None,
     threads: ThreadsOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
 ) -> None:
     """GRPO (TRL GRPOTrainer), online RLAIF: the judge ranks each prompt's G sampled answers
     (`--trl num_generations=G`) under a principle drawn per group; lineage in OUT/groups.jsonl."""
@@ -226,4 +260,4 @@ def grpo(
         judge_backend=judge_backend, judge_options=options, judge_config=JudgeConfig(mode=mode, orders=orders),
         group_reward=group_reward, principle_seed=principle_seed, reward_model=reward_model, lora=lora,
         lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
-        resume=resume, threads=threads))
+        resume=resume, threads=threads), hub_push_settings(push_to_hub, hub_private, token_env))
