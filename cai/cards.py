@@ -22,16 +22,19 @@ from cai.contrastive import (
     judge_judgement,
     labelling_text,
 )
+from cai.engine.openai_batch import BatchUsage
 from cai.formats import (
     PREFERENCE_FORMAT_VERSION,
     SFT_FORMAT_VERSION,
     ExportFilters,
     preference_exclusion,
 )
+from cai.job_usage import read_usage, sampled_tokens, usage_section
 from cai.judge import JUDGE_MODE_SPECS
 from cai.preferences import PreferenceStats
 from cai.records import ErrorCode, PreferenceRecord, SFTRecord
 from cai.store import JobStore
+from cai.update_report import read_update_report, update_section
 
 
 class PrincipleOutcomes(BaseModel):
@@ -50,6 +53,7 @@ class SFTExportStats(BaseModel):
     principle_outcomes: dict[str, PrincipleOutcomes] = Field(default_factory=dict)
     groups: dict[str, int] = Field(default_factory=dict, description="exported rows per prompt group")
     generated_tokens: int = 0
+    prompt_tokens: int = Field(0, description="prompt tokens of every request the rows keep")
     mean_final_chars: float = 0.0
     files: list[str] = Field(default_factory=list)
 
@@ -86,6 +90,7 @@ class SFTStatsCounter:
 
     def add(self, record: SFTRecord) -> None:
         self.stats.generated_tokens += sum(s.completion_tokens for s in record.trajectory)
+        self.stats.prompt_tokens += sum(s.prompt_tokens for s in record.trajectory)
         _count_outcomes(record, self.outcomes)
         if record.error is not None:
             self.errors[record.error.code.value] += 1
@@ -236,7 +241,14 @@ is kept as context for the revision, not dropped; `truncated critiques` counts t
 {outcomes}
 
 {constitution_section(m.fingerprint_inputs, stats.groups)}
-"""
+{job_sections(store, BatchUsage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.generated_tokens),
+              "every answer, critique and revision, error rows included")}"""
+
+
+def job_sections(store: JobStore, rows: BatchUsage, what: str) -> str:
+    """The card's closing sections: token usage and cost (`rows`: the tokens the rows keep, of `what`), and
+    what an update reused and regenerated."""
+    return usage_section(read_usage(store.root), rows, what) + "\n" + update_section(read_update_report(store.root))
 
 
 def _outcome_rows(outcomes: dict[str, PrincipleOutcomes]) -> str:
@@ -327,7 +339,8 @@ Made by `cai` {m.cai_version} (phase 2, RL-CAI; labeller `{labeller}`). {judging
 
 Load with `datasets.load_dataset("json", data_files="prefs.jsonl")`; TRL's `DPOTrainer`
 and `RewardTrainer` take the `prompt` / `chosen` / `rejected` columns as is.
-"""
+
+{job_sections(store, sampled_tokens(store), "the policy's answers; the judge's requests keep no token counts")}"""
 
 
 def _has_option_mass(mode: str) -> bool:

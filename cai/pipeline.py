@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -17,13 +18,27 @@ from cai.batches import (  # noqa: F401  (EngineDown, JobCancelled: part of this
     run_batches,
 )
 from cai.constitution_plan import ConstitutionPlan, load_plan
-from cai.contrastive import label_pass, require_plan_directions, sample_pass
+from cai.contrastive import require_plan_directions
 from cai.critique import cancelled_records as cancelled_sft
-from cai.critique import phase1_id, run_phase1
+from cai.critique import phase1_id
 from cai.engine.base import Engine
+from cai.engine.openai_batch import with_state_dir
+from cai.errors import CaiError
 from cai.events import ProgressHook, step_hook
 from cai.executor import Executor, StopCheck
 from cai.export import SFTExportStats, export_prefs, export_sft
+from cai.job_update import (
+    OldJob,
+    Update,
+    job_dir_spec,
+    open_update,
+    plan_prefs_update,
+    plan_sft_update,
+    save_constitutions,
+    start_update,
+    update_inputs,
+)
+from cai.job_usage import UsageMeter, record_usage
 from cai.jobdir import (  # noqa: F401  (manifest_recipe, source_digest: part of this module's API)
     JobSummary,
     LazyEngine,
@@ -42,8 +57,8 @@ from cai.prompts import (
     PHASE1_TEMPLATE_HASH,
     judge_config_template_hashes,
 )
-from cai.ray_executor import EngineProcess, executor_for
-from cai.recipe import EngineSpec, Phase1Config, Phase2Config, PrefsJob, SFTJob
+from cai.ray_executor import executor_for
+from cai.recipe import EngineSpec, PrefsJob, SFTJob
 from cai.records import (
     ErrorCode,
     ModelRef,
@@ -54,7 +69,8 @@ from cai.records import (
     stable_id,
 )
 from cai.sources import near_duplicate_key, read_prompts
-from cai.store import JobStore, read_manifest  # noqa: F401  (read_manifest: part of this module's API)
+from cai.stage_calls import JudgeProcess, Phase1Process, SampleProcess  # noqa: F401  (part of this module's API)
+from cai.store import JobStore, Manifest, read_manifest  # noqa: F401  (read_manifest: part of this module's API)
 
 SFT, PREFS, SAMPLES = "sft", "prefs", "samples"
 PHASE1_CODE_VERSION = "2"  # 2: a truncated critique no longer ends the trajectory
@@ -124,18 +140,6 @@ def sft_manifest_inputs(job: SFTJob, plan: ConstitutionPlan, model: ModelRef) ->
             "phase1": job.phase1.model_dump(exclude={"schedule"}), "template_hash": PHASE1_TEMPLATE_HASH}
 
 
-class Phase1Process(EngineProcess):
-    """A phase-1 batch: critique-then-revise trajectories (picklable: see cai.ray_executor.EngineProcess)."""
-
-    def __init__(self, spec: EngineSpec, plan: ConstitutionPlan, config: Phase1Config,
-                 engine_of: Callable[[], Engine] | None = None, on_step=None):
-        super().__init__(spec, engine_of, on_step)
-        self.plan, self.config = plan, config
-
-    def run(self, engine: Engine, batch: list[SourcePrompt]) -> list[SFTRecord]:
-        return run_phase1(batch, self.plan, engine, self.config, on_step=self.on_step)
-
-
 def generate_sft(
     job: SFTJob, engine: Engine | None = None, progress: ProgressHook | None = None, stop: StopCheck | None = None,
     redo: Collection[str] = (), recipe: dict | None = None, build: Callable[[EngineSpec], Engine] | None = None,
@@ -144,31 +148,58 @@ def generate_sft(
     """Phase 1 end to end: resume-aware batches of critique-then-revise, then export.
     `engine`, else one built by `build` (default: build_engine) only if there is work; `executor`
     runs the batches (default: the job's `executor` settings, local unless they say ray).
-    `recipe`: what a new job's manifest.json records as its settings (default: settings_recipe(job))."""
+    `recipe`: what a new job's manifest.json records as its settings (default: settings_recipe(job)).
+    A job with `update_from` carries over the old job's rows its constitution leaves as they were
+    (cai.job_update)."""
     started = time.perf_counter()
     plan = job_plan(job, allow_unrevised=True)
     model = engine.model if engine is not None else engine_model_ref(job.engine)
-    manifest = job_manifest(SFT, PHASE1_CODE_VERSION, sft_manifest_inputs(job, plan, model), job,
-                            settings_recipe(job, recipe))
-    engine_of = LazyEngine(job.engine, build or build_engine, engine)
-    process = Phase1Process(job.engine, plan, job.phase1, engine_of, step_hook(progress, SFT))
-
+    old = open_update(job, SFT_RECORDS)
+    manifest = job_manifest(SFT, PHASE1_CODE_VERSION, {**sft_manifest_inputs(job, plan, model), **update_inputs(old)},
+                            job, settings_recipe(job, recipe))
+    _check_update(old, manifest, job, executor)
+    meter = UsageMeter()
     with job_executor(job, executor) as runner, open_job_store(job, manifest, SFT_RECORDS) as store:
+        spec = job_dir_spec(job.engine, store.root, plan)
+        engine_of = LazyEngine(spec, meter.metered("engine", build or build_engine), meter.watch("engine", engine))
+        process = Phase1Process(spec, plan, job.phase1, engine_of, step_hook(progress, SFT))
         prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
-        run = run_batches(
-            store, SFT, prompts, phase1_id, process, job.batch_size, progress,
-            None if is_remote(runner) else engine_of, stop=stop,
-            dedupe_key=near_duplicate_key if job.drop_near_duplicates else None,
-            cancelled=lambda batch, reason: cancelled_sft(batch, plan, model, job.phase1, reason),
-            redo={ErrorCode.CANCELLED.value, *redo}, executor=runner,
-        )
+        dedupe = near_duplicate_key if job.drop_near_duplicates else None
+        update = None if old is None else start_update(store.root, plan_sft_update(
+            old.index({SFT: lambda row: row["id"]}), plan, prompts(), phase1_id, dedupe, job.phase1.rounds,
+            job.phase1.seed))
+        if update is not None:
+            process = update.reusing(SFT, process, phase1_id, lambda r: r.id, per_prompt=1)
+        setup = None if is_remote(runner) or (update and not update.has_work(SFT)) else engine_of
+        try:
+            run = run_batches(
+                store, SFT, prompts, phase1_id, process, job.batch_size, progress, setup, stop=stop, dedupe_key=dedupe,
+                cancelled=lambda batch, reason: cancelled_sft(batch, plan, model, job.phase1, reason),
+                redo={ErrorCode.CANCELLED.value, *redo}, executor=runner,
+                engine_down=process.engine_down() if update else None,
+            )
+        finally:
+            record_usage(store.root, job.price_per_mtok, meter.used())
+            if old is not None:
+                old.close()
         stats = export_sft(store, parquet=job.parquet)
     return Phase1Summary(
         kind=SFT, out=str(store.root), done_before=run.done_before, done_now=run.done_now,
-        duplicates_merged=run.duplicates, files=stats.files, generated_tokens_now=run.generated_tokens,
+        duplicates_merged=run.duplicates, files=stats.files,
+        generated_tokens_now=run.generated_tokens - (process.carried_tokens if update else 0),
         generation_seconds=run.generation_seconds, wall_seconds=time.perf_counter() - started,
         details=SFTDetails(export=stats),
     )
+
+
+def _check_update(old: OldJob | None, manifest: Manifest, job: SFTJob | PrefsJob, executor: Executor | None) -> None:
+    """CaiError for an update that cannot run: an old job with other settings, or batches run elsewhere."""
+    if old is None:
+        return
+    if job.executor.name != "local" or is_remote(executor):
+        raise CaiError("--update-from runs its batches in this process (carried rows come from the old job's "
+                       "directory): drop --executor ray, or run the job in full")
+    old.check_compatible(manifest, job.out)
 
 
 # ---------------------------------------------------------------- phase 2
@@ -194,24 +225,32 @@ class PrefsEngines:
     Each engine is built only when its pass starts, and one built here is closed as soon
     as its pass ends, so a policy and a different judge never hold memory (one GPU's) at
     the same time. With no judge of its own, the policy's engine judges and stays open.
+    With `job_dir`, an openai_batch engine keeps its batches there (with_state_dir); `meter` counts
+    the Batch API usage of the engines this job gets.
     Engines passed in, and engines from a caller's `build` (e.g. the service's per-worker
     cache, which keeps one model resident at a time), belong to the caller.
     """
 
     def __init__(self, job: PrefsJob, policy: Engine | None = None, judge: Engine | None = None,
-                 build: Callable[[EngineSpec], Engine] | None = None):
-        self.job = job
+                 build: Callable[[EngineSpec], Engine] | None = None, job_dir: Path | None = None,
+                 meter: UsageMeter | None = None) -> None:
+        self.job, self.meter = job, meter or UsageMeter()
         self.given = {"policy": policy and checked(policy), "judge": judge and checked(judge)}
+        for role, engine in self.given.items():
+            self.meter.watch(role, engine)
         self.build, self.owned = build or build_engine, build is None
         self.built: dict[str, Engine] = {}
+        policy_spec, judge_spec = job.policy, job.judge or job.policy
+        if job_dir is not None:
+            policy_spec, judge_spec = with_state_dir(policy_spec, job_dir), with_state_dir(judge_spec, job_dir)
+        self.specs = {"policy": policy_spec, "judge": judge_spec}
 
     def get(self, role: str) -> Engine:
         if (engine := self.given[role] or self.built.get(role)) is not None:
             return engine
         if role == "judge" and self.job.judge is None:
             return self.get("policy")
-        spec = self.job.policy if role == "policy" else self.job.judge
-        self.built[role] = checked(self.build(spec))
+        self.built[role] = self.meter.watch(role, checked(self.build(self.specs[role])))
         return self.built[role]
 
     def release(self, role: str) -> None:
@@ -249,25 +288,34 @@ def generate_prefs(
     policy_ref = policy_engine.model if policy_engine else engine_model_ref(job.policy)
     judge_ref = NO_JUDGE if job.phase2.labeller == "contrastive" else judge_engine.model if judge_engine else (
         policy_ref if job.judge is None else engine_model_ref(job.judge))
-    manifest = job_manifest(PREFS, PHASE2_CODE_VERSION, prefs_manifest_inputs(job, plan, policy_ref, judge_ref),
-                            job, settings_recipe(job, recipe))
-    engines = PrefsEngines(job, policy_engine, judge_engine, build)
+    old = open_update(job, PREFS_RECORDS)
+    manifest = job_manifest(PREFS, PHASE2_CODE_VERSION, {**prefs_manifest_inputs(job, plan, policy_ref, judge_ref),
+                                                         **update_inputs(old)}, job, settings_recipe(job, recipe))
+    _check_update(old, manifest, job, executor)
     redo_codes = {ErrorCode.CANCELLED.value, *redo}
     cancelled = lambda batch, reason: cancelled_prefs(  # noqa: E731
         [_as_source(x) for x in batch], plan, policy_ref, judge_ref, job.phase2, reason)
     with job_executor(job, executor) as runner, open_job_store(job, manifest, PREFS_RECORDS) as store:
+        engines = PrefsEngines(job, policy_engine, judge_engine, build, store.root)
+        save_constitutions(store.root, plan)
+        update = None if old is None else start_update(store.root, _plan_prefs_update(old, job, plan))
         try:
-            sampled = _sample_pass(job, plan, store, engines, progress, stop, redo_codes, cancelled, runner)
+            sampled = _sample_pass(job, plan, store, engines, progress, stop, redo_codes, cancelled, runner, update)
             engines.release("policy")
-            judge = JudgeProcess(job.judge or job.policy, plan, job.phase2, lambda: engines.get("judge"),
+            judge = JudgeProcess(engines.specs["judge"], plan, job.phase2, lambda: engines.get("judge"),
                                  step_hook(progress, PREFS))
+            label = judge if update is None else update.reusing(PREFS, judge, lambda r: r.id, _prefs_key)
             rows = lambda: store.records(SAMPLES)  # noqa: E731
-            judged = run_batches(store, PREFS, rows, lambda r: r.id, judge, job.batch_size, progress,
-                                 setup=None if is_remote(runner) else judge.engine, row_key=_prefs_row_key,
-                                 stop=stop, cancelled=cancelled, redo=redo_codes, engine_down=_judge_down,
-                                 executor=runner)
+            setup = None if is_remote(runner) or (update and not update.has_work(PREFS)) else judge.engine
+            judged = run_batches(store, PREFS, rows, lambda r: r.id, label, job.batch_size, progress,
+                                 setup=setup, row_key=_prefs_row_key,
+                                 stop=stop, cancelled=cancelled, redo=redo_codes, executor=runner,
+                                 engine_down=_judge_down if update is None else label.engine_down(_judge_down))
         finally:
             engines.close()
+            record_usage(store.root, job.price_per_mtok, engines.meter.used())
+            if old is not None:
+                old.close()
         stats, files = export_prefs(store, job.min_confidence, job.require_consistent, job.parquet)
     return Phase2Summary(
         kind=PREFS, out=str(store.root), done_before=judged.done_before, done_now=judged.done_now,
@@ -277,47 +325,31 @@ def generate_prefs(
     )
 
 
-class SampleProcess(EngineProcess):
-    """A phase-2 pass-1 batch: K sampled answers per prompt, or a contrastive pair under the prompt's
-    sampled principle (`plan`: needed then) (picklable: see cai.ray_executor.EngineProcess)."""
-
-    def __init__(self, spec: EngineSpec, config: Phase2Config, engine_of: Callable[[], Engine] | None = None,
-                 on_step=None, plan: ConstitutionPlan | None = None):
-        super().__init__(spec, engine_of, on_step)
-        self.config, self.plan = config, plan
-
-    def run(self, engine: Engine, batch: list[SourcePrompt]) -> list[SampledAnswers]:
-        return sample_pass(batch, self.plan, engine, self.config, on_step=self.on_step)
-
-
-class JudgeProcess(EngineProcess):
-    """A phase-2 pass-2 batch: pairs judged in both orders, or contrastive pairs labelled by construction
-    (labeller contrastive: no engine is built) (picklable: see cai.ray_executor.EngineProcess)."""
-
-    def __init__(self, spec: EngineSpec, plan: ConstitutionPlan, config: Phase2Config,
-                 engine_of: Callable[[], Engine] | None = None, on_step=None):
-        super().__init__(spec, engine_of, on_step)
-        self.plan, self.config = plan, config
-
-    def engine(self) -> Engine | None:
-        return None if self.config.labeller == "contrastive" else super().engine()
-
-    def run(self, engine: Engine | None, batch: list[SampledAnswers]) -> list[PreferenceRecord]:
-        return label_pass(batch, self.plan, engine, self.config, on_step=self.on_step)
+def _plan_prefs_update(old: OldJob, job: PrefsJob, plan: ConstitutionPlan) -> Update:
+    old.index({SAMPLES: lambda row: row["id"], PREFS: _prefs_row_key})
+    return plan_prefs_update(old, plan, read_prompts(job.prompts, limit=job.limit), phase2_id,
+                             near_duplicate_key if job.drop_near_duplicates else None, job.phase2.labeller,
+                             job.phase2.seed)
 
 
 def _sample_pass(job: PrefsJob, plan: ConstitutionPlan, store: JobStore, engines: PrefsEngines,
                  progress: ProgressHook | None, stop: StopCheck | None, redo: set[str], cancelled: CancelledRows,
-                 executor: Executor | None = None) -> BatchRun:
+                 executor: Executor | None = None, update: Update | None = None) -> BatchRun:
     """Pass 1 into shards/samples-*. A stop here writes a `cancelled` prefs row for every prompt
     not judged yet (each input still ends as one row) and raises JobCancelled."""
     prompts = lambda: read_prompts(job.prompts, limit=job.limit)  # noqa: E731
     dedupe = near_duplicate_key if job.drop_near_duplicates else None
-    sample = SampleProcess(job.policy, job.phase2, lambda: engines.get("policy"), step_hook(progress, SAMPLES), plan)
+    sample = SampleProcess(engines.specs["policy"], job.phase2, lambda: engines.get("policy"),
+                           step_hook(progress, SAMPLES), plan)
+    per_prompt = job.phase2.samples if job.phase2.labeller == "judge" else 1  # requests per prompt and call
+    process = sample if update is None else update.reusing(SAMPLES, sample, phase2_id, lambda r: r.id, per_prompt)
+    setup = None if is_remote(executor) or (update and not update.has_work(SAMPLES)) else sample.engine
     try:
-        return run_batches(store, SAMPLES, prompts, phase2_id, sample, job.batch_size, progress,
-                           None if is_remote(executor) else sample.engine, stop=stop, dedupe_key=dedupe, redo=redo,
-                           executor=executor)
+        run = run_batches(store, SAMPLES, prompts, phase2_id, process, job.batch_size, progress, setup,
+                          stop=stop, dedupe_key=dedupe,
+                          redo=redo, executor=executor, engine_down=None if update is None else process.engine_down())
+        run.generated_tokens -= process.carried_tokens if update else 0
+        return run
     except JobCancelled as exc:
         try:
             run_batches(store, PREFS, prompts, phase2_id, lambda batch: [], job.batch_size, row_key=_prefs_row_key,
@@ -348,3 +380,7 @@ def _as_source(item: SourcePrompt | SampledAnswers) -> SourcePrompt:
 
 def _prefs_row_key(row: dict) -> str:  # "all" pairing writes one row per pair: key rows by their prompt
     return stable_id("prefs", row["prompt"])
+
+
+def _prefs_key(record: PreferenceRecord) -> str:
+    return stable_id("prefs", [m.model_dump() for m in record.prompt])

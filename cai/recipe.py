@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -144,6 +144,15 @@ class Phase2Config(BaseModel):
         return params
 
 
+UPDATE_FROM_HELP = (
+    "an earlier job directory with the same prompts, model(s) and settings but its constitution: rows whose "
+    "principles the new constitution draws and words the same are carried over, the others generated again "
+    "(cai.job_update)")
+PRICE_HELP = ("list prices in dollars per million input and output tokens, for the data card's cost estimate; "
+              "not part of the job's fingerprint")
+Price = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
 GROUPS_HELP = ("prompt group -> constitution for that group's prompts (a group is a bundled set's name, a file's "
                "name without suffix, or a row's `source` field); other groups use `constitution`")
 
@@ -167,6 +176,8 @@ class SFTJob(BaseModel):
     )
     new_job: bool = False
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description=EXECUTOR_HELP)
+    update_from: str | None = Field(None, description=UPDATE_FROM_HELP)
+    price_per_mtok: tuple[Price, Price] | None = Field(None, description=PRICE_HELP)
 
 
 class PrefsJob(BaseModel):
@@ -190,6 +201,8 @@ class PrefsJob(BaseModel):
     )
     new_job: bool = False
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description=EXECUTOR_HELP)
+    update_from: str | None = Field(None, description=UPDATE_FROM_HELP)
+    price_per_mtok: tuple[Price, Price] | None = Field(None, description=PRICE_HELP)
 
     @model_validator(mode="after")
     def _exportable(self) -> PrefsJob:

@@ -38,7 +38,7 @@ def test_the_registry_lists_every_kind_once_spelled_one_way():
 
 
 def test_dispatch_sites_cover_every_kind():
-    from cai.cli.generate import SUMMARY_PRINTERS
+    from cai.cli.summaries import SUMMARY_PRINTERS
     from serve.protocol import JobRequest, JobStatus
     from serve.resolve import ENGINE_FIELDS, REQUEST_KINDS
 

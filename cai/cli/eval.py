@@ -25,8 +25,8 @@ from cai.cli.generate import (
     ReplicasOpt,
     _run_with_progress,
     executor_config,
-    print_judge_eval_summary,
 )
+from cai.cli.summaries import print_judge_eval_summary
 from cai.judge import judge_modes_text
 from cai.judge_eval import EvalJob
 from cai.recipe import DEFAULT_BATCH_SIZE, JudgeConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,8 +10,6 @@ from typing import Annotated, Optional
 import typer
 from pydantic import BaseModel
 from rich.console import Console
-from rich.markup import escape
-from rich.panel import Panel
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,13 +28,27 @@ from cai.cli.common import (
     parse_pairs,
     stoppable_job,
 )
+from cai.cli.push import (
+    TOKEN_ENV,
+    HubPrivateOpt,
+    PushToHubOpt,
+    TokenEnvOpt,
+    hub_push_settings,
+    push_result,
+)
+from cai.cli.summaries import (
+    print_error_explanation,
+    print_phase1_summary,
+    print_phase2_summary,
+    print_summary,
+    print_trajectories,
+)
 from cai.constitution_plan import UNREVISED
-from cai.evaluate import render_markdown
+from cai.engine.models import EMBEDDED_ALIASES
 from cai.events import BatchCommitted, Planned, ProgressEvent, StepStarted
 from cai.jobdir import JobSummary
 from cai.judge import judge_modes_text
-from cai.kinds import kind_of_job, open_store
-from cai.pipeline import SFT, Phase1Summary, Phase2Summary, PreferenceStats
+from cai.kinds import kind_of_job
 from cai.recipe import (
     DEFAULT_BATCH_SIZE,
     ExecutorConfig,
@@ -55,6 +68,51 @@ ConstitutionForOpt = Annotated[Optional[list[str]], typer.Option(
     "--constitution-for", help="GROUP=CONSTITUTION, repeatable: the constitution of one prompt group (a bundled "
     "set's name, a file's name without suffix, or a JSONL row's `source` field), e.g. benign=helpful; other groups "
     "use --constitution; phase 1 also takes GROUP=none (that group's answers kept unrevised)")]
+
+
+UpdateFromOpt = Annotated[Optional[Path], typer.Option(
+    "--update-from", help="an earlier job directory (same prompts, model and settings) made under an older version "
+    "of the constitution: rows whose principles are unchanged are carried over with their lineage, the others "
+    "generated again; the data card lists both by principle, with the constitution diff")]
+PriceOpt = Annotated[Optional[str], typer.Option(
+    "--price-per-mtok", help="IN,OUT: list prices in dollars per million input and output tokens (e.g. 2.5,10); "
+    "the data card adds an estimated cost (at the Batch API's discount for --engine openai_batch). Not part of "
+    "the job's fingerprint: a rerun may change it")]
+SystemOpt = Annotated[Optional[str], typer.Option(
+    help="system turn before every request (not exported); default with the embedded model: a brevity turn "
+    "(\"Keep every reply short\"), so its answers end within the token budget; --system '' for none")]
+
+# The brevity turn of cai/recipes/cpu-smollm2.yaml: a 135M model rambles past any token budget without it.
+EMBEDDED_SYSTEM = "You are a helpful assistant. Keep every reply short: at most three sentences."
+EMBEDDED_CRITIQUE_MAX_TOKENS = 128  # a critique is one or two sentences (the CPU recipe's budget)
+LOCAL_BACKENDS = ("auto", "vllm", "transformers")
+
+
+def embedded(engine: str, model: str | None) -> bool:
+    """Whether the job runs the embedded SmolLM2-135M (no --model, a local backend)."""
+    return engine in LOCAL_BACKENDS and (model is None or model in EMBEDDED_ALIASES)
+
+
+def price_per_mtok(value: str | None) -> tuple[float, float] | None:
+    """--price-per-mtok IN,OUT as two non-negative finite numbers."""
+    if value is None:
+        return None
+    parts = value.split(",")
+    try:
+        prices = tuple(float(part) for part in parts)
+    except ValueError:
+        prices = ()
+    if len(prices) != 2 or not all(0 <= p < math.inf for p in prices):
+        raise typer.BadParameter(f"{value!r}: expected IN,OUT, two non-negative numbers of dollars per million "
+                                 "input and output tokens, e.g. 2.5,10", param_hint="--price-per-mtok")
+    return prices
+
+
+def cost_settings(update_from: Path | None, price: str | None) -> dict:
+    """The job fields --update-from and --price-per-mtok set (none when not given)."""
+    fields = {"update_from": absolute_if_path(str(update_from)) if update_from else None,
+              "price_per_mtok": price_per_mtok(price)}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 ExecutorOpt = Annotated[str, typer.Option(
@@ -89,11 +147,13 @@ def sft(
     model: ModelOpt = None,
     engine_option: Annotated[Optional[list[str]], typer.Option("--engine-option", help="backend option KEY=VALUE (JSON value), repeatable")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="critique -> revision rounds")] = 2,
-    system: Annotated[Optional[str], typer.Option(help="system turn before every request (not exported)")] = None,
+    system: SystemOpt = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="use the first N prompts")] = None,
     seed: int = 0,
     max_tokens: Annotated[int, typer.Option(min=1, help="max new tokens per answer and revision")] = 256,
-    critique_max_tokens: Annotated[int, typer.Option(min=1)] = 192,
+    critique_max_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help=f"max new tokens per critique; default 192 ({EMBEDDED_CRITIQUE_MAX_TOKENS} with the embedded "
+        "model)")] = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="prompts per engine call and per shard")] = DEFAULT_BATCH_SIZE,
     new_job: Annotated[bool, typer.Option(help="if OUT holds a job with other settings, start a new directory beside it")] = False,
@@ -107,9 +167,18 @@ def sft(
     replicas: ReplicasOpt = 1,
     gpus_per_replica: GpusOpt = 0.0,
     cpus_per_replica: CpusOpt = 1.0,
+    update_from: UpdateFromOpt = None,
+    price: PriceOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
 ) -> None:
     """Phase 1 (SL-CAI): answer, then critique and revise against sampled principles."""
+    hub = hub_push_settings(push_to_hub, hub_private, token_env)  # the token is checked before any generation
     params = dict(temperature=temperature, seed=seed)
+    small = embedded(engine, model)
+    if critique_max_tokens is None:
+        critique_max_tokens = EMBEDDED_CRITIQUE_MAX_TOKENS if small else 192
     job = SFTJob(
         constitution=absolute_if_path(constitution),
         constitution_by_group=_by_group(constitution_for),
@@ -118,7 +187,7 @@ def sft(
         engine=engine_spec(engine, model, engine_option),
         phase1=Phase1Config(
             rounds=rounds,
-            system_prompt=system,
+            system_prompt=EMBEDDED_SYSTEM if system is None and small else system or None,
             seed=seed,
             schedule=schedule,
             answer=SamplingParams(max_tokens=max_tokens, **params),
@@ -131,11 +200,17 @@ def sft(
         drop_near_duplicates=drop_near_duplicates,
         new_job=new_job,
         executor=executor_config(executor, ray_address, replicas, gpus_per_replica, cpus_per_replica),
+        **cost_settings(update_from, price),
     )
     with fail_on_user_error(), stoppable_job() as stop:
         summary = _run_with_progress(job, stop)
     print_phase1_summary(summary)
     print_trajectories(Path(summary.out), show)
+    stats, tokens = summary.export, {job.phase1.answer.max_tokens, job.phase1.revision.max_tokens}
+    budget = f"{'/'.join(map(str, sorted(tokens)))}-token budget of an answer or revision"
+    print_error_explanation(stats.errors, stats.rows + stats.error_total, "trajectories", budget, summary.out)
+    if hub is not None:
+        push_result(summary.out, hub)
 
 
 @app.command("prefs")
@@ -151,7 +226,7 @@ def prefs(
     judge_engine: Annotated[Optional[str], typer.Option(help="judge backend; default: --engine")] = None,
     judge_engine_option: Annotated[Optional[list[str]], typer.Option("--judge-engine-option", help="judge backend option KEY=VALUE, repeatable (the policy's --engine-option does not apply to a separate judge)")] = None,
     samples: Annotated[int, typer.Option(min=2, help="K answers sampled per prompt")] = 2,
-    system: Annotated[Optional[str], typer.Option(help="system turn before every policy request (not exported)")] = None,
+    system: SystemOpt = None,
     pairing: Annotated[str, typer.Option(help="best_worst (one pair per prompt) or all")] = "best_worst",
     labeller: Annotated[str, typer.Option(help="judge: the judge labels pairs of K samples; contrastive: one pair per prompt steered toward/away from a sampled principle's directions, labelled by construction (RLCD); both: contrastive, also scored by the judge (the data card reports its agreement)")] = "judge",
     mode: Annotated[str, typer.Option(help=f"judge scoring: {judge_modes_text()}")] = "logprob",
@@ -172,8 +247,14 @@ def prefs(
     replicas: ReplicasOpt = 1,
     gpus_per_replica: GpusOpt = 0.0,
     cpus_per_replica: CpusOpt = 1.0,
+    update_from: UpdateFromOpt = None,
+    price: PriceOpt = None,
+    push_to_hub: PushToHubOpt = None,
+    hub_private: HubPrivateOpt = False,
+    token_env: TokenEnvOpt = TOKEN_ENV,
 ) -> None:
     """Phase 2 (RL-CAI): K sampled answers per prompt, judged pairwise; a TRL preference dataset."""
+    hub = hub_push_settings(push_to_hub, hub_private, token_env)  # the token is checked before any generation
     with fail_on_user_error():
         policy_spec = engine_spec(engine, policy, engine_option)
         judge_spec = None
@@ -184,7 +265,8 @@ def prefs(
             prompts=absolute_if_path(prompts), out=str(out),
             policy=policy_spec, judge=judge_spec,
             phase2=Phase2Config(
-                samples=samples, pairing=pairing, labeller=labeller, seed=seed, system_prompt=system,
+                samples=samples, pairing=pairing, labeller=labeller, seed=seed,
+                system_prompt=EMBEDDED_SYSTEM if system is None and embedded(engine, policy) else system or None,
                 policy=SamplingParams(temperature=temperature, max_tokens=max_tokens),
                 judge=JudgeConfig(mode=mode, orders=orders, seed=seed, min_option_mass=min_option_mass),
             ),
@@ -192,43 +274,20 @@ def prefs(
             require_consistent=not keep_inconsistent, parquet=parquet, new_job=new_job,
             drop_near_duplicates=drop_near_duplicates,
             executor=executor_config(executor, ray_address, replicas, gpus_per_replica, cpus_per_replica),
+            **cost_settings(update_from, price),
         )
         with stoppable_job() as stop:
             summary = _run_with_progress(job, stop)
     print_phase2_summary(summary)
+    budget = f"{job.phase2.policy.max_tokens}-token budget of an answer"
+    print_error_explanation(summary.stats.errors, summary.stats.records, "rows", budget, summary.out)
+    if hub is not None:
+        push_result(summary.out, hub)
 
 
 def _by_group(items: list[str] | None) -> dict[str, str]:
     pairs = parse_pairs(items, "--constitution-for", "benign=helpful", json_values=False)
     return {group: spec if spec == UNREVISED else absolute_if_path(spec) for group, spec in pairs.items()}
-
-
-def print_phase2_summary(summary: Phase2Summary) -> None:
-    st = summary.stats
-    console.print(
-        f"[bold]done[/]: {summary.done_now} prompts now, {summary.done_before} resumed"
-        f" ({summary.duplicates_merged} duplicates merged)\n"
-        f"[bold]pairs[/]: {st.judged} judged, {st.exported} exported; errors {st.errors or 'none'};"
-        f" excluded {st.excluded or 'none'}\n"
-        f"[bold]labels[/]: {_labels_line(st)}\n"
-        f"[bold]tokens[/]: {summary.generated_tokens_now} sampled, {summary.generation_seconds:.1f}s of generation"
-        f" and judging (wall {summary.wall_seconds:.1f}s)\n"
-        f"[bold]dataset[/]: {', '.join(summary.files)}\n[bold]data card[/]: {summary.out}/README.md"
-    )
-
-
-def _labels_line(st: PreferenceStats) -> str:
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    judge = (f"mean confidence {fmt(st.mean_confidence)}, consistency {fmt(st.consistency_rate)},"
-             f" first-position wins {fmt(st.first_position_wins)}")
-    c = st.contrast
-    if c is None:
-        return judge
-    if not c.judge_scored:
-        return f"{c.pairs} contrastive pairs, labelled by construction (no judge scores)"
-    return (f"{c.pairs} contrastive pairs, labelled by construction; the judge agrees with the construction on "
-            f"{c.agreement:.2f} (95% CI {c.agreement_low:.2f}-{c.agreement_high:.2f}, n={c.judge_scored}); judge's "
-            + judge)
 
 
 def _run_with_progress(job: BaseModel, stop: Callable[[], bool]) -> JobSummary:
@@ -247,56 +306,6 @@ def _run_with_progress(job: BaseModel, stop: Callable[[], bool]) -> JobSummary:
                 bar.update(task, description=f"{kind.title}: {event.name} ({event.requests} requests)")
 
         return kind.run(job, progress=on_progress, stop=stop)
-
-
-def print_phase1_summary(summary: Phase1Summary) -> None:
-    stats = summary.export
-    errors = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "none"
-    console.print(
-        f"[bold]done[/]: {summary.done_now} prompts now, {summary.done_before} resumed from earlier runs"
-        f" ({summary.duplicates_merged} duplicate prompts merged)\n"
-        f"[bold]exported[/]: {stats.rows} rows; excluded error rows: {stats.error_total} ({errors})\n"
-        f"[bold]tokens[/]: {summary.generated_tokens_now} generated in {summary.generation_seconds:.1f}s"
-        f" = {summary.tokens_per_second:.1f} tok/s (wall {summary.wall_seconds:.1f}s)\n"
-        f"[bold]dataset[/]: {', '.join(stats.files)}\n"
-        f"[bold]data card[/]: {summary.out}/README.md   [bold]trajectories[/]: {summary.out}/shards/"
-    )
-
-
-def print_judge_eval_summary(summary: JobSummary) -> None:
-    console.print(render_markdown(summary.report))
-    console.print(f"judged now: {summary.done_now}, resumed: {summary.done_before}")
-    console.print(f"report: {', '.join(summary.files)}")
-
-
-SUMMARY_PRINTERS: dict[str, Callable[[JobSummary], None]] = {
-    "sft": print_phase1_summary, "prefs": print_phase2_summary, "judge-eval": print_judge_eval_summary,
-}
-
-
-def print_summary(summary: JobSummary) -> None:
-    """A job summary as its command prints it (a kind without its own printer: the summary's fields)."""
-    printer = SUMMARY_PRINTERS.get(summary.kind)
-    if printer is None:
-        console.print_json(summary.model_dump_json(exclude={"details"}))
-        console.print_json(summary.details.model_dump_json())
-    else:
-        printer(summary)
-
-
-def print_trajectories(job_dir: Path, count: int) -> None:
-    """Print the first `count` trajectories of the job, error rows included (marked)."""
-    _, store = open_store(job_dir)
-    for row in store.head(SFT, count):
-        body = [f"[bold cyan]prompt[/]: {escape(row['prompt'][-1]['content'])}"]
-        for step in row["trajectory"]:
-            label = step["kind"] + (f" [{step['principle_id']}]" if step["principle_id"] else "")
-            body.append(f"[bold]{escape(label)}[/]: {escape(step['text'])}")
-        if row["error"]:
-            body.append(f"[red]error {row['error']['code']}[/]: {escape(row['error']['message'])} (excluded from export)")
-        const = row["lineage"]["constitution"]
-        title = f"{row['id']}  ({const['name']} v{const['version']})" if const else f"{row['id']}  (unrevised)"
-        console.print(Panel("\n\n".join(body), title=title, expand=True))
 
 
 def run_job(job: BaseModel) -> None:

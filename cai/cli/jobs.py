@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from cai.cli.common import fail_on_user_error, stoppable_job
-from cai.cli.generate import print_summary
+from cai.cli.summaries import print_summary
 from cai.files import atomic_write_jsonl
 from cai.kinds import open_store, retry_errors
 from cai.revision_pairs import revision_pairs
