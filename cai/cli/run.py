@@ -71,4 +71,4 @@ def run(
     console.print(table)
     report = run_dir / "07-eval" / "report.md"
     if report.exists():
-        console.print(report.read_text(encoding="utf-8"))
+        typer.echo(report.read_text(encoding="utf-8"))  # plain: rich would read "[bootstrap 95%]" as markup
