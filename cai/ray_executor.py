@@ -56,6 +56,20 @@ class RayUnavailable(CaiError):
     """Ray is not installed, or the cluster cannot hold the replicas asked for."""
 
 
+def _connect_advice(address: str | None, exc: Exception) -> str:
+    """Why the driver could not join the cluster, and what to do. Ray >= 2.59 turns token authentication on
+    for a `ray start --head` cluster once a token exists (~/.ray/auth_token), while a driver joining it
+    still defaults to RAY_AUTH_MODE=disabled."""
+    text = str(exc)
+    causes = f"{text} {exc.__cause__ or ''}".lower()
+    if "auth" in causes and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (f"cannot join the Ray cluster at {address or 'auto'}: it requires token authentication; "
+                "set RAY_AUTH_MODE=token (the token is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                f"~/.ray/auth_token) and run again. Ray said: {text.splitlines()[0]}")
+    first = text.splitlines()[0] if text else repr(exc)
+    return f"cannot join the Ray cluster at {address or 'auto'}: {first}"
+
+
 class EngineProcess:
     """A stage call that can run in another process: the stage's settings and its engine's spec.
 
@@ -163,7 +177,10 @@ class RayExecutor:
     def _connect(self):
         ray = _ray()
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, ignore_reinit_error=True)
+            try:
+                ray.init(address=self.address, include_dashboard=False, ignore_reinit_error=True)
+            except (getattr(ray.exceptions, "AuthenticationError", ConnectionError), ConnectionError) as exc:
+                raise RayUnavailable(_connect_advice(self.address, exc)) from exc
         return ray
 
     def _check_fits(self, ray) -> None:
