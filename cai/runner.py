@@ -21,6 +21,9 @@ first unfinished stage, and the data stages resume inside themselves from their 
     07-eval      final vs SFT vs base, graded by the evaluation judge (eval-policy): win rates next
                  to that judge's human agreement, refusal rate, plots
 
+With `launcher:` the training stages run under `accelerate launch` (cai.train.launch); the others
+always run in one process.
+
 Phase 1 and phase 2 take disjoint, seeded slices of each prompt source (run.json records the
 split); evaluation excludes both. Each prompt group can have its own constitution (red-team
 prompts: harmless; ordinary requests: helpful, or unrevised).
@@ -65,6 +68,7 @@ from cai.train.jobs import (
     SFTTrainJob,
     SFTTrainSettings,
 )
+from cai.train.launch import Launcher, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -151,11 +155,15 @@ class RunRecipe(_Strict):
         "otherwise")
     eval: EvalSettings = Field(default_factory=EvalSettings)  # type: ignore[valid-type]
     judge_check: JudgeCheck = Field(default_factory=JudgeCheck)
+    launcher: Launcher | None = Field(None, description="run the training stages under `accelerate launch` "
+                                      "(one process per GPU); unset: every stage in one process")
 
     @model_validator(mode="after")
     def _every_stage_job_builds(self) -> RunRecipe:
         """Build each stage's whole job now, so the job models' own checks fail at load too."""
         plan_stages(self, Path("RUN"))
+        if self.launcher:
+            self.launcher.check(self.method)
         return self
 
 
@@ -343,10 +351,19 @@ def plan_stages(recipe: RunRecipe, run_dir: Path) -> list[tuple[str, BaseModel]]
     return _data_jobs(recipe, run_dir) + _policy_jobs(recipe, run_dir) + _eval_jobs(recipe, run_dir)
 
 
-def _run_stage(name: str, job_file: Path, run_dir: Path, log) -> StageResult:
-    """Run one stage's job file in a child process (`cai run JOB.json`); its own peak RSS comes from wait4."""
-    command = [sys.executable, "-m", "cai", "run", str(job_file)]
-    log(f"[{name}] cai run {job_file}")
+def _launcher(recipe: RunRecipe, job: BaseModel) -> Launcher | None:
+    """The recipe's launcher, for a training stage it covers."""
+    kind = getattr(job, "kind", "")
+    launched = recipe.launcher and kind.startswith("train-") and kind.removeprefix("train-") in recipe.launcher.stages
+    return recipe.launcher if launched else None
+
+
+def _run_stage(name: str, job_file: Path, run_dir: Path, log, launcher: Launcher | None = None) -> StageResult:
+    """Run one stage's job file in a child process (`cai run JOB.json`, under `accelerate launch` with a
+    launcher); the peak RSS of its process (of the launcher's largest with one) comes from wait4."""
+    target = ["-m", "cai", "run", str(job_file)]
+    command = launcher.command(target) if launcher else [sys.executable, *target]
+    log(f"[{name}] {' '.join(shown(command))}")
     started = time.perf_counter()
     with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -360,7 +377,7 @@ def _run_stage(name: str, job_file: Path, run_dir: Path, log) -> StageResult:
     if proc.returncode != 0:
         tail = (run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); log {run_dir / name}.log:\n{tail}")
-    return StageResult(name=name, command=["cai", "run", str(job_file)], seconds=time.perf_counter() - started,
+    return StageResult(name=name, command=shown(command), seconds=time.perf_counter() - started,
                        peak_rss_mb=usage.ru_maxrss / 1024)
 
 
@@ -372,7 +389,8 @@ def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageR
     state: dict[str, Any] = {"recipe": recipe.model_dump(mode="json"), "stages": {}}
     if manifest_path.exists():
         state = json.loads(manifest_path.read_text())
-        if state["recipe"] != recipe.model_dump(mode="json"):
+        # validated again, so a field added to RunRecipe since (with its default) is not a change
+        if RunRecipe.model_validate(state["recipe"]).model_dump(mode="json") != recipe.model_dump(mode="json"):
             raise RecipeError(f"{run_dir} was started with another recipe; use a new run folder")
     state["split"] = split_prompts(recipe, run_dir)
     results = []
@@ -382,7 +400,9 @@ def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageR
             log(f"[{name}] done earlier, skipped")
             results.append(StageResult.model_validate_json(done.read_text()))
             continue
-        result = _run_stage(name, write_job_file(run_dir / name / "job.json", job), run_dir, log)
+        launcher = _launcher(recipe, job)
+        extra = {"launcher": launcher} if launcher else {}
+        result = _run_stage(name, write_job_file(run_dir / name / "job.json", job), run_dir, log, **extra)
         atomic_write_text(done, result.model_dump_json(indent=2))
         state["stages"][name] = result.model_dump()
         atomic_write_text(manifest_path, json.dumps(state, indent=2))

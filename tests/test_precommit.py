@@ -151,7 +151,6 @@ def _hook_repo(tmp_path: Path) -> Path:
     return repo
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pre_commit_try_repo(team_repo, tmp_path):
     """pre-commit's own try-repo: it installs cai into a fresh virtualenv (`pip install .`) and runs the

@@ -160,6 +160,10 @@ def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
     assert job["kind"] == "train-sft" and job["job"]["data"] == str(tmp_path / "01-sft-data" / "sft.jsonl")
     with pytest.raises(ValueError, match="another recipe"):
         run_recipe(recipe.model_copy(update={"method": "ppo"}), tmp_path, log=lambda *_: None)
+    # a run folder from before a recipe field existed (its default then applies) still resumes
+    state["recipe"].pop("split_seed")
+    (tmp_path / "run.json").write_text(json.dumps(state))
+    run_recipe(recipe, tmp_path, log=lambda *_: None)
 
 
 def test_a_stage_runs_by_hand_from_its_job_file(tmp_path):
@@ -282,3 +286,20 @@ def test_ctrl_c_during_a_stage_stops_it_cleanly_and_says_how_to_resume(tmp_path)
     assert signal.getsignal(signal.SIGINT) is before
     rows = [json.loads(line) for s in sorted((job / "shards").glob("*.jsonl")) for line in s.open()]
     assert len(rows) == 6 and any(r["error"] and r["error"]["code"] == "cancelled" for r in rows)
+
+
+def test_cai_run_prints_the_report_as_written(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.cli import run as run_cli
+
+    def fake_run(recipe, run_dir, log):
+        (Path(run_dir) / "07-eval").mkdir(parents=True)
+        (Path(run_dir) / "07-eval" / "report.md").write_text("| mean margin [bootstrap 95%] |\n| [bold]x |\n")
+        return []
+
+    monkeypatch.setattr(run_cli, "run_recipe", fake_run)
+    result = CliRunner().invoke(app, ["run", "cpu-smollm2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "[bootstrap 95%]" in result.output and "[bold]x" in result.output  # not read as markup

@@ -26,6 +26,7 @@ from cai.bench_judge import (
     run_judge_bench,
     run_prefix_cache_bench,
 )
+from cai.bench_train import TRAINERS, TrainBenchReport, run_train_bench
 from cai.cli.common import (
     ConstitutionOpt,
     EngineOpt,
@@ -65,6 +66,12 @@ JudgeModesOpt = Annotated[Optional[list[str]], typer.Option(
 ServiceOpt = Annotated[bool, typer.Option("--service", help="instead: the same phase-1 job through `cai serve` (its own "
     "process) and the CLI code path, then through the service while --pollers clients poll its status and records, "
     "against the stub server (--stub-latency-ms, default 10; --limit prompts, the source repeated; serve extra)")]
+TrainOpt = Annotated[bool, typer.Option("--train", help="instead: per-step time and peak memory of cai's trainers "
+    "(--trainer) against plain TRL scripts with the same config, on --model (each run its own process; cai and "
+    "plain side by side in lock step, their steps alternating; --repeats pairs each): s/step, peak MB and "
+    "cai/plain ratios")]
+TrainerOpt = Annotated[Optional[list[str]], typer.Option(
+    "--trainer", help=f"--train: trainers to time (repeatable; default all: {', '.join(TRAINERS)}; ppo has no TRL twin)")]
 PrefixCacheOpt = Annotated[bool, typer.Option(
     "--prefix-cache", help="instead: phase 1 (and the logprob judge on --judge pairs) on vLLM with prefix caching "
     "on, then off, one engine at a time: seconds, speed-up, prompt tokens and shared prefix per request")]
@@ -94,11 +101,22 @@ def bench(
     service: ServiceOpt = False,
     pollers: Annotated[int, typer.Option(min=0, help="--service: clients polling the job (0: no polled run)")] = 24,
     poll_interval_ms: Annotated[float, typer.Option(min=0, help="--service: each poller's pause between rounds")] = 0.0,
-    repeats: Annotated[int, typer.Option(min=1, help="--service: runs of each path; the median is shown")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="--service: runs of each path, the median shown; --train: pairs of runs per trainer")] = 1,
     prefix_cache: PrefixCacheOpt = False,
+    train: TrainOpt = False,
+    trainer: TrainerOpt = None,
+    train_batch_size: Annotated[int, typer.Option(min=1, help="--train: per-device batch size")] = 4,
+    train_steps: Annotated[int, typer.Option(min=1, help="--train: timed steps per run, after one warm-up step")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="--train: torch CPU threads in every run")] = 1,
 ) -> None:
     """Phase 1's tokens/s through cai vs the bare engine, its steady state and a naive loop, with
-    requests and finished trajectories per step. Or: --batch-size, --judge, --prefix-cache, --service."""
+    requests and finished trajectories per step. Or: --batch-size, --judge, --prefix-cache, --service, --train."""
+    if train:
+        with fail_on_user_error():
+            report = run_train_bench(model, trainer or TRAINERS, batch_size=train_batch_size, steps=train_steps,
+                                     repeats=repeats, threads=threads, log=console.print)
+        _print_train_bench(report, out)
+        return
     if service:
         _service(prompts, limit, rounds, batch_size, stub_latency_ms, engine_option, pollers, poll_interval_ms, repeats, out)
         return
@@ -210,3 +228,32 @@ def _print_batch_sizes(report: BatchSizeReport, out: Path | None) -> None:
     if out:
         runs = [r.model_dump() | {"prompts_per_second": r.prompts_per_second} for r in report.runs]
         atomic_write_json(out, report.model_dump() | {"runs": runs, "slowest_vs_fastest": report.slowest_vs_fastest})
+
+
+def _print_train_bench(report: TrainBenchReport, out: Path | None) -> None:
+    table = Table(title=f"{report.model}: batch {report.batch_size}, {report.steps} timed step(s) after "
+                        f"{report.warmup} warm-up, {report.repeats} repeat(s), {report.threads} thread(s)")
+    for col in ("trainer", "cai s/step", "plain s/step", "cai/plain", "step pairs", "best steps", "cai peak MB",
+                "plain peak MB", "cai/plain peak"):
+        table.add_column(col, justify="left" if col == "trainer" else "right")
+
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    comparisons = report.comparisons()
+    for c in comparisons:
+        table.add_row(c.trainer, num(c.cai_step_s, ".2f"), num(c.plain_step_s, ".2f"), num(c.step_ratio, ".3f"),
+                      num(c.step_pair_ratio, ".3f"), num(c.best_step_ratio, ".3f"), num(c.cai_peak_mb, ".0f"), num(c.plain_peak_mb, ".0f"),
+                      num(c.peak_ratio, ".3f"))
+    console.print(table)
+    for c in comparisons:
+        if c.step_ratio is not None:
+            console.print(f"{c.trainer}: cai / plain = {c.step_ratio:.3f} per step (median; step by step "
+                          f"{c.step_pair_ratio:.3f}; best steps {c.best_step_ratio:.3f}; by pair "
+                          f"{', '.join(f'{r:.3f}' for r in c.pair_ratios)}), "
+                          f"{c.peak_ratio:.3f} peak memory")
+        if c.config_differences:
+            console.print(f"[yellow]{c.trainer}: cai's TRL config differs from the plain script's:[/] "
+                          + "; ".join(c.config_differences))
+    if out:
+        atomic_write_json(out, report.model_dump() | {"comparisons": [c.model_dump() for c in comparisons]})

@@ -85,8 +85,9 @@ def run_train_job(job: TrainJob, hub: HubSettings | None = None) -> None:
     (`cai train` and `cai run JOB.json`); with `hub`, push OUT to the Hub (the main process only)."""
     with fail_on_user_error():
         result = train(job)
-    if is_main():
-        write_train_record(job, result.out)
+    if not is_main():  # under accelerate launch: one record, report and push, from the process that wrote OUT
+        return
+    write_train_record(job, result.out)
     shown = {k: result.metrics[k] for k in REPORTED[job.kind] if result.metrics.get(k) is not None}
     console.print(f"[bold]saved[/]: {result.out}  (metrics.json, log.jsonl)")
     for key, value in shown.items():
@@ -95,7 +96,7 @@ def run_train_job(job: TrainJob, hub: HubSettings | None = None) -> None:
     for key in ("reward", "kl", "entropy"):  # PPO's last rollout, GRPO's last logged step
         if key in last:
             console.print(f"  last {key}: {last[key]:.4g}")
-    if hub is not None and is_main():
+    if hub is not None:
         push_result(result.out, hub)
 
 

@@ -39,6 +39,7 @@ from cai.train.data import (  # noqa: E402,F401  (the trainers' data helpers, re
     reviewed_rows,
     without_discarded,
 )
+from cai.train.distributed import is_main  # noqa: E402
 
 log = logging.getLogger("cai.train")
 
@@ -208,7 +209,7 @@ def resume_checkpoint(resume: bool | str, out: str | Path) -> str | None:
             raise TrainError(f"checkpoint not found: {resume}")
         return str(resume)
     last = last_checkpoint(out)
-    if last is None:
+    if last is None and is_main():
         log.warning("no checkpoint under %s: starting from the beginning", out)
     return last
 
@@ -244,12 +245,45 @@ def write_log_history(trainer, out: str | Path) -> Path:
 
 def run_trainer(trainer, tokenizer, out, resume, end_ids, summary: dict[str, Any], evaluate=None):
     """Train (resuming if asked), run `evaluate()` on the trained model, save OUT/
-    (merged when LoRA), write log.jsonl and metrics.json; return the metrics."""
+    (merged when LoRA), write log.jsonl and metrics.json; return the metrics.
+
+    Under `accelerate launch` every process trains and evaluates (a sharded model's forward
+    needs them all), only the main one writes, and none returns before the outputs exist."""
     checkpoint = resume_checkpoint(resume, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = {**summary, "resumed_from": checkpoint, "global_step": trainer.state.global_step, **result.metrics}
+    args = trainer.args
+    metrics = {**summary, "world_size": args.world_size, "resumed_from": checkpoint,
+               "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+               "global_step": trainer.state.global_step, **result.metrics}
     metrics |= evaluate() if evaluate else {}
-    save_model(trainer.model, tokenizer, out, end_ids)
-    write_log_history(trainer, out)
-    atomic_write_json(Path(out) / "metrics.json", metrics)
+    save_trained(trainer, tokenizer, out, end_ids, summary)
+    if trainer.accelerator.is_main_process:
+        write_log_history(trainer, out)
+        atomic_write_json(Path(out) / "metrics.json", metrics)
+    trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def save_trained(trainer, tokenizer, out: str | Path, end_ids: list[int] | None, summary: dict[str, Any]) -> None:
+    """`save_model` of the trained model, by the main process. Weights sharded over the processes
+    (FSDP, DeepSpeed) are gathered by TRL's own `trainer.save_model`, which every process must
+    call; a LoRA adapter saved that way is then merged into a fresh copy of the base model."""
+    accelerator = trainer.accelerator
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        if accelerator.is_main_process:
+            save_model(trainer.model, tokenizer, out, end_ids)
+        return
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    peft = hasattr(unwrapped, "peft_config")
+    if end_ids and not peft:
+        align_generation_config(unwrapped, tokenizer, end_ids)
+    trainer.save_model(str(Path(out) / "adapter" if peft else out))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(Path(out) / "adapter" if peft else out)
+        if peft:
+            from peft import PeftModel
+
+            kind = "reward" if summary.get("trainer") == "rm" else "causal"
+            base = load_model(summary["model"], kind, pad_token_id=tokenizer.pad_token_id)
+            save_model(PeftModel.from_pretrained(base, Path(out) / "adapter").merge_and_unload(), tokenizer, out, end_ids)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,414 @@
+"""`cai bench --train`: per-step time and peak memory of cai's trainers against plain TRL scripts.
+
+For each TRL-backed trainer (sft, rm, dpo) two programs train the same model on the same rows
+with the same TRL config: cai's trainer (`train_sft`, ...) and a plain TRL script (the model,
+tokenizer and dataset loaded by hand and the TRL trainer constructed directly, no cai code). cai
+runs with the settings that make it compute what TRL's stock trainer computes: the reward model
+with `loss="margin", margin_scale=0` (TRL's Bradley-Terry loss) and no held-out split, DPO with
+`soft_label="none"` (TRL's sigmoid loss). The report checks that claim: it lists every field in
+which the two TrainingArguments differ (paths aside), so a wrapper that changed the config shows.
+
+Each run is its own child process, so peak memory is that child's own (`ru_maxrss` from wait4)
+and runs cannot warm each other's caches. A cai run and its plain twin run side by side in lock
+step: a Trainer callback (the same in both programs) lets a process begin an optimiser step only
+when it holds the turn, and passes the turn to the twin when its next step begins, so the two
+never compute at once and their steps alternate cai, plain, cai, ...: load on a shared machine
+falls on both alike, step by step. A step's time runs from taking the turn to the beginning of the
+next step (forward, backward, optimiser, logging, the next batch's collation); the first `warmup`
+steps are not timed; the report gives the median over every step of every repeat. Which twin goes
+first swaps from one pair to the next. Setup (imports, model, data) runs side by side, so its time
+is indicative only.
+
+PPO is cai's own (TRL has no PPO trainer any more): its per-step time is reported alone, timed
+through `train_ppo`'s public interface (the interval between consecutive calls of its reward
+function: one rollout and update).
+
+The child entry point is `python -m cai.bench_train SPEC.json` (what the parent runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from cai.errors import CaiError
+
+TRL_TRAINERS = ("sft", "rm", "dpo")
+TRAINERS = (*TRL_TRAINERS, "ppo")
+# TrainingArguments fields that name paths or runs: they differ between any two runs.
+IGNORED_FIELDS = {"output_dir", "logging_dir", "run_name", "hub_model_id"}
+WORDS = ("the a cat dog story poem help answer question please write tell about why how what good careful "
+         "kind short long river mountain city garden light music friend letter recipe plan idea").split()
+
+
+class ChildSpec(BaseModel):
+    trainer: str
+    runner: Literal["cai", "plain"]
+    model: str
+    data: str
+    out: str
+    result: str
+    batch_size: int
+    warmup: int
+    steps: int
+    threads: int
+    turn_in: str | None = None  # lock step: a FIFO this run reads the turn from ...
+    turn_out: str | None = None  # ... and one it passes the turn to (its twin's turn_in)
+    first: bool = False  # holds the turn at the start
+
+
+class TrainRun(BaseModel):
+    """One child process: a trainer run by cai or by the plain TRL script."""
+
+    trainer: str
+    runner: Literal["cai", "plain"]
+    step_seconds: list[float]
+    setup_seconds: float  # child start -> training begins (imports, model, data, TRL's preprocessing)
+    seconds: float  # the child's wall time
+    peak_rss_mb: float
+    config: dict[str, Any] = {}  # the TrainingArguments it trained with (none for ppo)
+    step_spans: list[tuple[float, float]] = []  # each timed step's (start, end), time.monotonic() (not ppo)
+
+
+class TrainerComparison(BaseModel):
+    trainer: str
+    cai_step_s: float  # median over every timed step of every run
+    plain_step_s: float | None = None
+    step_ratio: float | None = None  # cai / plain, of the medians
+    cai_best_step_s: float  # the fastest timed step: load on a shared machine only ever adds time
+    plain_best_step_s: float | None = None
+    best_step_ratio: float | None = None
+    pair_ratios: list[float] = []  # cai / plain of the medians of each side-by-side pair of runs
+    # the median of cai / plain over the step pairs, each cai step with the plain step of the same index
+    # in the same pair of runs: the two ran a step apart, under the machine's load of that moment
+    step_pair_ratio: float | None = None
+    cai_peak_mb: float
+    plain_peak_mb: float | None = None
+    peak_ratio: float | None = None
+    cai_setup_s: float
+    plain_setup_s: float | None = None
+    config_differences: list[str] = []  # "field: cai value != plain value"
+
+
+class TrainBenchReport(BaseModel):
+    model: str
+    batch_size: int
+    warmup: int
+    steps: int
+    repeats: int
+    threads: int
+    runs: list[TrainRun]
+
+    def comparisons(self) -> list[TrainerComparison]:
+        return [compare(self.runs, trainer) for trainer in dict.fromkeys(r.trainer for r in self.runs)]
+
+
+def compare(runs: Sequence[TrainRun], trainer: str) -> TrainerComparison:
+    """`trainer`'s cai and plain runs side by side: medians and minima of the timed steps, median peak
+    memory, and their cai / plain ratios (see TrainerComparison)."""
+    cai = [r for r in runs if r.trainer == trainer and r.runner == "cai"]
+    plain = [r for r in runs if r.trainer == trainer and r.runner == "plain"]
+
+    def steps(rs):
+        return [s for r in rs for s in r.step_seconds]
+
+    def median(values):
+        return statistics.median(values) if values else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    fields = dict(cai_step_s=median(steps(cai)), plain_step_s=median(steps(plain)), cai_best_step_s=min(steps(cai)),
+                  plain_best_step_s=min(steps(plain), default=None), cai_peak_mb=median([r.peak_rss_mb for r in cai]),
+                  plain_peak_mb=median([r.peak_rss_mb for r in plain]), cai_setup_s=median([r.setup_seconds for r in cai]),
+                  plain_setup_s=median([r.setup_seconds for r in plain]))
+    return TrainerComparison(
+        trainer=trainer, **fields, step_ratio=ratio(fields["cai_step_s"], fields["plain_step_s"]),
+        best_step_ratio=ratio(fields["cai_best_step_s"], fields["plain_best_step_s"]),
+        pair_ratios=[median(a.step_seconds) / median(b.step_seconds) for a, b in zip(cai, plain)],
+        step_pair_ratio=median([x / y for a, b in zip(cai, plain) for x, y in zip(a.step_seconds, b.step_seconds)]),
+        peak_ratio=ratio(fields["cai_peak_mb"], fields["plain_peak_mb"]),
+        config_differences=config_differences(cai[0].config, plain[0].config) if plain else [])
+
+
+def config_differences(cai: dict[str, Any], plain: dict[str, Any]) -> list[str]:
+    keys = sorted((set(cai) | set(plain)) - IGNORED_FIELDS)
+    return [f"{k}: {cai.get(k)!r} != {plain.get(k)!r}" for k in keys if cai.get(k) != plain.get(k)]
+
+
+# ---- the parent: data, schedule, child processes ----------------------------------
+
+
+def synthetic_data(folder: Path, rows: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """(SFT rows, preference pairs): chat turns of ~24-word prompts and ~48-word answers."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    def turn(role: str, n: int) -> list[dict[str, str]]:
+        return [{"role": role, "content": text(n)}]
+
+    sft = [{"messages": turn("user", 24) + turn("assistant", 48)} for _ in range(rows)]
+    prefs = [{"prompt": turn("user", 24), "chosen": turn("assistant", 48), "rejected": turn("assistant", 48),
+              "score": 0.9} for _ in range(rows)]
+    paths = folder / "sft.jsonl", folder / "preferences.jsonl"
+    for path, data in zip(paths, (sft, prefs)):
+        path.write_text("".join(json.dumps(row) + "\n" for row in data), encoding="utf-8")
+    return paths
+
+
+def schedule(trainers: Sequence[str], repeats: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(trainer, runners) in run order: each TRL trainer's cai and plain runs as a lock-step pair,
+    which goes first swapped from one pair to the next; ppo (cai only) alone, once per repeat."""
+    order, pair = [], 0
+    for _ in range(repeats):
+        for trainer in trainers:
+            if trainer == "ppo":
+                order.append((trainer, ("cai",)))
+                continue
+            order.append((trainer, ("cai", "plain") if pair % 2 == 0 else ("plain", "cai")))
+            pair += 1
+    return order
+
+
+def run_train_bench(model: str | None = None, trainers: Sequence[str] = TRAINERS, batch_size: int = 4,
+                    steps: int = 3, warmup: int = 1, repeats: int = 1, threads: int = 1,
+                    workdir: str | Path | None = None, log=None) -> TrainBenchReport:
+    """Run the bench (see the module docstring); `log(line)` hears each finished run."""
+    from cai.engine.models import resolve_model
+
+    unknown = [t for t in trainers if t not in TRAINERS]
+    if unknown or not trainers:
+        raise CaiError(f"--trainer: {unknown or 'none given'}; choose from {', '.join(TRAINERS)}")
+    if min(steps, warmup, repeats, batch_size, threads) < 1:
+        raise CaiError("steps, warmup, repeats, batch size and threads must each be at least 1")
+    path = resolve_model(model)
+    if not Path(path).is_dir():
+        raise CaiError(f"model folder not found: {model}")
+    with tempfile.TemporaryDirectory(prefix="cai-bench-train-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        sft, prefs = synthetic_data(folder, rows=max(64, batch_size * (warmup + steps + 1)))
+        runs: list[TrainRun] = []
+        for trainer, runners in schedule(trainers, repeats):
+            specs = [ChildSpec(trainer=trainer, runner=runner, model=path, data=str(sft if trainer == "sft" else prefs),
+                               out=str(folder / f"out-{len(runs) + i}"), result=str(folder / f"result-{len(runs) + i}.json"),
+                               batch_size=batch_size, warmup=warmup, steps=steps, threads=threads)
+                     for i, runner in enumerate(runners)]
+            pair = run_children(in_lock_step(specs, folder / f"turn-{len(runs)}"), folder / f"child-{len(runs)}")
+            runs += sorted(pair, key=lambda r: r.runner)  # cai, then plain: the pairs of compare()
+            for run in pair:
+                if log:
+                    log(f"{trainer} ({run.runner}): {statistics.median(run.step_seconds):.2f} s/step, "
+                        f"peak {run.peak_rss_mb:.0f} MB")
+    return TrainBenchReport(model=path, batch_size=batch_size, warmup=warmup, steps=steps, repeats=repeats,
+                            threads=threads, runs=runs)
+
+
+def in_lock_step(specs: list[ChildSpec], prefix: Path) -> list[ChildSpec]:
+    """Two runs: each reads the turn from its own FIFO and passes it into the other's; the first holds it."""
+    if len(specs) == 1:
+        return specs
+    fifos = [f"{prefix}-{i}" for i in range(2)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    return [spec.model_copy(update=dict(turn_in=fifos[i], turn_out=fifos[1 - i], first=i == 0))
+            for i, spec in enumerate(specs)]
+
+
+def run_children(specs: list[ChildSpec], prefix: Path) -> list[TrainRun]:
+    """`python -m cai.bench_train SPEC` for each spec, all at once; each one's peak RSS from wait4. When
+    one fails the others are stopped (a lock-step twin would wait for the turn for ever)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    started, children = time.perf_counter(), {}
+    for i, spec in enumerate(specs):
+        log_path, spec_path = Path(f"{prefix}-{i}.log"), Path(f"{prefix}-{i}.spec.json")
+        spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
+        with open(log_path, "w", encoding="utf-8") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "cai.bench_train", str(spec_path)], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+        children[proc.pid] = (proc, spec, log_path)
+    runs = {}
+    while len(runs) < len(children):
+        for pid, (proc, spec, log_path) in children.items():
+            if pid in runs:
+                continue
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if not done:
+                continue
+            if os.waitstatus_to_exitcode(status) != 0 or not Path(spec.result).exists():
+                for other, _, _ in children.values():
+                    if other.pid not in runs and other.pid != pid:
+                        other.kill()
+                        other.wait()
+                tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+                raise CaiError(f"bench run {spec.trainer} ({spec.runner}) failed:\n{tail}")
+            result = json.loads(Path(spec.result).read_text(encoding="utf-8"))
+            runs[pid] = TrainRun(trainer=spec.trainer, runner=spec.runner, seconds=time.perf_counter() - started,
+                                 peak_rss_mb=usage.ru_maxrss / 1024, **result)
+        time.sleep(0.05)
+    return [runs[pid] for pid in children]
+
+
+# ---- the child: one trainer, by cai or by plain TRL --------------------------------
+
+
+def bench_trl_args(spec: ChildSpec) -> dict[str, Any]:
+    """The TRL fields the bench sets, for cai and plain alike."""
+    return dict(per_device_train_batch_size=spec.batch_size, max_steps=spec.warmup + spec.steps,
+                save_strategy="no", logging_steps=1)
+
+
+def plain_trl_args(spec: ChildSpec) -> dict[str, Any]:
+    """What a TRL user writes to train as cai does on this machine: cai's defaults, spelt out."""
+    import torch
+
+    args = dict(output_dir=spec.out, report_to="none", seed=0, save_steps=200, save_total_limit=2, **bench_trl_args(spec))
+    if not torch.cuda.is_available():
+        args.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+    return args | (dict(completion_only_loss=True) if spec.trainer == "sft" else {})
+
+
+class Turns:
+    """The lock-step turn (see the module docstring): one byte passed through two FIFOs. Opened
+    read-write, so opening never blocks and a byte written waits in the pipe for its reader."""
+
+    def __init__(self, spec: ChildSpec):
+        self.fd_in = os.open(spec.turn_in, os.O_RDWR) if spec.turn_in else None
+        self.fd_out = os.open(spec.turn_out, os.O_RDWR) if spec.turn_out else None
+        if spec.first and self.fd_in is not None:
+            os.write(self.fd_in, b"t")
+
+    def take(self) -> None:
+        if self.fd_in is not None:
+            os.read(self.fd_in, 1)
+
+    def give(self) -> None:
+        if self.fd_out is not None:
+            os.write(self.fd_out, b"t")
+
+
+def step_timer(turns: Turns):
+    """A Trainer callback recording when training begins, its config, and each step's time, a step
+    beginning only with the turn and passing it on when the next one begins."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.started, self.spans, self.config = None, None, [], {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin, self.config = time.monotonic(), json.loads(json.dumps(args.to_dict(), default=str))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.started is not None:
+                self.spans.append((self.started, time.monotonic()))
+                turns.give()
+            turns.take()
+            self.started = time.monotonic()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.started is not None:  # the last step; the turn passes when this run has finished
+                self.spans.append((self.started, time.monotonic()))
+                self.started = None
+
+    return StepTimer()
+
+
+def run_plain(spec: ChildSpec) -> None:
+    """The plain TRL script: no cai code from here on."""
+    import datasets
+    import torch
+    import trl
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    torch.set_num_threads(spec.threads)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = datasets.load_dataset("json", data_files=spec.data, split="train")
+    args = plain_trl_args(spec)
+    if spec.trainer == "sft":
+        data = data.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+                        remove_columns=data.column_names)
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**args), train_dataset=data, processing_class=tokenizer)
+    elif spec.trainer == "rm":
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(spec.model, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = trl.RewardTrainer(model=model, args=trl.RewardConfig(**args), processing_class=tokenizer,
+                                    train_dataset=data.select_columns(["prompt", "chosen", "rejected"]))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+        trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**args), processing_class=tokenizer,
+                                 train_dataset=data.select_columns(["prompt", "chosen", "rejected"]))
+    trainer.train()
+    trainer.save_model()
+
+
+def run_cai(spec: ChildSpec) -> None:
+    from cai.train import train_dpo, train_reward_model, train_sft
+
+    common = dict(trl_args=bench_trl_args(spec), threads=spec.threads)
+    if spec.trainer == "sft":
+        train_sft(spec.data, spec.model, spec.out, **common)
+    elif spec.trainer == "rm":
+        train_reward_model(spec.data, spec.model, spec.out, loss="margin", margin_scale=0.0, eval_fraction=0.0, **common)
+    else:
+        train_dpo(spec.data, spec.model, spec.out, soft_label="none", **common)
+
+
+def run_ppo(spec: ChildSpec) -> list[float]:
+    """cai's PPO for warmup + steps + 1 rollouts; the times of its reward calls, one per rollout."""
+    from cai.train import train_ppo
+
+    calls: list[float] = []
+
+    def reward(prompts, completions):
+        calls.append(time.monotonic())
+        return [min(len(c.split()), 20) / 10 for c in completions]
+
+    config = {"steps": spec.warmup + spec.steps + 1, "batch_size": spec.batch_size}
+    train_ppo(spec.data, spec.model, spec.out, reward_fn=reward, config=config, threads=spec.threads)
+    return calls
+
+
+def child_main(spec_path: str) -> None:
+    started = time.monotonic()
+    spec = ChildSpec.model_validate_json(Path(spec_path).read_text(encoding="utf-8"))
+    if spec.trainer == "ppo":
+        calls = run_ppo(spec)
+        steps = [b - a for a, b in zip(calls, calls[1:])][spec.warmup:]
+        result = {"step_seconds": steps, "setup_seconds": calls[0] - started, "config": {}}
+    else:
+        import transformers.trainer
+
+        turns = Turns(spec)
+        timer = step_timer(turns)
+        transformers.trainer.DEFAULT_CALLBACKS.append(timer)  # every Trainer built here gets it
+        (run_cai if spec.runner == "cai" else run_plain)(spec)
+        spans = timer.spans[spec.warmup:]
+        result = {"step_seconds": [end - start for start, end in spans], "step_spans": spans,
+                  "setup_seconds": timer.begin - started, "config": timer.config}
+        turns.give()  # only now: the twin's last step does not overlap this run's saving
+    Path(spec.result).write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1])
