@@ -202,6 +202,15 @@ class Decision:
     principles: list[str] = field(default_factory=list)
 
 
+def _unusable(rows: list[dict]) -> Decision | None:
+    """Why the old job's rows for an input cannot be carried over: none, or any is an error row."""
+    if not rows:
+        return _redo("new")
+    if any(row["error"] is not None for row in rows):
+        return _redo("error")
+    return None
+
+
 def _redo(reason: str, principles: Iterable[str] = ()) -> Decision:
     return Decision(False, reason, list(principles))
 
@@ -232,10 +241,8 @@ class Update:
 
     def sft(self, source: SourcePrompt, key: str, rounds: int, seed: int) -> Decision:
         rows = self.old.rows("sft", key)
-        if not rows:
-            return _redo("new")
-        if rows[0]["error"] is not None:
-            return _redo("error")
+        if missing := _unusable(rows):
+            return missing
         old, new, changed = self.changed(source.group)
         ids = rows[0]["lineage"]["principle_ids"]
         if (old is None) != (new is None):
@@ -249,10 +256,8 @@ class Update:
     def samples(self, source: SourcePrompt, key: str, labeller: str, seed: int) -> Decision:
         """Phase 2's pass 1: labeller judge's answers use no principle; a contrastive pair's do."""
         rows = self.old.rows("samples", key)
-        if not rows:
-            return _redo("new")
-        if rows[0]["error"] is not None:
-            return _redo("error")
+        if missing := _unusable(rows):
+            return missing
         if labeller == "judge":
             return Decision(True)
         _, new, changed = self.changed(source.group)
@@ -266,10 +271,8 @@ class Update:
     def prefs(self, source: SourcePrompt, key: str, labeller: str, seed: int) -> Decision:
         """Phase 2's pass 2, once the prompt's answers are carried over: each pair's principle."""
         rows = self.old.rows("prefs", key)
-        if not rows:
-            return _redo("new")
-        if any(row["error"] is not None for row in rows):
-            return _redo("error")
+        if missing := _unusable(rows):
+            return missing
         _, new, changed = self.changed(source.group)
         ids = sorted({pid for row in rows for pid in row["lineage"]["principle_ids"]})
         if stale := stale_principles(ids, changed):
