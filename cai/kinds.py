@@ -22,7 +22,7 @@ from cai.engine.base import Engine
 from cai.events import ProgressHook
 from cai.executor import StopCheck
 from cai.jobdir import JobSummary
-from cai.recipe import PrefsJob, SFTJob
+from cai.recipe import ExecutorConfig, PrefsJob, SFTJob
 from cai.records import ErrorCode
 from cai.store import JobError, JobStore, read_manifest
 
@@ -126,20 +126,24 @@ def open_store(job_dir: str | Path) -> tuple[JobKind, JobStore]:
 
 
 def retry_errors(
-    job_dir: str | Path, progress: ProgressHook | None = None, stop: StopCheck | None = None, **engines: Engine
+    job_dir: str | Path, progress: ProgressHook | None = None, stop: StopCheck | None = None,
+    executor: ExecutorConfig | None = None, **engines: Engine,
 ) -> tuple[dict[str, int], JobSummary]:
     """Resume a job, generating again the inputs that ended as error rows; (error rows redone by code, summary).
 
     Each kind redoes its `retry_codes`. `engines` are the kind's own engine arguments (`engine=` for
     sft and judge-eval, `policy_engine=`/`judge_engine=` for prefs); missing ones are built from the
-    recipe. The error rows are dropped only once the job has reopened with the same fingerprint.
+    recipe. `executor`: where the batches run (the job directory does not say: it is the same whichever
+    executor wrote it); default local. The error rows are dropped only once the job has reopened with
+    the same fingerprint.
     """
     found, store = open_store(job_dir)
     profiles = sorted(v["profile"] for v in store.manifest.recipe.values() if isinstance(v, dict) and "profile" in v)
     if profiles:  # cai serve writes engine profile names (and client-facing paths), never the specs
         raise JobError(f"{job_dir} is a `cai serve` job (engine profile {', '.join(profiles)}); resume it through "
                        "the service (POST /v1/jobs/ID/resume), which resolves its profiles and paths")
-    job = found.job_model.model_validate({**store.manifest.recipe, "out": str(job_dir), "new_job": False})
+    settings = {**store.manifest.recipe, "out": str(job_dir), "new_job": False}
+    job = found.job_model.model_validate({**settings, **({"executor": executor} if executor else {})})
     redone = Counter(row["error"]["code"] for row in store.read(found.result_stage)
                      if row.get("error") and row["error"]["code"] in found.retry_codes)
     return dict(redone), found.run(job, progress=progress, stop=stop, redo=found.retry_codes, **engines)

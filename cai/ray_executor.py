@@ -16,6 +16,10 @@ local executor (the Executor contract is in cai.executor; the driver, cai.batche
 - A replica that dies (its process killed, its node lost) is restarted by Ray and its batch retried
   (`max_restarts`, `max_task_retries`); the driver commits by batch id, so a batch is committed once.
   An engine that cannot start raises in the replica; the job fails with that error (not retried).
+- Progress: a stage's per-step events (`on_step`: answer, critique, revision, sample, judge) reach the
+  driver while a batch runs: each replica puts them on a small Ray queue (an actor of no CPU) that the
+  driver drains as it polls, before it yields the batch they belong to. A retried batch reports its
+  steps again (step events are progress; the rows committed are what counts).
 - Stop: as each batch is taken (the driver), and while waiting here: the batches in flight are
   cancelled through Ray, which a replica's retry and request loops see (`stop_scope` over
   `is_canceled()`) just as they see the local stop check; batches that finish anyway are yielded,
@@ -123,10 +127,12 @@ class Replica:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, process: Process, items: list) -> tuple[list, float]:
+    def run(self, process: Process, items: list, steps: Any = None) -> tuple[list, float]:
         import ray
 
         if isinstance(process, EngineProcess):
+            if steps is not None:
+                process.on_step = _StepRelay(steps)
             process.engine()  # built (or kept) before the clock starts: loading is not generation time
         started = time.perf_counter()
         with stop_scope(getattr(ray.get_runtime_context(), "is_canceled", None)):  # Ray < 2.4x: no check
@@ -135,6 +141,16 @@ class Replica:
 
     def close(self) -> None:
         _REPLICA_ENGINE.close()
+
+
+class _StepRelay:
+    """A replica's `on_step`: each step's (name, requests) onto the driver's queue."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def __call__(self, name: str, requests: int) -> None:
+        self.queue.put_nowait((name, requests))
 
 
 def _ray():
@@ -236,6 +252,7 @@ class RayExecutor:
                 ready, _ = ray.wait([*run.pending, *run.starting], num_returns=1, timeout=self.poll_seconds)
                 if not run.cancelling and stop is not None and stop():
                     run.cancel()
+                run.relay_steps()
                 for ref in ready:
                     executed = run.finished(ref)
                     if executed is not None:
@@ -244,6 +261,7 @@ class RayExecutor:
                 raise StopRequested("the job was asked to stop")
         finally:
             run.cancel()
+            run.close_steps()
 
 
 class _Dispatch:
@@ -260,6 +278,7 @@ class _Dispatch:
         self.ready: set[int] = set()
         self.actors: list[Any] = []
         self.shipped = None
+        self.steps = None  # the queue replicas put step events on (only when the process has an on_step)
         self.cancelling = False
 
     def submit(self) -> None:
@@ -274,11 +293,12 @@ class _Dispatch:
                 self.actors = self.executor.pool(getattr(self.process, "spec", None))
                 self.starting = {actor.pid.remote(): i for i, actor in enumerate(self.actors)}
                 self.shipped = _ship(self.process)
+                self.steps = _step_queue(self.process)
             if not self.ready:
                 return
             index = min(sorted(self.ready), key=lambda i: self.busy[i])
             self.busy[index] += 1
-            ref = self.actors[index].run.remote(self.shipped, list(self.held.items))
+            ref = self.actors[index].run.remote(self.shipped, list(self.held.items), self.steps)
             self.pending[ref] = (self.held, index)
             self.held = None
 
@@ -298,6 +318,17 @@ class _Dispatch:
             return None
         return Executed(batch, *result)
 
+    def relay_steps(self) -> None:
+        """The step events replicas reported since the last call, to the driver's `on_step`, in order."""
+        count = self.steps.qsize() if self.steps is not None else 0
+        for name, requests in self.steps.get_nowait_batch(count) if count else ():
+            self.process.on_step(name, requests)
+
+    def close_steps(self) -> None:
+        if self.steps is not None:
+            self.steps.shutdown(force=True)
+            self.steps = None
+
     def cancel(self) -> None:
         """Cancel every batch in flight (replicas see it at their next stop check) and take no more."""
         self.cancelling = True
@@ -316,6 +347,15 @@ def _ship(process: Process):
         raise TypeError(f"the Ray executor cannot send this stage's process to its replicas ({exc}); it needs a "
                         "picklable callable such as cai.ray_executor.EngineProcess, not a closure over an "
                         "engine") from exc
+
+
+def _step_queue(process: Process):
+    """A queue for the step events of `process`'s batches, when the driver listens to them (None else)."""
+    if getattr(process, "on_step", None) is None:
+        return None
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
 
 
 def _result(ray, ref) -> tuple[list, float] | None:

@@ -66,7 +66,6 @@ def traced(trace: Path) -> list[tuple[str, str, str]]:
     return lines
 
 
-@pytest.mark.slow
 def test_ppo_on_two_processes_trains_writes_once_and_resumes(tiny_chat_model, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out, trace = tmp_path / "out", tmp_path / "trace.txt"

@@ -39,3 +39,21 @@ def test_another_connection_failure_names_the_address(monkeypatch):
     with pytest.raises(RayUnavailable, match="cannot join the Ray cluster at 127.0.0.1:1: Could not find") as info:
         RayExecutor(address="127.0.0.1:1")._connect()
     assert "RAY_AUTH_MODE" not in str(info.value)
+
+
+def test_retry_errors_takes_the_executor_flags_of_cai_generate(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import cai.cli.jobs as jobs_cli
+    from cai.cli import app
+
+    asked = []
+    monkeypatch.setattr(jobs_cli, "retry_errors", lambda job_dir, stop, executor: asked.append(executor) or 1 / 0)
+    runner = CliRunner()
+    result = runner.invoke(app, ["jobs", "retry-errors", str(tmp_path), "--executor", "ray", "--ray-address", "auto",
+                                 "--replicas", "3", "--gpus-per-replica", "1"])
+    assert isinstance(result.exception, ZeroDivisionError)
+    assert asked[0].model_dump(include={"name", "address", "replicas", "gpus_per_replica"}) == {
+        "name": "ray", "address": "auto", "replicas": 3, "gpus_per_replica": 1.0}
+    refused = runner.invoke(app, ["jobs", "retry-errors", str(tmp_path), "--replicas", "2"])
+    assert refused.exit_code == 2 and "need --executor ray" in refused.output

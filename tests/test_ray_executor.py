@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from helpers import HARMLESS, ROOT, write_jsonl, write_prompts
 
 from cai.engine import EngineConfigError
 from cai.engine.stub_server import StubChatServer
-from cai.events import BatchCommitted
+from cai.events import BatchCommitted, StepStarted
 from cai.judge_eval import EvalJob, run_judge_eval
 from cai.pipeline import JobCancelled, generate_prefs, generate_sft
 from cai.recipe import (
@@ -207,6 +208,35 @@ def test_an_engine_that_cannot_start_fails_the_job_with_the_replicas_error(tmp_p
     assert rows(tmp_path / "broken") == []
 
 
+def test_each_step_a_replica_runs_reaches_the_driver_before_its_batch_is_committed(tmp_path, executor):
+    local: list = []
+    remote: list = []
+    generate_sft(sft_job(tmp_path, "steps-local"), progress=local.append)
+    generate_sft(sft_job(tmp_path, "steps-ray"), progress=remote.append, executor=executor)
+    steps = lambda events: Counter((e.name, e.requests) for e in events if isinstance(e, StepStarted))  # noqa: E731
+    assert steps(remote) == steps(local)
+    assert steps(local)[("answer", 2)] == 5  # 10 prompts in batches of 2, one answer step each
+    kinds = [type(e).__name__ for e in remote if isinstance(e, StepStarted | BatchCommitted)]
+    assert kinds[0] == "StepStarted" and kinds.count("BatchCommitted") == 5
+    answers_by_commit = [sum(1 for e in remote[:i] if isinstance(e, StepStarted) and e.name == "answer")
+                         for i, e in enumerate(remote) if isinstance(e, BatchCommitted)]
+    assert all(answered >= n for n, answered in enumerate(answers_by_commit, 1))  # a batch's steps come first
+
+
+def test_retry_errors_runs_a_jobs_error_rows_on_the_replicas_it_is_given(tmp_path, cluster, monkeypatch):
+    from cai.kinds import retry_errors
+
+    job = sft_job(tmp_path, "retry")
+    with pytest.raises(JobCancelled):
+        generate_sft(job, stop=lambda: True)  # every input a `cancelled` error row
+    ran = []
+    execute = RayExecutor.execute
+    monkeypatch.setattr(RayExecutor, "execute", lambda self, *a, **k: ran.append(self.replicas) or execute(self, *a, **k))
+    redone, summary = retry_errors(job.out, executor=ExecutorConfig(name="ray", replicas=2, cpus_per_replica=0.5))
+    assert redone == {"cancelled": 10} and ran == [2] and summary.done_now == 10
+    assert_each_once(rows(job.out), 10)  # the cancelled rows are gone, each input once
+
+
 def test_the_job_settings_choose_the_executor_and_stay_out_of_the_manifest(tmp_path, cluster):
     job = sft_job(tmp_path, "settings", executor=ExecutorConfig(name="ray", replicas=1, cpus_per_replica=0.5))
     summary = generate_sft(job)
@@ -216,8 +246,7 @@ def test_the_job_settings_choose_the_executor_and_stay_out_of_the_manifest(tmp_p
     assert generate_sft(sft_job(tmp_path, "settings")).done_before == 10  # same fingerprint, resumed locally
 
 
-@pytest.mark.slow  # about 2 minutes on 2 cores: two replicas load the model side by side
-@pytest.mark.real_model
+@pytest.mark.real_model  # about 30 s on 2 cores: two replicas load the model side by side
 def test_the_embedded_model_on_two_replicas(tmp_path, executor):
     engine = EngineSpec(backend="transformers")
     summary = generate_sft(sft_job(tmp_path, "real", n=4, engine=engine), executor=executor)

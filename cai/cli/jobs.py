@@ -10,6 +10,14 @@ import typer
 from rich.console import Console
 
 from cai.cli.common import fail_on_user_error, stoppable_job
+from cai.cli.generate import (
+    CpusOpt,
+    ExecutorOpt,
+    GpusOpt,
+    RayAddressOpt,
+    ReplicasOpt,
+    executor_config,
+)
 from cai.cli.summaries import print_summary
 from cai.files import atomic_write_jsonl
 from cai.kinds import open_store, retry_errors
@@ -54,10 +62,19 @@ def repair(job_dir: Path) -> None:
 
 
 @app.command("retry-errors")
-def retry(job_dir: Path) -> None:
-    """Generate again only the rows that ended as errors (any stage); everything else is kept."""
+def retry(
+    job_dir: Path,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = 1,
+    gpus_per_replica: GpusOpt = 0.0,
+    cpus_per_replica: CpusOpt = 1.0,
+) -> None:
+    """Generate again only the rows that ended as errors (any stage); everything else is kept. A job
+    made on Ray runs again wherever these flags say (the job directory is the same either way)."""
+    where = executor_config(executor, ray_address, replicas, gpus_per_replica, cpus_per_replica)
     with fail_on_user_error(), stoppable_job() as stop:
-        dropped, summary = retry_errors(job_dir, stop=stop)
+        dropped, summary = retry_errors(job_dir, stop=stop, executor=where)
     console.print(f"retrying {sum(dropped.values())} error rows: {dropped or 'none'}")
     print_summary(summary)
 
