@@ -4,8 +4,9 @@
     app = create_app(Settings(jobs_root="jobs/serve", data_root="data"))
 
 `create_app(settings, engine_factory=...)` takes the function that turns an `EngineSpec`
-into an engine; the default is `cai.pipeline.build_engine` (the real engines). Tests pass
-one that returns a `cai.engine.fake.FakeEngine`.
+into an engine; the default is `cai.pipeline.build_engine` (the real engines), run in each
+worker's child process (`job_processes`). A factory given here is a local object (tests pass one
+that returns a `cai.engine.fake.FakeEngine`): jobs then run in threads of this process.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Settings(BaseModel):
                                      "or Ray replicas (name: ray, address: auto, replicas, gpus_per_replica)")
     keys_from_env: bool = Field(True, description=f"also accept keys from ${KEYS_ENV}")
     workers: int = Field(1, ge=1, le=16, description="jobs run at the same time (each worker loads its engines)")
+    job_processes: bool = Field(True, description="run each worker's jobs in a child process of its own (engines "
+                                "stay loaded between jobs), so answering requests never slows a job's engine "
+                                "calls; false: in threads of the server process")
     engines: dict[str, EngineSpec] = Field(
         default_factory=lambda: {"embedded": EngineSpec()},
         description="the engine profiles clients may choose by name; only the operator sets backends, "
@@ -129,7 +133,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     settings.jobs_root.mkdir(parents=True, exist_ok=True)
     keys = KeyStore(settings.keys_file, os.environ.get(KEYS_ENV) if settings.keys_from_env else None)
     db = JobDB(settings.database)
-    manager = JobManager(settings, db, engine_factory or build_engine)
+    manager = JobManager(settings, db, engine_factory or build_engine,
+                         processes=settings.job_processes and engine_factory is None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

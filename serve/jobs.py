@@ -1,4 +1,5 @@
-"""The job table (SQLite) and the worker threads that run jobs through cai's job kinds.
+"""The job table (SQLite) and the worker threads that run jobs through cai's job kinds (each worker's
+jobs in a child process of its own by default: serve.job_process).
 
 A job is a row here plus a job directory under the jobs root (cai's own format:
 manifest.json, shards/, exports). The worker turns the stored recipe back into its
@@ -37,7 +38,7 @@ from cai.recipe import EngineSpec
 from cai.records import ErrorCode, utc_now
 from cai.sources import BUNDLED_DIR
 from cai.store import JobStore
-from serve.resolve import client_recipe, resolve_engines
+from serve.job_process import EngineCache, JobProcess, WorkerError, run_job
 
 log = logging.getLogger("serve")
 
@@ -254,10 +255,11 @@ class Tracker:
 
 
 class JobManager:
-    """Worker threads that take queued jobs oldest first and run them."""
+    """Worker threads that take queued jobs oldest first and run them: each in a child process of its
+    own (`processes`, the default of `cai serve`: see serve.job_process) or in the thread itself."""
 
-    def __init__(self, settings, db: JobDB, engine_factory: Callable[[EngineSpec], Engine]):
-        self.settings, self.db, self.engine_factory = settings, db, engine_factory
+    def __init__(self, settings, db: JobDB, engine_factory: Callable[[EngineSpec], Engine], processes: bool = False):
+        self.settings, self.db, self.engine_factory, self.processes = settings, db, engine_factory, processes
         self._wake = threading.Condition()
         self._shutdown = threading.Event()
         self._cancel: set[str] = set()
@@ -270,7 +272,8 @@ class JobManager:
                      requeued)
         self._shutdown.clear()
         for n in range(self.settings.workers):
-            thread = threading.Thread(target=self._loop, name=f"cai-serve-worker-{n}", daemon=True)
+            name = f"cai-serve-worker-{n}"
+            thread = threading.Thread(target=self._loop, args=(name,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -300,8 +303,8 @@ class JobManager:
         self._cancel.discard(job_id)
         return self.db.get(job_id)["state"]
 
-    def _loop(self) -> None:
-        engines: dict[str, Engine] = {}
+    def _loop(self, name: str) -> None:
+        runner = JobProcess(self.settings, name) if self.processes else _ThreadRunner(self.settings, self.engine_factory)
         try:
             while not self._shutdown.is_set():
                 row = self.db.claim_next()
@@ -309,36 +312,19 @@ class JobManager:
                     with self._wake:
                         self._wake.wait(1.0)
                     continue
-                self._execute(row, engines)
+                self._execute(row, runner)
         finally:
-            for engine in engines.values():
-                try:
-                    engine.close()
-                except Exception:
-                    log.exception("closing an engine failed")
+            runner.close(max(1.0, self.settings.shutdown_grace_s))
 
-    def _engine(self, spec: EngineSpec, engines: dict[str, Engine], job_id: str) -> Engine:
-        """The worker's engine for `spec`, built on first use (model loading is not counted in tokens/s).
-
-        A worker keeps one engine resident: building another closes the cached one first, so a
-        phase-2 job's policy and a different judge never hold one GPU's memory at once.
-        """
-        key = spec.model_dump_json()
-        if key not in engines:
-            for other in list(engines):
-                engines.pop(other).close()
-            names = [n for n, profile in self.settings.engines.items() if profile == spec]
-            self.db.update(job_id, step=f"starting engine {names[0] if names else spec.backend}")
-            engines[key] = self.engine_factory(spec)
-            self.db.update(job_id, step=None)
-        return engines[key]
-
-    def _execute(self, row: dict[str, Any], engines: dict[str, Engine]) -> None:
+    def _execute(self, row: dict[str, Any], runner: _ThreadRunner | JobProcess) -> None:
         job_id = row["id"]
         stop = lambda: job_id in self._cancel or self._shutdown.is_set()
         view = ClientView(self.settings, Path(row["dir"]))  # messages and summaries are read by the client
         try:
-            summary, rate = self._run(row, engines, stop)
+            job_kind, root = kind(row["kind"]), Path(row["dir"])
+            store = JobStore.at(root, job_kind.record_models) if (root / "manifest.json").is_file() else None
+            tracker = Tracker(self.db, job_id, job_kind, store)
+            summary, rate = runner.run(row, stop, tracker, lambda text: self.db.update(job_id, step=text))
         except JobCancelled as exc:
             if job_id in self._cancel:
                 self.db.update(job_id, state="cancelled", finished_at=utc_now(),
@@ -346,13 +332,12 @@ class JobManager:
             else:
                 self.db.update(job_id, state="queued", message="server stopping: queued again, resumes at next start")
         except EngineDown as exc:
-            engines.clear()  # build the engine afresh next time: the backend may come back
             self.db.update(job_id, state="failed", finished_at=utc_now(),
                            message=view.text(f"engine down: {exc}; finished batches are kept, POST .../resume retries"))
         except Exception as exc:  # any other failure ends the job as failed, with its reason
             log.exception("job %s failed", job_id)
-            self.db.update(job_id, state="failed", finished_at=utc_now(),
-                           message=view.text(f"{type(exc).__name__}: {exc}"))
+            name = exc.type_name if isinstance(exc, WorkerError) else type(exc).__name__
+            self.db.update(job_id, state="failed", finished_at=utc_now(), message=view.text(f"{name}: {exc}"))
         else:
             self.db.update(job_id, state="completed", finished_at=utc_now(), summary=json.dumps(view(summary)),
                            tokens_per_second=rate, step=None, message=None)
@@ -360,18 +345,19 @@ class JobManager:
             self._cancel.discard(job_id)
             self.db.update(job_id, cancel_requested=0)
 
-    def _run(self, row: dict[str, Any], engines: dict[str, Engine], stop: Callable[[], bool]):
-        """Run one job through its kind (cai.kinds); (summary as JSON data, tokens per second).
 
-        The stored recipe names engines by profile: their specs come from the settings now. The job
-        directory's manifest.json records the client's view of the recipe (resolve.client_recipe).
-        Engines come from the worker's cache, built when the job first needs one."""
-        stored, job_kind, root = json.loads(row["recipe"]), kind(row["kind"]), Path(row["dir"])
-        shown = client_recipe(stored, self.settings, root)
-        job = job_kind.job_model.model_validate(resolve_engines(stored, self.settings))
-        if stop():
-            raise JobCancelled("cancelled before it started")
-        store = JobStore.at(root, job_kind.record_models) if (root / "manifest.json").is_file() else None
-        summary = job_kind.run(job, progress=Tracker(self.db, row["id"], job_kind, store), stop=stop, recipe=shown,
-                               build=lambda spec: self._engine(spec, engines, row["id"]))
-        return summary.flat(), summary.tokens_per_second or None
+class _ThreadRunner:
+    """Jobs in the worker's own thread (an engine factory given to create_app: tests, embedding)."""
+
+    def __init__(self, settings, factory: Callable[[EngineSpec], Engine]):
+        self.settings, self.engines = settings, EngineCache(settings, factory)
+
+    def run(self, row, stop, progress, report):
+        try:
+            return run_job(row, self.settings, self.engines, stop, progress, report)
+        except Exception as exc:
+            self.engines.after_failure(exc)
+            raise
+
+    def close(self, grace: float) -> None:
+        self.engines.close()
