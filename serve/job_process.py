@@ -199,21 +199,20 @@ def child_main(settings, conn, cancel, server_pid: int) -> None:
     report = lambda text: conn.send(("step", text))  # noqa: E731
     try:
         while True:
-            try:
-                kind, row = conn.recv()
-            except (EOFError, OSError):
-                return
+            kind, row = conn.recv()
             if kind == "quit":
                 return
             try:
                 result = run_job(row, settings, engines, stop, lambda event: conn.send(("event", event)), report)
             except Exception as exc:  # noqa: BLE001  (every failure goes back to the server as the job's)
-                if not isinstance(exc, JobCancelled):
+                if not isinstance(exc, (JobCancelled, BrokenPipeError)):
                     log.exception("job %s failed", row.get("id"))
                 engines.after_failure(exc)
                 conn.send(("error", sendable(exc)))
             else:
                 conn.send(("done", result))
+    except (EOFError, OSError):  # the server is gone (its end of the pipe closed)
+        return
     finally:
         engines.close()
 

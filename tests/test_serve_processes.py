@@ -4,12 +4,16 @@ child, shut-down while a job runs, an exception that cannot be pickled."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sqlite3
 import threading
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 pytest.importorskip("fastapi")
@@ -113,6 +117,54 @@ def test_shutting_down_mid_job_queues_it_again_and_ends_the_child(roots, stub):
         job = wait(c, job_id)
         assert job["state"] == "completed" and job["records"] == 8 and job["progress"]["resumed"] >= 1, job
         assert asked(c, job_id) == sorted(SLOW_PROMPTS)
+
+
+def children_of(pid: int) -> set[int]:
+    """The child processes of `pid` (any of its threads may have started one)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return {int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()} if tasks.exists() else set()
+
+
+def serve_pid(config: Path) -> int:
+    """The process running `cai serve --config CONFIG`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(config) in cmdline.read_bytes().decode(errors="replace").split("\0"):
+                return int(cmdline.parent.name)
+    raise AssertionError(f"no cai serve process for {config}")
+
+
+def running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc")
+def test_a_child_whose_server_was_killed_stops_its_job(tmp_path):
+    from serve.bench import _write_inputs, bench_prompts, service_process, stub_process
+
+    with stub_process(0.25) as url:
+        engine = EngineSpec(backend="openai", model="stub", options={"base_url": url, "api_key": "k"})
+        _, key = _write_inputs(tmp_path, bench_prompts("redteam", 40), engine)
+        headers = {"Authorization": f"Bearer {key}"}
+        with service_process(tmp_path) as service:
+            body = {"kind": "sft", "dataset": "bench.jsonl", "phase1": {"rounds": 1}, "batch_size": 1}
+            job_id = httpx.post(f"{service}/v1/jobs", json=body, headers=headers, trust_env=False).json()["id"]
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{service}/v1/jobs/{job_id}", headers=headers, trust_env=False).json()["progress"][
+                    "done"] < 1:
+                assert time.monotonic() < deadline, "the job did not start"
+                time.sleep(0.1)
+            server = serve_pid(tmp_path / "serve.yaml")
+            children = children_of(server)
+            assert children, "no worker process"
+            os.kill(server, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while any(running(c) for c in children) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not any(running(c) for c in children), "the worker went on after its server was killed"
+    rows = sum(1 for shard in (tmp_path / "jobs" / job_id / "shards").glob("sft-*.jsonl") for _ in shard.open())
+    assert 1 <= rows <= 40  # what it finished (and the batch it was stopped in) is on disk
 
 
 def test_an_exception_that_cannot_be_pickled_crosses_as_its_name_and_message():
