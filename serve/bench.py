@@ -130,7 +130,8 @@ def bench_prompts(source: str, count: int) -> list[SourcePrompt]:
     return out
 
 
-def _write_inputs(root: Path, prompts: list[SourcePrompt], engine: EngineSpec) -> tuple[Path, str]:
+def _write_inputs(root: Path, prompts: list[SourcePrompt], engine: EngineSpec,
+                  job_processes: bool = True) -> tuple[Path, str]:
     """data/bench.jsonl, serve.yaml and keys.txt under `root`; (the prompts file, the API key)."""
     data = root / "data" / f"{DATASET}.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ def _write_inputs(root: Path, prompts: list[SourcePrompt], engine: EngineSpec) -
     atomic_write_text(root / "serve.yaml", yaml.safe_dump({
         "jobs_root": str(root / "jobs"), "data_root": str(root / "data"), "keys_from_env": False, "engines": {
             PROFILE: engine.model_dump(mode="json")}, "default_engine": PROFILE,
-        "limits": {"max_rows": max(2000, len(prompts))}}))
+        "limits": {"max_rows": max(2000, len(prompts))}, "job_processes": job_processes}))
     return data, create_key("bench", root / "keys.txt")
 
 
@@ -222,7 +223,10 @@ def run_cli(job: SFTJob, name: str = "cli") -> JobRun:
                   client_seconds=time.perf_counter() - started)
 
 
-def _poller(client: httpx.Client, job_id: str, done: threading.Event, out: list, pause: float = 0.0) -> None:
+def _poller(client: httpx.Client, job_id: str, done: threading.Event, out: list, pause: float = 0.0,
+            nice: int = 0) -> None:
+    if nice:  # this thread only (Linux): clients that stand for other machines yield the cores to the service
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     paths = (("status", f"/v1/jobs/{job_id}", None),
              ("records", f"/v1/jobs/{job_id}/records", {"limit": RECORDS_PAGE}))
     while True:  # at least one round, however soon the job ends
@@ -260,7 +264,7 @@ def _wait(client: httpx.Client, job_id: str, timeout: float) -> dict:
 
 
 def run_service(url: str, key: str, request: dict, name: str, pollers: int = 0, poll_interval: float = 0.0,
-                timeout: float = 1800) -> tuple[JobRun, list[tuple[str, float, bool]], float]:
+                timeout: float = 1800, poller_nice: int = 0) -> tuple[JobRun, list[tuple[str, float, bool]], float]:
     """Submit `request`, wait for it (with `pollers` clients polling it meanwhile, each pausing
     `poll_interval` seconds after its status + records requests); (the run, the polls, seconds polled)."""
     headers = {"Authorization": f"Bearer {key}"}
@@ -271,7 +275,8 @@ def run_service(url: str, key: str, request: dict, name: str, pollers: int = 0, 
         if answer.status_code != 201:
             raise RuntimeError(f"submitting the job: {answer.status_code} {answer.text}")
         job_id = answer.json()["id"]
-        threads = [threading.Thread(target=_poller, args=(c, job_id, done, out, poll_interval), daemon=True)
+        threads = [threading.Thread(target=_poller, args=(c, job_id, done, out, poll_interval, poller_nice),
+                                    daemon=True)
                    for c, out in zip(clients[1:], samples)]
         polled = time.perf_counter()
         for thread in threads:
@@ -301,7 +306,7 @@ def _median(runs: list[JobRun]) -> JobRun:
 def run_service_bench(prompts: int = 500, pollers: int = 24, stub_latency_ms: float = 10.0, concurrency: int = 16,
                       batch_size: int = DEFAULT_BATCH_SIZE, rounds: int = 1, source: str = "redteam",
                       workdir: Path | None = None, poll_interval_ms: float = 0.0,
-                      repeats: int = 1) -> ServiceBenchReport:
+                      repeats: int = 1, job_processes: bool = True, poller_nice: int = 0) -> ServiceBenchReport:
     """The same phase-1 job from the CLI code path, through the service, and through the service while
     `pollers` clients poll it (0: not run), in turn `repeats` times, against a stub answering in `stub_latency_ms`."""
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
@@ -314,7 +319,7 @@ def run_service_bench(prompts: int = 500, pollers: int = 24, stub_latency_ms: fl
         root.mkdir(parents=True, exist_ok=True)
         engine = EngineSpec(backend="openai", model="stub",
                             options={"base_url": stub, "concurrency": concurrency, "api_key_env": KEY_ENV})
-        data, key = _write_inputs(root, sources, engine)
+        data, key = _write_inputs(root, sources, engine, job_processes)
         request = {"kind": "sft", "constitution": "harmless", "dataset": DATASET, "engine": PROFILE,
                    "phase1": config.model_dump(mode="json"), "batch_size": batch_size}
         with service_process(root) as url:
@@ -325,7 +330,7 @@ def run_service_bench(prompts: int = 500, pollers: int = 24, stub_latency_ms: fl
                 runs["service"].append(run_service(url, key, request, "service")[0])
                 if pollers:
                     run, polls, seconds = run_service(url, key, request, f"service + {pollers} pollers", pollers,
-                                                      poll_interval_ms / 1000)
+                                                      poll_interval_ms / 1000, poller_nice=poller_nice)
                     runs["polled"].append(run)
                     samples, poll_seconds = samples + polls, poll_seconds + seconds
     by = lambda endpoint: _latency([s for s in samples if s[0] == endpoint])  # noqa: E731
@@ -386,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="redteam", help="prompt source (as for `cai generate sft`)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the job directories here (default: temp)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--job-threads", dest="job_processes", action="store_false",
+                        help="the service runs jobs in threads of its process (job_processes: false)")
+    parser.add_argument("--poller-nice", type=int, default=0, choices=range(20), metavar="0-19",
+                        help="pollers' CPU priority (Linux): 19 stands for clients on other machines")
     args = parser.parse_args(argv)
     if min(args.prompts, args.concurrency, args.batch_size, args.rounds, args.repeats) < 1 or min(
             args.pollers, args.poll_interval_ms, args.stub_latency_ms) < 0:

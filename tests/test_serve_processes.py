@@ -52,7 +52,7 @@ def workers() -> list:
 
 @pytest.fixture
 def stub():
-    with StubChatServer(latency=0.25) as server:
+    with StubChatServer(latency=0.15) as server:
         yield server
 
 
