@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -74,6 +76,9 @@ class Settings(BaseModel):
     job_processes: bool = Field(True, description="run each worker's jobs in a child process of its own (engines "
                                 "stay loaded between jobs), so answering requests never slows a job's engine "
                                 "calls; false: in threads of the server process")
+    api_nice: int = Field(10, ge=0, le=19, description="CPU priority the server's request handling gives up "
+                          "(Linux nice increment of its threads; job processes keep theirs), so a host's cores go "
+                          "to generation first when clients poll hard; 0: none")
     engines: dict[str, EngineSpec] = Field(
         default_factory=lambda: {"embedded": EngineSpec()},
         description="the engine profiles clients may choose by name; only the operator sets backends, "
@@ -116,6 +121,22 @@ class Settings(BaseModel):
         return cls.model_validate({**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def lower_priority(increment: int) -> None:
+    """Raise this thread's nice value by `increment` (threads it starts later inherit it). Linux sets
+    nice per thread, so the job processes started from the workers' threads keep the server's
+    priority; elsewhere it would lower the whole process, jobs included, so it is skipped."""
+    if not increment:
+        return
+    if not sys.platform.startswith("linux"):
+        log.info("api_nice applies on Linux only; request handling keeps its priority here")
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + increment))
+    except OSError as exc:
+        log.warning("could not lower request handling's priority (api_nice %d): %s", increment, exc)
+
+
 UI_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
@@ -141,7 +162,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         if keys.count() == 0:
             log.warning("no API keys configured: every API call will get 401; create one with "
                         "`python -m serve.keys create NAME --file KEYS_FILE`")
-        manager.start()
+        manager.start()  # before lower_priority: worker threads, and the job processes they start, keep theirs
+        lower_priority(settings.api_nice)
         try:
             yield
         finally:

@@ -10,17 +10,11 @@ paths. Prompts: a bundled set repeated, each repeat's text made distinct (a job 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,6 +32,7 @@ from cai.pipeline import build_engine
 from cai.recipe import DEFAULT_BATCH_SIZE, EngineSpec, Phase1Config, SFTJob
 from cai.records import SourcePrompt
 from cai.sources import read_prompts
+from serve.bench_procs import KEY_ENV, service_process, stub_process
 from serve.keys import create_key
 from serve.protocol import FINAL_STATES
 
@@ -45,7 +40,6 @@ console = Console()
 PROFILE = "stub"
 DATASET = "bench"
 RECORDS_PAGE = 10  # the review page's page size (serve/static/app.js)
-KEY_ENV = "CAI_BENCH_STUB_KEY"  # never set: the stub needs no key, and no real key is sent to it
 
 
 class JobRun(BaseModel):
@@ -131,7 +125,7 @@ def bench_prompts(source: str, count: int) -> list[SourcePrompt]:
 
 
 def _write_inputs(root: Path, prompts: list[SourcePrompt], engine: EngineSpec,
-                  job_processes: bool = True) -> tuple[Path, str]:
+                  server: dict | None = None) -> tuple[Path, str]:
     """data/bench.jsonl, serve.yaml and keys.txt under `root`; (the prompts file, the API key)."""
     data = root / "data" / f"{DATASET}.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -139,73 +133,8 @@ def _write_inputs(root: Path, prompts: list[SourcePrompt], engine: EngineSpec,
     atomic_write_text(root / "serve.yaml", yaml.safe_dump({
         "jobs_root": str(root / "jobs"), "data_root": str(root / "data"), "keys_from_env": False, "engines": {
             PROFILE: engine.model_dump(mode="json")}, "default_engine": PROFILE,
-        "limits": {"max_rows": max(2000, len(prompts))}, "job_processes": job_processes}))
+        "limits": {"max_rows": max(2000, len(prompts))}, **(server or {})}))
     return data, create_key("bench", root / "keys.txt")
-
-
-_STUB_CHILD = """import sys
-from cai.engine.stub_server import StubChatServer
-with StubChatServer(latency={latency!r}) as server:
-    print(server.url, flush=True)
-    sys.stdin.read()
-"""
-
-
-@contextmanager
-def stub_process(latency: float) -> Iterator[str]:
-    """A StubChatServer in a process of its own (no GIL shared with the job or pollers) until stdin closes; its URL."""
-    proc = subprocess.Popen([sys.executable, "-c", _STUB_CHILD.format(latency=latency)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://127.0.0.1:"):
-            raise RuntimeError(f"the stub server did not start (exit status {proc.poll()})")
-        yield url
-    finally:
-        proc.stdin.close()
-        _end(proc, 10)
-
-
-def _end(proc: subprocess.Popen, grace: float) -> None:
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@contextmanager
-def service_process(root: Path) -> Iterator[str]:
-    """`cai serve --config ROOT/serve.yaml` on 127.0.0.1 (a free port) until the block ends; its URL."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    log = (root / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cai", "serve", "--config", str(root / "serve.yaml"), "--keys-file",
-         str(root / "keys.txt"), "--port", str(port), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != KEY_ENV})
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    try:
-        while True:
-            with contextlib.suppress(httpx.TransportError):  # not listening yet
-                if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cai serve did not start (exit status {proc.poll()}); its log:\n{_tail(root)}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        if (died := proc.poll()) is None:
-            proc.send_signal(signal.SIGINT)  # uvicorn's graceful stop: the workers end with the app
-        _end(proc, 30)
-        log.close()
-        if died is not None:
-            print(f"cai serve exited early (status {died}); its log ends:\n{_tail(root)}", file=sys.stderr)
-
-
-def _tail(root: Path) -> str:
-    return (root / "serve.log").read_text(encoding="utf-8", errors="replace")[-3000:]
 
 
 def run_cli(job: SFTJob, name: str = "cli") -> JobRun:
@@ -306,7 +235,7 @@ def _median(runs: list[JobRun]) -> JobRun:
 def run_service_bench(prompts: int = 500, pollers: int = 24, stub_latency_ms: float = 10.0, concurrency: int = 16,
                       batch_size: int = DEFAULT_BATCH_SIZE, rounds: int = 1, source: str = "redteam",
                       workdir: Path | None = None, poll_interval_ms: float = 0.0,
-                      repeats: int = 1, job_processes: bool = True, poller_nice: int = 0) -> ServiceBenchReport:
+                      repeats: int = 1, server: dict | None = None, poller_nice: int = 0) -> ServiceBenchReport:
     """The same phase-1 job from the CLI code path, through the service, and through the service while
     `pollers` clients poll it (0: not run), in turn `repeats` times, against a stub answering in `stub_latency_ms`."""
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
@@ -319,7 +248,7 @@ def run_service_bench(prompts: int = 500, pollers: int = 24, stub_latency_ms: fl
         root.mkdir(parents=True, exist_ok=True)
         engine = EngineSpec(backend="openai", model="stub",
                             options={"base_url": stub, "concurrency": concurrency, "api_key_env": KEY_ENV})
-        data, key = _write_inputs(root, sources, engine, job_processes)
+        data, key = _write_inputs(root, sources, engine, server)
         request = {"kind": "sft", "constitution": "harmless", "dataset": DATASET, "engine": PROFILE,
                    "phase1": config.model_dump(mode="json"), "batch_size": batch_size}
         with service_process(root) as url:
@@ -377,6 +306,13 @@ def print_service_bench(report: ServiceBenchReport, out: Path | None = None) -> 
         atomic_write_json(out, report.model_dump(mode="json"))
 
 
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=500, help="prompts in the job (the source repeated)")
@@ -391,14 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="redteam", help="prompt source (as for `cai generate sft`)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the job directories here (default: temp)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
-    parser.add_argument("--job-threads", dest="job_processes", action="store_false",
-                        help="the service runs jobs in threads of its process (job_processes: false)")
+    parser.add_argument("--setting", dest="server", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+                        help="a server setting (serve.app.Settings, YAML value), e.g. job_processes=false, api_nice=0")
     parser.add_argument("--poller-nice", type=int, default=0, choices=range(20), metavar="0-19",
                         help="pollers' CPU priority (Linux): 19 stands for clients on other machines")
     args = parser.parse_args(argv)
     if min(args.prompts, args.concurrency, args.batch_size, args.rounds, args.repeats) < 1 or min(
             args.pollers, args.poll_interval_ms, args.stub_latency_ms) < 0:
         parser.error("--prompts, --concurrency, --batch-size, --rounds, --repeats: >= 1; the others: >= 0")
+    args.server = dict(args.server)
     print_service_bench(run_service_bench(**{k: v for k, v in vars(args).items() if k != "out"}), args.out)
     return 0
 

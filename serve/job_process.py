@@ -28,7 +28,7 @@ import pickle
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cai.batches import EngineDown, JobCancelled
 from cai.engine.base import Engine
@@ -132,6 +132,8 @@ class JobProcess:
     def _ensure_started(self) -> None:
         if self.process is not None and self.process.is_alive():
             return
+        if self.conn is not None:  # a child that ended between two jobs
+            self.conn.close()
         self.conn, child_end = self._context.Pipe()
         # not a daemon: a daemonic process may not start its own (vLLM's engine core, Ray's workers)
         self.process = self._context.Process(target=child_main, args=(self.settings, child_end, self.cancel,
@@ -165,7 +167,7 @@ class JobProcess:
             else:
                 raise payload
 
-    def _died(self):
+    def _died(self) -> NoReturn:
         self.process.join(5)
         code = self.process.exitcode
         self.conn.close()

@@ -141,7 +141,8 @@ def running(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc")
 def test_a_child_whose_server_was_killed_stops_its_job(tmp_path):
-    from serve.bench import _write_inputs, bench_prompts, service_process, stub_process
+    from serve.bench import _write_inputs, bench_prompts
+    from serve.bench_procs import service_process, stub_process
 
     with stub_process(0.25) as url:
         engine = EngineSpec(backend="openai", model="stub", options={"base_url": url, "api_key": "k"})
@@ -165,6 +166,32 @@ def test_a_child_whose_server_was_killed_stops_its_job(tmp_path):
             assert not any(running(c) for c in children), "the worker went on after its server was killed"
     rows = sum(1 for shard in (tmp_path / "jobs" / job_id / "shards").glob("sft-*.jsonl") for _ in shard.open())
     assert 1 <= rows <= 40  # what it finished (and the batch it was stopped in) is on disk
+
+
+def nice_of(pid: int, thread: int | None = None) -> int:
+    stat = Path(f"/proc/{pid}/task/{thread or pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5): nice
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads priorities from /proc (Linux)")
+def test_request_handling_gives_up_priority_and_the_job_process_keeps_it(tmp_path):
+    from serve.bench import _write_inputs, bench_prompts
+    from serve.bench_procs import service_process
+
+    _, key = _write_inputs(tmp_path, bench_prompts("redteam", 4), EngineSpec(backend="fake"), {"api_nice": 7})
+    with service_process(tmp_path) as service:
+        headers = {"Authorization": f"Bearer {key}"}
+        job_id = httpx.post(f"{service}/v1/jobs", json={"kind": "sft", "dataset": "bench.jsonl"}, headers=headers,
+                            trust_env=False).json()["id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{service}/v1/jobs/{job_id}", headers=headers, trust_env=False).json()["state"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        server = serve_pid(tmp_path / "serve.yaml")
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert nice_of(server) == min(19, base + 7)  # the event loop's thread, which answers requests
+        jobs = [c for c in children_of(server) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(jobs) == 1 and nice_of(jobs[0]) == base
 
 
 def test_an_exception_that_cannot_be_pickled_crosses_as_its_name_and_message():
