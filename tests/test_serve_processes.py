@@ -194,6 +194,28 @@ def test_request_handling_gives_up_priority_and_the_job_process_keeps_it(tmp_pat
         assert len(jobs) == 1 and nice_of(jobs[0]) == base
 
 
+@pytest.mark.real_model
+def test_the_embedded_model_answers_a_service_job_from_the_workers_process(tmp_path):
+    from serve.bench import _write_inputs, bench_prompts
+    from serve.bench_procs import service_process
+
+    _, key = _write_inputs(tmp_path, bench_prompts("redteam", 2), EngineSpec(backend="transformers"))
+    short = {"max_tokens": 24}
+    body = {"kind": "sft", "dataset": "bench.jsonl", "phase1": {"rounds": 1, "answer": short, "critique": short,
+                                                               "revision": short}}
+    with service_process(tmp_path) as service, httpx.Client(base_url=service, trust_env=False, timeout=30,
+                                                            headers={"Authorization": f"Bearer {key}"}) as c:
+        job_id = c.post("/v1/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["state"] not in ("completed", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["state"] == "completed" and job["records"] == 2 and job["tokens"] > 0, job
+        assert set(job["errors"]) <= {"truncated"}  # 24 tokens: a reply may be cut off
+        rows = c.get(f"/v1/jobs/{job_id}/records", params={"limit": 10}).json()["items"]
+        assert len(rows) == 2 and all(step["text"].strip() for r in rows for step in r["trajectory"])
+
+
 def test_an_exception_that_cannot_be_pickled_crosses_as_its_name_and_message():
     class Odd(Exception):
         def __init__(self, lock):
