@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -141,6 +142,25 @@ class StageStats(BaseModel):
         return self
 
 
+LOCK_WAIT_SECONDS = 2.0
+"""How long `with store:` waits for the job's lock. A process at work on the job holds it for the whole
+run; a moment's hold is a copy of the lock's descriptor in a child another thread is forking (a
+subprocess such as `git`, until it execs), which lets go within milliseconds."""
+
+
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive flock on `fd`, trying for up to `seconds`; whether it was taken."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 class JobStore:
     """One job directory. Use `JobStore.open(...)` as a context manager to work on a job (it holds
     the lock); `JobStore.at(dir)` reads one (status, service, export) without the lock."""
@@ -179,12 +199,10 @@ class JobStore:
 
     def __enter__(self) -> JobStore:
         self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_within(self._lock_fd, LOCK_WAIT_SECONDS):
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise JobError(f"{self.root} is being worked on by another process; wait for it or stop it") from None
+            raise JobError(f"{self.root} is being worked on by another process; wait for it or stop it")
         try:
             self._check_manifest()
         except BaseException:

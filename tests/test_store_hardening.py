@@ -52,7 +52,8 @@ def _revisions(row: dict) -> int:
 # ------------------------------------------------------------------ item 4: the manifest under the lock
 
 
-def test_open_while_another_holds_the_lock_refuses_and_writes_no_manifest(tmp_path):
+def test_open_while_another_holds_the_lock_refuses_and_writes_no_manifest(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "LOCK_WAIT_SECONDS", 0.2)
     root = tmp_path / "job"
     root.mkdir()
     fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT)
@@ -65,6 +66,25 @@ def test_open_while_another_holds_the_lock_refuses_and_writes_no_manifest(tmp_pa
         os.close(fd)
     JobStore.open(root, _manifest("f2"))
     assert Manifest.model_validate_json((root / "manifest.json").read_text()).fingerprint == "f2"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_a_lock_copied_into_a_forking_child_for_a_moment_does_not_fail_the_job(tmp_path):
+    """Another thread's subprocess (git, ...) forks while a job holds its lock: the child keeps a copy
+    of the lock's descriptor until it execs, so the job's next `with store:` finds the lock held."""
+    store = JobStore.open(tmp_path / "job", _manifest("f1"))
+    with store:
+        child = os.fork()
+        if child == 0:  # the forked child: holds the copy a moment, then goes (as exec would close it)
+            import time
+
+            time.sleep(0.3)
+            os._exit(0)
+    try:
+        with store:  # the parent let go; the child still holds the lock for ~0.3 s
+            assert (tmp_path / "job" / "manifest.json").exists()
+    finally:
+        os.waitpid(child, 0)
 
 
 def test_manifest_is_checked_again_when_the_lock_is_taken(tmp_path):
