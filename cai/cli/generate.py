@@ -161,7 +161,8 @@ def sft(
     drop_near_duplicates: Annotated[bool, typer.Option(help="also merge prompts differing only in case, punctuation or spacing")] = False,
     show: Annotated[int, typer.Option(help="example trajectories to print")] = 2,
     schedule: Annotated[str, typer.Option(help="steps: all requests of a step, then the next; continuous: each "
-                                          "prompt's next step starts as soon as its last one ends (same records)")] = "steps",
+                                          "prompt's next step starts as soon as its last one ends (same records; "
+                                          "faster with long token budgets and on GPUs)")] = "steps",
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     replicas: ReplicasOpt = 1,
