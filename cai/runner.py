@@ -32,13 +32,8 @@ prompts: harmless; ordinary requests: helpful, or unrevised).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,13 +44,17 @@ from cai.constitution_plan import UNREVISED
 from cai.engine.models import EMBEDDED_MODEL
 from cai.errors import CaiError
 from cai.files import atomic_write_lines, atomic_write_text
-from cai.interrupt import sigint_handler
 from cai.judge_eval import EvalJob
 from cai.policy_records import PolicyEvalJob
 from cai.recipe import EngineSpec, PrefsJob, SFTJob
-from cai.records import utc_now
 from cai.sources import read_prompts
-from cai.stage_jobs import describe_errors, job_settings, write_job_file
+from cai.stage_jobs import (
+    StageResult,
+    describe_errors,
+    job_settings,
+    run_stage,
+    write_job_file,
+)
 from cai.train.jobs import (
     DPOTrainJob,
     DPOTrainSettings,
@@ -68,7 +67,7 @@ from cai.train.jobs import (
     SFTTrainJob,
     SFTTrainSettings,
 )
-from cai.train.launch import Launcher, shown
+from cai.train.launch import Launcher
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -165,14 +164,6 @@ class RunRecipe(_Strict):
         if self.launcher:
             self.launcher.check(self.method)
         return self
-
-
-class StageResult(BaseModel):
-    name: str
-    command: list[str]
-    seconds: float
-    peak_rss_mb: float
-    finished_at: str = Field(default_factory=utc_now)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -358,29 +349,6 @@ def _launcher(recipe: RunRecipe, job: BaseModel) -> Launcher | None:
     return recipe.launcher if launched else None
 
 
-def _run_stage(name: str, job_file: Path, run_dir: Path, log, launcher: Launcher | None = None) -> StageResult:
-    """Run one stage's job file in a child process (`cai run JOB.json`, under `accelerate launch` with a
-    launcher); the peak RSS of its process (of the launcher's largest with one) comes from wait4."""
-    target = ["-m", "cai", "run", str(job_file)]
-    command = launcher.command(target) if launcher else [sys.executable, *target]
-    log(f"[{name}] {' '.join(shown(command))}")
-    started = time.perf_counter()
-    with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        # Ctrl-C reaches the stage too (same process group): let it stop cleanly, then report that.
-        with sigint_handler(signal.SIG_IGN):
-            _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode in (130, -signal.SIGINT):
-        raise RuntimeError(f"stage {name} stopped by Ctrl-C; finished work is kept, rerun the same "
-                           f"`cai run` to resume (log {run_dir / name}.log)")
-    if proc.returncode != 0:
-        tail = (run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
-        raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); log {run_dir / name}.log:\n{tail}")
-    return StageResult(name=name, command=shown(command), seconds=time.perf_counter() - started,
-                       peak_rss_mb=usage.ru_maxrss / 1024)
-
-
 def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageResult]:
     """Run every unfinished stage in order; finished stages (a `.done` file) are skipped."""
     run_dir = Path(run_dir).resolve()
@@ -402,7 +370,7 @@ def run_recipe(recipe: RunRecipe, run_dir: str | Path, log=print) -> list[StageR
             continue
         launcher = _launcher(recipe, job)
         extra = {"launcher": launcher} if launcher else {}
-        result = _run_stage(name, write_job_file(run_dir / name / "job.json", job), run_dir, log, **extra)
+        result = run_stage(name, write_job_file(run_dir / name / "job.json", job), run_dir, log, **extra)
         atomic_write_text(done, result.model_dump_json(indent=2))
         state["stages"][name] = result.model_dump()
         atomic_write_text(manifest_path, json.dumps(state, indent=2))

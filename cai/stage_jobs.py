@@ -1,7 +1,8 @@
 """Job files: one job as JSON, `{"kind": KIND, "job": {...every setting...}}`, run by `cai run JOB.json`.
 
-`cai run RECIPE` writes one per stage (RUN/<stage>/job.json) and runs each in its own process, so
-any stage can be re-run by hand. The kinds are the typed jobs the CLI commands build from their
+`cai run RECIPE` writes one per stage (RUN/<stage>/job.json) and runs each in its own process
+(`run_stage`, which records its time and peak memory as a StageResult), so any stage can be re-run
+by hand. The kinds are the typed jobs the CLI commands build from their
 flags: `sft`, `prefs` (cai.recipe), `judge-eval` (cai.judge_eval), `train-sft`, `train-rm`,
 `train-dpo`, `train-ppo` (cai.train.jobs) and `eval-policy` (cai.policy_records).
 """
@@ -9,16 +10,24 @@ flags: `sft`, `prefs` (cai.recipe), `judge-eval` (cai.judge_eval), `train-sft`, 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from cai.errors import CaiError
 from cai.files import atomic_write_json
+from cai.interrupt import sigint_handler
 from cai.kinds import KINDS
 from cai.policy_records import PolicyEvalJob
+from cai.records import utc_now
 from cai.train.jobs import TRAIN_JOBS
+from cai.train.launch import Launcher, shown
 
 JOB_KINDS: dict[str, type[BaseModel]] = {
     **{name: kind.job_model for name, kind in KINDS.items()}, **TRAIN_JOBS, "eval-policy": PolicyEvalJob,
@@ -84,3 +93,34 @@ def job_settings(job: type[BaseModel], set_by_runner: set[str], name: str, doc: 
                               if key not in set_by_runner}
     return create_model(name, __config__=ConfigDict(extra="forbid", allow_inf_nan=False), __doc__=doc,
                         **fields, **extra)
+
+
+class StageResult(BaseModel):
+    name: str
+    command: list[str]
+    seconds: float
+    peak_rss_mb: float
+    finished_at: str = Field(default_factory=utc_now)
+
+
+def run_stage(name: str, job_file: Path, run_dir: Path, log, launcher: Launcher | None = None) -> StageResult:
+    """Run one stage's job file in a child process (`cai run JOB.json`, under `accelerate launch` with a
+    launcher); the peak RSS of its process (of the launcher's largest with one) comes from wait4."""
+    target = ["-m", "cai", "run", str(job_file)]
+    command = launcher.command(target) if launcher else [sys.executable, *target]
+    log(f"[{name}] {' '.join(shown(command))}")
+    started = time.perf_counter()
+    with open(run_dir / f"{name}.log", "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # Ctrl-C reaches the stage too (same process group): let it stop cleanly, then report that.
+        with sigint_handler(signal.SIG_IGN):
+            _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode in (130, -signal.SIGINT):
+        raise RuntimeError(f"stage {name} stopped by Ctrl-C; finished work is kept, rerun the same "
+                           f"`cai run` to resume (log {run_dir / name}.log)")
+    if proc.returncode != 0:
+        tail = (run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+        raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); log {run_dir / name}.log:\n{tail}")
+    return StageResult(name=name, command=shown(command), seconds=time.perf_counter() - started,
+                       peak_rss_mb=usage.ru_maxrss / 1024)

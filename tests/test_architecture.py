@@ -19,9 +19,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stages", ("cai.critique", "cai.judge", "cai.preferences", "cai.contrastive", "cai.evaluate", "cai.policy_records",
                 "cai.policy_eval", "cai.policy_report", "cai.plots", "cai.bench", "cai.bench_judge",
                 "cai.human_data", "cai.human_eval", "cai.likelihood", "cai.refusal_judge")),
-    ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
+    ("store/export", ("cai.store", "cai.shards", "cai.formats", "cai.cards", "cai.card_judging", "cai.export", "cai.batches", "cai.executor", "cai.ray_executor", "cai.events",
                       "cai.jobdir", "cai.revision_pairs", "cai.job_usage", "cai.update_report", "cai.train")),
-    ("jobs/pipeline", ("cai.pipeline", "cai.job_update", "cai.reuse", "cai.stage_calls", "cai.hub", "cai.hub_cards", "cai.hub_lineage", "cai.constitution_impact", "cai.bench_ray", "cai.bench_train", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
+    ("jobs/pipeline", ("cai.pipeline", "cai.job_update", "cai.reuse", "cai.stage_calls", "cai.hub", "cai.hub_cards", "cai.hub_lineage", "cai.constitution_impact", "cai.bench_ray", "cai.bench_train", "cai.bench_train_child", "cai.judge_eval", "cai.kinds", "cai.runner", "cai.stage_jobs")),
     ("cli/serve", ("cai.cli", "cai.__main__", "serve")),
 ]
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cai import judge, prompts
-from cai.cards import judging_text
+from cai.card_judging import judging_text
 from cai.engine.fake import FakeEngine
 from cai.judge import (
     JUDGE_MODE_SPECS,

@@ -47,7 +47,7 @@ def launched_stages(recipe: RunRecipe, tmp_path: Path, monkeypatch) -> dict[str,
         commands[Path(command[-1]).parent.name] = command
         return real(["true"], **kwargs)
 
-    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "Popen", popen)
     run_recipe(recipe, tmp_path, log=lambda *_: None)
     return commands
 
@@ -149,7 +149,7 @@ def test_a_training_stage_runs_on_two_cpu_processes_under_the_launcher(tiny_chat
     job = SFTTrainJob(data=str(write_jsonl(tmp_path / "sft.jsonl", rows)), model=str(tiny_chat_model), out=str(out),
                       batch_size=2, epochs=1, trl={"save_strategy": "no"})
     job_file = write_job_file(out / "job.json", job)
-    result = runner._run_stage("02-sft", job_file, tmp_path / "run", lambda line: None, launcher=launcher)
+    result = runner.run_stage("02-sft", job_file, tmp_path / "run", lambda line: None, launcher=launcher)
     assert result.command[:2] == ["accelerate", "launch"] and result.command[-3:] == ["cai", "run", str(job_file)]
     metrics = json.loads((out / "metrics.json").read_text())
     # 8 rows, 2 per process on 2 processes: 2 steps (one process alone would take 4)

@@ -14,7 +14,7 @@ import pytest
 from helpers import HARMLESS, write_prompts
 from llamacpp_fake import LlamaCppFake, count_tokens, verdict_scorer
 
-from cai.cards import fallback_text
+from cai.card_judging import fallback_text
 from cai.engine.base import NoLogprobs
 from cai.engine.openai_engine import OpenAIEngine
 from cai.engine.openai_scoring import ContinuationIgnored

@@ -144,7 +144,7 @@ def test_run_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
             raise RuntimeError("stage 03-prefs failed")
         return runner.StageResult(name=name, command=["cai", "run", str(job_file)], seconds=1.0, peak_rss_mb=10.0)
 
-    monkeypatch.setattr(runner, "_run_stage", fake_stage)
+    monkeypatch.setattr(runner, "run_stage", fake_stage)
     recipe = RunRecipe(name="t", phase1={"prompts": ["redteam"], "limit": 2}, phase2={"prompts": ["benign"], "limit": 2})
     with pytest.raises(RuntimeError):
         run_recipe(recipe, tmp_path, log=lambda *_: None)
@@ -282,7 +282,7 @@ def test_ctrl_c_during_a_stage_stops_it_cleanly_and_says_how_to_resume(tmp_path)
             engine=EngineSpec(backend="openai", model="m", options={"base_url": server.url, "api_key": "k"})))
         threading.Thread(target=press_ctrl_c_after_the_first_shard, daemon=True).start()
         with pytest.raises(RuntimeError, match="stopped by Ctrl-C.*rerun the same `cai run`"):
-            runner._run_stage("01-sft-data", job_file, tmp_path, log=lambda line: None)
+            runner.run_stage("01-sft-data", job_file, tmp_path, log=lambda line: None)
     assert signal.getsignal(signal.SIGINT) is before
     rows = [json.loads(line) for s in sorted((job / "shards").glob("*.jsonl")) for line in s.open()]
     assert len(rows) == 6 and any(r["error"] and r["error"]["code"] == "cancelled" for r in rows)
